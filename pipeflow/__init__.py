@@ -1,0 +1,47 @@
+"""pipeflow: streaming, multi-stage, concurrent pipelines on Trio.
+
+from pipeflow import Pipeline, stage
+
+@stage(workers=16)
+async def fetch(url): ...
+
+result = Pipeline(fetch | parse | store).run(urls)
+"""
+
+from ._chain import Chain as Chain
+from ._errors import CircuitOpen as CircuitOpen
+from ._errors import Failed as Failed
+from ._errors import PipelineFull as PipelineFull
+from ._errors import StageError as StageError
+from ._pipeline import Flow as Flow
+from ._pipeline import Outputs as Outputs
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import RunResult as RunResult
+from ._policies import CircuitBreaker as CircuitBreaker
+from ._policies import Retry as Retry
+from ._runner import TooManyFailures as TooManyFailures
+from ._stage import FunctionStage as FunctionStage
+from ._stage import Stage as Stage
+from ._stage import stage as stage
+from ._stats import StageStats as StageStats
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Pipeline",
+    "stage",
+    "Stage",
+    "FunctionStage",
+    "Chain",
+    "RunResult",
+    "StageStats",
+    "Flow",
+    "Outputs",
+    "StageError",
+    "TooManyFailures",
+    "Failed",
+    "PipelineFull",
+    "CircuitOpen",
+    "CircuitBreaker",
+    "Retry",
+]

@@ -1,0 +1,65 @@
+"""``|`` composition: a :class:`Chain` is an ordered, immutable sequence of stages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+from ._stage import Stage
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+Next = TypeVar("Next")
+Prev = TypeVar("Prev")
+
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+class Chain(Generic[In, Out]):
+    """Stages joined with ``|``, items of type ``In`` in and ``Out`` out.
+
+    ``fetch | parse | store`` is a ``Chain``; chains join with stages and other chains.
+    Pass one to :class:`~pipeflow.Pipeline` to run it.
+    """
+
+    __slots__ = ("stages",)
+
+    def __init__(self, stages: tuple[Stage[Any, Any], ...]) -> None:
+        self.stages = stages
+
+    @staticmethod
+    def _join(left: object, right: object) -> Chain[Any, Any]:
+        parts: list[Stage[Any, Any]] = []
+        for side in (left, right):
+            if isinstance(side, Stage):
+                parts.append(side)
+            elif isinstance(side, Chain):
+                parts.extend(side.stages)
+            else:
+                other = right if side is left else left
+                hint = ""
+                if callable(side):
+                    hint = "; decorate the function with @stage first"
+                msg = (
+                    f"cannot join {_describe(side)} with {_describe(other)} using |: "
+                    f"both sides must be stages or chains{hint}"
+                )
+                raise TypeError(msg)
+        return Chain(tuple(parts))
+
+    def __or__(self, other: Stage[Out, Next] | Chain[Out, Next]) -> Chain[In, Next]:
+        return Chain._join(self, other)
+
+    def __ror__(self, other: Stage[Prev, In] | Chain[Prev, In]) -> Chain[Prev, Out]:
+        return Chain._join(other, self)
+
+    def __iter__(self) -> Iterator[Stage[Any, Any]]:
+        return iter(self.stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __repr__(self) -> str:
+        return "Chain(" + " | ".join(s.name for s in self.stages) + ")"

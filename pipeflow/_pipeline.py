@@ -1,0 +1,347 @@
+"""``Pipeline``: run a chain of stages over a source, four ways.
+
+- :meth:`Pipeline.run` — blocking, from synchronous code (calls ``trio.run``);
+- :meth:`Pipeline.arun` — the same from Trio code;
+- :meth:`Pipeline.stream` — outputs as they are produced, inside ``async with``;
+- :meth:`Pipeline.open` — a long-lived pipeline fed by the caller, with the three entry
+  strategies (block, reject, drop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, Generic, TypeVar, overload
+
+import attrs
+import trio
+
+from ._chain import Chain
+from ._errors import PipelineFull, StageError
+from ._runner import Env, Outlet, Run, running
+from ._stage import Stage
+from ._stats import StageStats, find_bottleneck
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@attrs.frozen(kw_only=True)
+class RunResult(Generic[Out]):
+    """What a run produced and how it went.
+
+    ``outputs``: the last stage's outputs (empty with ``collect=False``); ``errors``: the
+    :class:`StageError` of every item that failed under ``errors="collect"``; ``stats``:
+    stage name → :class:`StageStats`; ``elapsed``: seconds on Trio's clock;
+    ``bottleneck``: the stage that limited throughput (the busiest), or None.
+    """
+
+    pipeline: str
+    outputs: list[Out]
+    errors: list[StageError]
+    stats: Mapping[str, StageStats]
+    elapsed: float
+    bottleneck: str | None
+
+    def raise_for_errors(self) -> None:
+        """Raise the collected errors together as one ``ExceptionGroup``, if any."""
+        if self.errors:
+            n = len(self.errors)
+            raise ExceptionGroup(
+                f"{n} item{'s' if n != 1 else ''} failed in pipeline {self.pipeline!r}",
+                self.errors,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run report as plain data (JSON-ready), without the outputs."""
+        return {
+            "pipeline": self.pipeline,
+            "elapsed": self.elapsed,
+            "bottleneck": self.bottleneck,
+            "errors": [str(e) for e in self.errors],
+            "stages": [s.to_dict() for s in self.stats.values()],
+        }
+
+
+def _result(run: Run) -> RunResult[Any]:
+    stats = run.stats()
+    return RunResult(
+        pipeline=run.pipeline,
+        outputs=run.outputs,
+        errors=list(run.errors),
+        stats=stats,
+        elapsed=run.elapsed(),
+        bottleneck=find_bottleneck(stats),
+    )
+
+
+def _check_source(source: object) -> None:
+    if hasattr(source, "__aiter__") or hasattr(source, "__iter__"):
+        return
+    msg = (
+        f"source must be an iterable, an async iterable or a Trio receive channel, "
+        f"got {source!r} ({type(source).__name__})"
+    )
+    raise TypeError(msg)
+
+
+class Outputs(Generic[Out]):
+    """The outputs of :meth:`Pipeline.stream` (or :meth:`Pipeline.open` with
+    ``outputs=True``): ``async for out in outputs``; ``await outputs.receive()``.
+
+    After the ``async with`` block, ``result`` holds the :class:`RunResult`.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        assert run.out_recv is not None
+        self._recv: trio.MemoryReceiveChannel[Out] = run.out_recv
+        self.ended = False
+        self.result: RunResult[Out] | None = None
+
+    async def receive(self) -> Out:
+        """The next output; raises ``trio.EndOfChannel`` once the run has finished."""
+        try:
+            return await self._recv.receive()
+        except trio.EndOfChannel:
+            self.ended = True
+            raise
+
+    def __aiter__(self) -> Outputs[Out]:
+        return self
+
+    async def __anext__(self) -> Out:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def stats(self) -> dict[str, StageStats]:
+        """A live snapshot of every stage's statistics."""
+        return self._run.stats()
+
+
+class Flow(Generic[In, Out]):
+    """A running pipeline fed by the caller (see :meth:`Pipeline.open`).
+
+    Three entry strategies, the seed's backpressure choices:
+
+    - ``await flow.send(item)`` — *block* while the first stage's buffer is full;
+    - ``flow.send_nowait(item)`` — *reject*: raise :class:`PipelineFull` at once;
+    - ``flow.offer(item)`` — *drop*: return False and count the item as dropped.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        assert run.entry is not None
+        self._send = run.entry
+        self._first = run.stages[0]
+        self.outputs: Outputs[Out] | None = Outputs(run) if run.out_recv is not None else None
+        self.result: RunResult[Out] | None = None
+
+    def _env(self, item: In) -> Env:
+        first = self._first
+        env = Env(item, first.in_seq, self._run.now(), None)
+        first.in_seq += 1
+        return env
+
+    async def send(self, item: In) -> None:
+        """Put an item in, waiting while the pipeline is full (backpressure)."""
+        await self._send.send(self._env(item))
+
+    def send_nowait(self, item: In) -> None:
+        """Put an item in or raise :class:`PipelineFull` at once (answer 429)."""
+        first = self._first
+        try:
+            self._send.send_nowait(Env(item, first.in_seq, self._run.now(), None))
+        except trio.WouldBlock:
+            cap = first.opts.buffer_size
+            msg = (
+                f"pipeline {self._run.pipeline!r} is full: stage {first.name!r} has "
+                f"{cap} queued item{'s' if cap != 1 else ''} and every worker busy"
+            )
+            raise PipelineFull(msg) from None
+        first.in_seq += 1
+
+    def offer(self, item: In) -> bool:
+        """Put an item in if there is room; otherwise drop it, count it, return False."""
+        first = self._first
+        try:
+            self._send.send_nowait(Env(item, first.in_seq, self._run.now(), None))
+        except trio.WouldBlock:
+            first.c.items_in += 1
+            first.c.dropped += 1
+            return False
+        first.in_seq += 1
+        return True
+
+    def close(self) -> None:
+        """End the input: accepted items still run to the end. Leaving the block does it."""
+        self._send.close()
+
+    def stats(self) -> dict[str, StageStats]:
+        """A live snapshot of every stage's statistics."""
+        return self._run.stats()
+
+
+class Pipeline(Generic[In, Out]):
+    """A chain of stages, ready to run over any number of sources.
+
+    >>> result = Pipeline(double | keep_even).run(range(10))   # doctest: +SKIP
+
+    ``name`` labels logs and metrics; ``dead_letter`` is the default dead-letter sink of
+    stages that set none; ``registry`` is a ``prometheus_client.CollectorRegistry`` to
+    publish metrics in.
+    """
+
+    @overload
+    def __init__(
+        self: Pipeline[In, Out],
+        stages: Stage[In, Out] | Chain[In, Out],
+        *,
+        name: str | None = None,
+        registry: Any = None,
+        dead_letter: Any = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        stages: object,
+        *,
+        name: str | None = None,
+        registry: Any = None,
+        dead_letter: Any = None,
+    ) -> None: ...
+    def __init__(
+        self,
+        stages: object,
+        *,
+        name: str | None = None,
+        registry: Any = None,
+        dead_letter: Any = None,
+    ) -> None:
+        if isinstance(stages, Stage):
+            chain: tuple[Stage[Any, Any], ...] = (stages,)
+        elif isinstance(stages, Chain):
+            chain = stages.stages
+        else:
+            msg = (
+                f"Pipeline() takes a stage or a chain of stages joined with |, "
+                f"got {stages!r} ({type(stages).__name__})"
+            )
+            raise TypeError(msg)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"Pipeline name= must be a non-empty str, got {name!r}")
+        self.name = name if name is not None else "pipeline"
+        seen: dict[str, int] = {}
+        for i, st in enumerate(chain):
+            if st.name in seen:
+                msg = (
+                    f"pipeline {self.name!r}: stages {seen[st.name] + 1} and {i + 1} are "
+                    f"both named {st.name!r}; stage names must be unique "
+                    f"(use stage.with_options(name=...))"
+                )
+                raise ValueError(msg)
+            seen[st.name] = i
+        if dead_letter is not None and not (
+            callable(dead_letter) or isinstance(dead_letter, Stage)
+        ):
+            msg = f"Pipeline dead_letter= must be a callable or a Stage, got {dead_letter!r}"
+            raise TypeError(msg)
+        self.stages = chain
+        self.dead_letter = dead_letter
+        self.registry = registry
+        self._live: list[Run] = []
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r}: " + " | ".join(s.name for s in self.stages) + ">"
+
+    def _new_run(self, outlet: Outlet, *, outlet_buffer: int = 0) -> Run:
+        return Run(
+            self.stages,
+            pipeline=self.name,
+            outlet=outlet,
+            dead_letter=self.dead_letter,
+            outlet_buffer=outlet_buffer,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _running(self, run: Run) -> AsyncIterator[trio.Nursery]:
+        self._live.append(run)
+        try:
+            async with running(run) as nursery:
+                yield nursery
+        finally:
+            self._live.remove(run)
+
+    # -- the four ways in ----------------------------------------------------------------
+
+    def run(self, source: Iterable[In] | Any, *, collect: bool = True) -> RunResult[Out]:
+        """Run the pipeline over ``source`` to the end and return the :class:`RunResult`.
+
+        Blocks (calls ``trio.run``). ``source`` is an iterable, async iterable or Trio
+        receive channel, consumed lazily. With ``collect=False`` no outputs are kept, for
+        endless or huge streams. Raises :class:`StageError` on a fail-fast failure.
+        """
+        _check_source(source)
+        return trio.run(functools.partial(self.arun, source, collect=collect))
+
+    async def arun(self, source: Iterable[In] | Any, *, collect: bool = True) -> RunResult[Out]:
+        """:meth:`run` for Trio code: ``result = await pipeline.arun(source)``."""
+        _check_source(source)
+        run = self._new_run("collect" if collect else "drop")
+        async with self._running(run) as nursery:
+            nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
+        return _result(run)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, source: Iterable[In] | Any, *, buffer: int = 0
+    ) -> AsyncIterator[Outputs[Out]]:
+        """Outputs as they are produced::
+
+            async with pipeline.stream(urls) as outputs:
+                async for page in outputs:
+                    ...
+
+        Leaving the block before the end cancels the pipeline cleanly; a failure in the
+        pipeline cancels the block and is raised from it. ``outputs.result`` holds the
+        :class:`RunResult` after the block.
+        """
+        _check_source(source)
+        run = self._new_run("channel", outlet_buffer=buffer)
+        async with self._running(run) as nursery:
+            nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
+            outputs: Outputs[Out] = Outputs(run)
+            try:
+                yield outputs
+            finally:
+                if not outputs.ended:
+                    nursery.cancel_scope.cancel()
+        outputs.result = _result(run)
+
+    @contextlib.asynccontextmanager
+    async def open(
+        self, *, outputs: bool = False, output_buffer: int = 0
+    ) -> AsyncIterator[Flow[In, Out]]:
+        """A long-lived pipeline fed by the caller::
+
+            async with pipeline.open() as flow:
+                await flow.send(item)        # block while full
+                flow.send_nowait(item)       # or raise PipelineFull (HTTP 429)
+                flow.offer(item)             # or drop and count (telemetry)
+
+        Leaving the block ends the input and waits until every accepted item has left
+        the pipeline. The last stage's outputs are discarded unless ``outputs=True``;
+        then ``flow.outputs`` must be read (in another task) as they come, with
+        backpressure: an unread output holds up the pipeline.
+        """
+        run = self._new_run("channel" if outputs else "drop", outlet_buffer=output_buffer)
+        async with self._running(run):
+            flow: Flow[In, Out] = Flow(run)
+            try:
+                yield flow
+            finally:
+                flow.close()
+        flow.result = _result(run)

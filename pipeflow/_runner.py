@@ -1,0 +1,776 @@
+"""The runner: one Trio nursery, one bounded memory channel per edge, N workers per stage.
+
+Shape of a run (the trio docs' ``channels-mpmc-fixed`` pattern, once per stage)::
+
+    intake ──ch0──▶ stage 0 workers ──ch1──▶ stage 1 workers ──▶ … ──▶ outlet
+
+Every worker holds its own clone of its input and output channel and closes them when
+it leaves, so when the source ends the close cascades stage by stage: a stage's output
+closes once its last worker has finished its in-flight items. Everything runs in one
+nursery, so one cancel scope stops every worker at once, and the nursery guarantees
+that no task outlives the run.
+
+Hot path: a handoff that would not block skips the scheduler (``*_nowait`` first), and a
+worker that never had to wait checkpoints every few items so cancellation stays prompt
+and no task starves. Statistics are plain attribute updates on a ``StageCounters``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+import trio
+
+from ._errors import CircuitOpen, Failed, StageError, short_repr
+from ._log import get_logger
+from ._policies import BreakerRuntime, BreakerState, CircuitBreaker, TokenBucket
+from ._stage import Stage
+from ._stats import StageCounters, StageStats
+
+#: Items a worker handles without waiting before it checkpoints anyway.
+_SPIN_LIMIT = 32
+#: The reorder window of an ordered stage, in items per worker.
+_WINDOW_PER_WORKER = 4
+_MIN_WINDOW = 16
+
+Outlet = Literal["collect", "drop", "channel"]
+
+
+class Ack(Protocol):
+    """Completion tracking for sources that must know when an item is done (acks).
+
+    A source that needs acks has a method ``__pipeflow_open__(*, capacity: int)``
+    returning an async context manager that yields an async iterator of
+    ``(item, ack)`` pairs (``ack`` may be None). ``capacity`` is how many items the run
+    can hold at once; a source should keep no more than that many un-acked.
+
+    ``add(n)`` says one item became ``n + 1`` (a flat-map's children); ``done()`` says
+    one of them has left the pipeline: through the outlet, filtered, skipped, collected
+    or dead-lettered. A fail-fast failure does not call ``done()``.
+    """
+
+    def add(self, n: int) -> None: ...
+    def done(self) -> None: ...
+
+
+class Env:
+    """What travels with an item between stages."""
+
+    __slots__ = ("ack", "item", "seq", "t")
+
+    def __init__(self, item: Any, seq: int, t: float, ack: Ack | None) -> None:
+        self.item = item
+        self.seq = seq  # position in the channel it is in, for ordered stages
+        self.t = t  # when it entered that channel, for queue wait
+        self.ack = ack
+
+
+class _GaveUp(Exception):
+    """An item's last attempt failed; carries the attempt count to the failure path."""
+
+    def __init__(self, error: Exception, attempts: int) -> None:
+        self.error = error
+        self.attempts = attempts
+
+
+class TooManyFailures(StageError):
+    """A stage's error budget (``max_failures=``) ran out: the run stops."""
+
+
+class StageRun:
+    """One stage during one run: its workers, counters and ordering state."""
+
+    def __init__(self, run: Run, stage: Stage[Any, Any], index: int) -> None:
+        self.run = run
+        self.stage = stage
+        self.opts = stage.options
+        self.name = stage.options.name
+        self.index = index
+        self.c = StageCounters(self.name)
+        self.in_seq = 0  # next sequence number on this stage's input channel
+        self.next: StageRun | None = None
+        self.recv: trio.MemoryReceiveChannel[Env] | None = None
+        opts = self.opts
+        self.multi = opts.kind in ("asyncgen", "syncgen")
+        self.ordered = opts.ordered
+        self._window: trio.Semaphore | None = None
+        self.window_size = 0
+        if opts.ordered:
+            self.window_size = max(_MIN_WINDOW, _WINDOW_PER_WORKER * opts.max_workers)
+            self._window = trio.Semaphore(self.window_size)
+        self._ready: dict[int, list[Env]] = {}
+        self._next_out = 0
+        self._flushing = False
+        self._limiter = trio.CapacityLimiter(opts.max_workers)
+        self._bucket = TokenBucket(opts.rate, opts.burst or 1) if opts.rate else None
+        self._breaker: BreakerRuntime | None = None
+        if opts.breaker is not None:
+            self._breaker = run.breaker_for(opts.breaker, self.name)
+        self._simple = (
+            opts.timeout is None
+            and opts.retries is None
+            and self._bucket is None
+            and self._breaker is None
+        )
+        self._rng = random.Random()
+        self._call = self._make_call()
+        self._emit: Callable[[Env, Any], Awaitable[None]] = self._emit_collect
+        self._dead_letter = self._make_dead_letter()
+
+    # -- building -------------------------------------------------------------------------
+
+    def _make_call(self) -> Callable[[Any, Any], Awaitable[Any]]:
+        opts = self.opts
+        target = self.stage._target()
+        takes_resource = opts.resource is not None or self.stage._has_worker_hooks
+        limiter = self._limiter
+        thread_name = f"pipeflow:{self.run.pipeline}:{self.name}"
+
+        if opts.kind == "async":
+            if takes_resource:
+                return target
+
+            async def call_async(item: Any, _: Any) -> Any:
+                return await target(item)
+
+            return call_async
+
+        if opts.kind == "asyncgen":
+
+            async def call_agen(item: Any, res: Any) -> Any:
+                agen = target(item, res) if takes_resource else target(item)
+                async with contextlib.aclosing(agen):
+                    return [out async for out in agen]
+
+            return call_agen
+
+        def sync_call(item: Any, res: Any) -> Any:
+            out = target(item, res) if takes_resource else target(item)
+            return list(out) if opts.kind == "syncgen" else out
+
+        if opts.run_in == "task":
+
+            async def call_inline(item: Any, res: Any) -> Any:
+                return sync_call(item, res)
+
+            return call_inline
+
+        if opts.run_in == "process":
+            from ._process import process_call
+
+            return process_call(target, limiter, self.name)
+
+        async def call_thread(item: Any, res: Any) -> Any:
+            return await trio.to_thread.run_sync(
+                sync_call, item, res, limiter=limiter, thread_name=thread_name
+            )
+
+        return call_thread
+
+    def _make_dead_letter(self) -> Callable[[Failed[Any]], Awaitable[None]] | None:
+        sink = self.opts.dead_letter if self.opts.dead_letter is not None else self.run.dead_letter
+        if sink is None:
+            return None
+        if isinstance(sink, Stage):
+            sink_stage = sink
+            sink_target = sink._target()
+            kind = sink.options.kind
+
+            async def to_stage(failed: Failed[Any]) -> None:
+                if kind == "async":
+                    await sink_target(failed)
+                elif kind == "asyncgen":
+                    async with contextlib.aclosing(sink_target(failed)) as agen:
+                        async for _ in agen:
+                            pass
+                elif sink_stage.options.run_in == "task":
+                    result = sink_target(failed)
+                    if kind == "syncgen":
+                        list(result)
+                else:
+                    await trio.to_thread.run_sync(
+                        lambda: (
+                            list(sink_target(failed)) if kind == "syncgen" else sink_target(failed)
+                        )
+                    )
+
+            return to_stage
+
+        fn = sink
+
+        async def to_callable(failed: Failed[Any]) -> None:
+            result = fn(failed)
+            if inspect.isawaitable(result):
+                await result
+
+        return to_callable
+
+    def connect(self, nxt: StageRun | None, outlet: Outlet) -> None:
+        self.next = nxt
+        if nxt is not None:
+            self._emit = self._emit_channel
+        elif outlet == "collect":
+            self._emit = self._emit_collect
+        elif outlet == "drop":
+            self._emit = self._emit_drop
+        else:
+            self._emit = self._emit_user
+
+    # -- emitting ---------------------------------------------------------------------------
+
+    async def _emit_channel(self, env: Env, send: trio.MemorySendChannel[Env]) -> None:
+        nxt = self.next
+        assert nxt is not None
+        env.seq = nxt.in_seq
+        nxt.in_seq += 1
+        env.t = t = self.run.now()
+        try:
+            send.send_nowait(env)
+        except trio.WouldBlock:
+            await send.send(env)
+            self.c.blocked_time += self.run.now() - t
+        except trio.BrokenResourceError:
+            await _report_cancellation_first()
+            raise
+
+    async def _emit_collect(self, env: Env, send: Any) -> None:
+        self.run.outputs.append(env.item)
+        if env.ack is not None:
+            env.ack.done()
+
+    async def _emit_drop(self, env: Env, send: Any) -> None:
+        if env.ack is not None:
+            env.ack.done()
+
+    async def _emit_user(self, env: Env, send: trio.MemorySendChannel[Any]) -> None:
+        try:
+            send.send_nowait(env.item)
+        except trio.WouldBlock:
+            t = self.run.now()
+            await send.send(env.item)
+            self.c.blocked_time += self.run.now() - t
+        except trio.BrokenResourceError:
+            await _report_cancellation_first()
+            raise
+        if env.ack is not None:
+            env.ack.done()
+
+    async def _deposit(self, seq: int, envs: list[Env], send: Any) -> None:
+        """Ordered stages: park outputs until every earlier item has left, then emit.
+
+        Whichever worker completes the head of the line flushes the run of ready results
+        behind it; the others go back to work (up to the window's size).
+        """
+        ready = self._ready
+        ready[seq] = envs
+        if seq != self._next_out or self._flushing:
+            return
+        self._flushing = True
+        try:
+            emit = self._emit
+            window = self._window
+            assert window is not None
+            while self._next_out in ready:
+                batch = ready.pop(self._next_out)
+                self._next_out += 1
+                for env in batch:
+                    await emit(env, send)
+                window.release()
+        finally:
+            self._flushing = False
+
+    # -- the worker ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _resource(self) -> AsyncIterator[Any]:
+        if self.stage._has_worker_hooks:
+            res = await self.stage.open_worker()
+            try:
+                yield res
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.stage.close_worker(res)
+        elif self.opts.resource is not None:
+            async with self.opts.resource() as res:
+                yield res
+        else:
+            yield None
+
+    async def worker(
+        self, recv: trio.MemoryReceiveChannel[Env], send: trio.MemorySendChannel[Any] | None
+    ) -> None:
+        c = self.c
+        now = self.run.now
+        c.workers += 1
+        c.workers_peak = max(c.workers_peak, c.workers)
+        c.worker_time -= now()
+        try:
+            with recv, send if send is not None else contextlib.nullcontext():
+                async with self._resource() as res:
+                    await self._work(recv, send, res)
+        finally:
+            c.workers -= 1
+            c.worker_time += now()
+
+    async def _work(self, recv: trio.MemoryReceiveChannel[Env], send: Any, res: Any) -> None:
+        c = self.c
+        now = self.run.now
+        emit = self._emit
+        call = self._call if self._simple else self._call_with_policies
+        multi = self.multi
+        ordered = self.ordered
+        window = self._window
+        spins = 0
+        while True:
+            if window is not None:
+                try:
+                    window.acquire_nowait()
+                except trio.WouldBlock:
+                    await window.acquire()
+            try:
+                env = recv.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    env = await recv.receive()
+                except trio.EndOfChannel:
+                    break
+                spins = 0
+            except trio.EndOfChannel:
+                break
+            else:
+                spins += 1
+                if spins >= _SPIN_LIMIT:
+                    spins = 0
+                    await trio.lowlevel.checkpoint()
+
+            item = env.item
+            if type(item) is Failed:
+                # An upstream failure travelling as a value: pass it on untouched.
+                c.passed += 1
+                if ordered:
+                    await self._deposit(env.seq, [env], send)
+                else:
+                    await emit(env, send)
+                continue
+
+            c.items_in += 1
+            c.inflight += 1
+            t0 = now()
+            c.waits.observe(t0 - env.t)
+            c.busy_workers += 1
+            try:
+                result = await call(item, res)
+            except Exception as exc:
+                d = now() - t0
+                c.busy_workers -= 1
+                c.busy_time += d
+                c.durations.observe(d)
+                if isinstance(exc, _GaveUp):
+                    await self._on_failure(env, exc.error, exc.attempts, send)
+                else:
+                    await self._on_failure(env, exc, 1, send)
+                continue
+            d = now() - t0
+            c.busy_workers -= 1
+            c.busy_time += d
+            c.durations.observe(d)
+
+            if not multi:
+                c.ok += 1
+                c.items_out += 1
+                env.item = result
+                if ordered:
+                    await self._deposit(env.seq, [env], send)
+                else:
+                    await emit(env, send)
+            else:
+                n = len(result)
+                if n == 0:
+                    c.filtered += 1
+                    if env.ack is not None:
+                        env.ack.done()
+                    if ordered:
+                        await self._deposit(env.seq, [], send)
+                else:
+                    c.ok += 1
+                    c.items_out += n
+                    ack = env.ack
+                    if ack is not None and n > 1:
+                        ack.add(n - 1)
+                    env.item = result[0]
+                    envs = [env]
+                    envs.extend(Env(out, 0, 0.0, ack) for out in result[1:])
+                    if ordered:
+                        await self._deposit(env.seq, envs, send)
+                    else:
+                        for e in envs:
+                            await emit(e, send)
+            c.inflight -= 1
+
+    async def _call_with_policies(self, item: Any, res: Any) -> Any:
+        """One item through rate limit, breaker, timeout and retries."""
+        opts = self.opts
+        call = self._call
+        retry = opts.retries
+        timeout = opts.timeout
+        bucket = self._bucket
+        breaker = self._breaker
+        attempt = 0
+        while True:
+            attempt += 1
+            probe = False
+            try:
+                if breaker is not None:
+                    probe = await breaker.admit()
+                if bucket is not None:
+                    await bucket.acquire()
+                if timeout is None:
+                    result = await call(item, res)
+                else:
+                    with trio.move_on_after(timeout) as scope:
+                        result = await call(item, res)
+                    if scope.cancelled_caught:
+                        raise TimeoutError(f"stage {self.name!r} timed out after {timeout:g}s")
+            except Exception as exc:
+                if breaker is not None and not isinstance(exc, CircuitOpen):
+                    breaker.record(False, probe)
+                if (
+                    retry is not None
+                    and attempt <= retry.attempts
+                    and retry.retryable(exc)
+                    and not isinstance(exc, CircuitOpen)
+                ):
+                    self.c.retried += 1
+                    delay = retry.delay(attempt, self._rng)
+                    self.run.log.info(
+                        "item_retried",
+                        stage=self.name,
+                        item=short_repr(item),
+                        attempt=attempt,
+                        error=repr(exc),
+                        delay=delay,
+                    )
+                    await trio.sleep(delay)
+                    continue
+                raise _GaveUp(exc, attempt) from exc
+            except BaseException:
+                if probe and breaker is not None:
+                    breaker.release_probe()
+                raise
+            if breaker is not None:
+                breaker.record(True, probe)
+            return result
+
+    async def _on_failure(self, env: Env, error: Exception, attempts: int, send: Any) -> None:
+        c = self.c
+        c.failed += 1
+        item = env.item
+        policy = self.opts.errors
+        failed = Failed(item, error, self.name, attempts=attempts)
+        log = self.run.log
+        (log.error if policy == "fail_fast" else log.warning)(
+            "stage_failed",
+            stage=self.name,
+            item=short_repr(item),
+            error=repr(error),
+            attempts=attempts,
+            policy=policy,
+        )
+        if self._dead_letter is not None:
+            try:
+                await self._dead_letter(failed)
+            except Exception as sink_error:
+                err = StageError(f"{self.name}.dead_letter", failed, sink_error)
+                self.run.fail(err)
+                raise err from sink_error
+        if policy == "fail_fast":
+            err = StageError(self.name, item, error, attempts=attempts)
+            self.run.fail(err)
+            raise err
+        c.inflight -= 1
+        if policy == "embed":
+            env.item = failed
+            if self.ordered:
+                await self._deposit(env.seq, [env], send)
+            else:
+                await self._emit(env, send)
+            return
+        if policy == "collect":
+            self.run.errors.append(StageError(self.name, item, error, attempts=attempts))
+        if env.ack is not None:
+            env.ack.done()
+        self._check_budget(item, error, attempts)
+        if self.ordered:
+            await self._deposit(env.seq, [], send)
+
+    def _check_budget(self, item: Any, error: Exception, attempts: int) -> None:
+        limit = self.opts.max_failures
+        if limit is None:
+            return
+        c = self.c
+        if isinstance(limit, int):
+            over = c.failed > limit
+        else:
+            # A fraction needs a sample before it means anything.
+            over = c.items_in >= math.ceil(10 / limit) and c.failed > limit * c.items_in
+        if over:
+            err = TooManyFailures(self.name, item, error, attempts=attempts)
+            err.add_note(
+                f"stage {self.name!r}: {c.failed} of {c.items_in} items failed, "
+                f"over its error budget max_failures={limit!r}"
+            )
+            self.run.log.error(
+                "error_budget_exceeded",
+                stage=self.name,
+                failed=c.failed,
+                items_in=c.items_in,
+                max_failures=limit,
+            )
+            self.run.fail(err)
+            raise err
+
+    def finish_budget(self) -> None:
+        """At the end of a run, a fractional budget is checked on the whole stream."""
+        limit = self.opts.max_failures
+        c = self.c
+        if isinstance(limit, float) and c.items_in and c.failed > limit * c.items_in:
+            err = TooManyFailures(
+                self.name, None, RuntimeError(f"{c.failed} of {c.items_in} items failed")
+            )
+            err.add_note(f"stage {self.name!r}: over its error budget max_failures={limit!r}")
+            self.run.fail(err)
+            raise err
+
+    def stats(self, now: float, elapsed: float, *, final: bool = False) -> StageStats:
+        depth = 0
+        if self.recv is not None:
+            depth = self.recv.statistics().current_buffer_used
+        state = self._breaker.state if self._breaker is not None else None
+        return self.c.snapshot(now, elapsed, queue_depth=depth, breaker_state=state, final=final)
+
+
+class Run:
+    """One execution of a pipeline: its stages, channels, outputs and failures."""
+
+    def __init__(
+        self,
+        stages: Sequence[Stage[Any, Any]],
+        *,
+        pipeline: str,
+        outlet: Outlet,
+        dead_letter: Any = None,
+        outlet_buffer: int = 0,
+    ) -> None:
+        self.pipeline = pipeline
+        self.outlet: Outlet = outlet
+        self.dead_letter = dead_letter
+        self.log = get_logger(pipeline=pipeline)
+        self.now: Callable[[], float] = trio.current_time
+        self.outputs: list[Any] = []
+        self.errors: list[StageError] = []
+        self.first_failure: BaseException | None = None
+        self.t_start = 0.0
+        self.t_end: float | None = None
+        self._breakers: dict[int, BreakerRuntime] = {}
+        self.stages = [StageRun(self, s, i) for i, s in enumerate(stages)]
+        for a, b in zip(self.stages, [*self.stages[1:], None], strict=True):
+            a.connect(b, outlet)
+        self._outlet_buffer = outlet_buffer
+        self.entry: trio.MemorySendChannel[Env] | None = None
+        self.out_recv: trio.MemoryReceiveChannel[Any] | None = None
+
+    def breaker_for(self, config: CircuitBreaker, stage: str) -> BreakerRuntime:
+        key = id(config)
+        if key not in self._breakers:
+
+            def on_change(old: BreakerState, new: BreakerState) -> None:
+                self.log.warning("breaker_state_changed", stage=stage, old=old, new=new)
+
+            self._breakers[key] = BreakerRuntime(config, on_change)
+        return self._breakers[key]
+
+    def fail(self, error: BaseException) -> None:
+        if self.first_failure is None:
+            self.first_failure = error
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Open the channels and start every worker. ``self.entry`` is the input side."""
+        clock = trio.lowlevel.current_clock()
+        self.now = clock.current_time
+        self.t_start = self.now()
+        self.log.info("run_started", stages=[s.name for s in self.stages])
+        first_send, recv = trio.open_memory_channel[Env](self.stages[0].opts.buffer_size)
+        self.entry = first_send
+        for i, sr in enumerate(self.stages):
+            sr.recv = recv
+            send: trio.MemorySendChannel[Any] | None
+            if i + 1 < len(self.stages):
+                send, next_recv = trio.open_memory_channel[Env](self.stages[i + 1].opts.buffer_size)
+            elif self.outlet == "channel":
+                send, next_recv = trio.open_memory_channel[Any](self._outlet_buffer)
+                self.out_recv = next_recv
+            else:
+                send, next_recv = None, None
+            with recv, send if send is not None else contextlib.nullcontext():
+                for _ in range(sr.opts.min_workers):
+                    nursery.start_soon(
+                        sr.worker,
+                        recv.clone(),
+                        send.clone() if send is not None else None,
+                        name=f"pipeflow:{self.pipeline}:{sr.name}",
+                    )
+            recv = next_recv  # type: ignore[assignment]
+
+    async def pump(self, source: Iterable[Any] | Any) -> None:
+        """Feed the source into the first stage, then close it (starting the cascade)."""
+        assert self.entry is not None
+        first = self.stages[0]
+        now = self.now
+        send = self.entry
+        try:
+            with send:
+                if hasattr(source, "__pipeflow_open__"):
+                    # An acking source (Redis Streams): items come with an Ack each, and
+                    # the source never holds more un-acked items than the run can hold.
+                    opener = source.__pipeflow_open__(capacity=self.capacity())
+                    async with opener as entries:
+                        async for item, ack in entries:
+                            env = Env(item, first.in_seq, now(), ack)
+                            first.in_seq += 1
+                            try:
+                                send.send_nowait(env)
+                            except trio.WouldBlock:
+                                await send.send(env)
+                elif hasattr(source, "__aiter__"):
+                    aiter_ = source.__aiter__()
+                    owns = hasattr(aiter_, "aclose") and not isinstance(
+                        source, trio.abc.ReceiveChannel
+                    )
+                    async with contextlib.aclosing(aiter_) if owns else contextlib.nullcontext():
+                        async for item in aiter_:
+                            env = Env(item, first.in_seq, now(), None)
+                            first.in_seq += 1
+                            try:
+                                send.send_nowait(env)
+                            except trio.WouldBlock:
+                                await send.send(env)
+                else:
+                    spins = 0
+                    for item in source:
+                        env = Env(item, first.in_seq, now(), None)
+                        first.in_seq += 1
+                        try:
+                            send.send_nowait(env)
+                        except trio.WouldBlock:
+                            await send.send(env)
+                            spins = 0
+                        else:
+                            spins += 1
+                            if spins >= _SPIN_LIMIT:
+                                spins = 0
+                                await trio.lowlevel.checkpoint()
+        except trio.BrokenResourceError:
+            await _report_cancellation_first()
+            raise
+        except Exception as exc:
+            self.fail(exc)
+            raise
+
+    def capacity(self) -> int:
+        """How many items this run can hold at once: in workers, buffers and windows."""
+        total = 0
+        for sr in self.stages:
+            o = sr.opts
+            total += o.max_workers + o.buffer_size
+            total += sr.window_size
+            if o.batch is not None:
+                total += o.batch * (o.max_workers + 1)
+        return total
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        end = self.t_end if self.t_end is not None else self.now()
+        return end - self.t_start
+
+    def stats(self) -> dict[str, StageStats]:
+        now = self.t_end if self.t_end is not None else self.now()
+        elapsed = now - self.t_start
+        final = self.t_end is not None
+        return {sr.name: sr.stats(now, elapsed, final=final) for sr in self.stages}
+
+    def primary_error(self, group: BaseExceptionGroup[Any]) -> BaseException | None:
+        """The one exception a user should see for a failed run, or None to re-raise.
+
+        A fail-fast ``StageError`` (or the source's own exception) rather than a group
+        the user must dig through; but a group with anything that is not an ``Exception``
+        (KeyboardInterrupt) or with several unrelated errors is re-raised as it is.
+        """
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if any(not isinstance(e, Exception) for e in real):
+            return None
+        first = self.first_failure
+        if first is not None and any(e is first for e in real):
+            others = [e for e in real if e is not first]
+            if others:
+                first.add_note(
+                    f"{len(others)} more failure(s) before the run stopped: "
+                    + "; ".join(str(e) for e in others[:5])
+                )
+            return first
+        if len(real) == 1:
+            return real[0]
+        return None
+
+
+async def _report_cancellation_first() -> None:
+    """A channel broke because the run is stopping (its readers were cancelled, or the
+    consumer left): checkpoint so the cancellation, not the broken channel, is raised."""
+    await trio.lowlevel.checkpoint()
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+@contextlib.asynccontextmanager
+async def running(run: Run) -> AsyncIterator[trio.Nursery]:
+    """Start ``run`` in a nursery of its own; on exit, wait for it and raise its failure.
+
+    The body runs inside the run's cancel scope: a fail-fast error cancels it too.
+    """
+    failure: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            run.start(nursery)
+            yield nursery
+        # Every stage has drained: the end-of-stream checks (fractional error budgets).
+        for sr in run.stages:
+            sr.finish_budget()
+    except BaseExceptionGroup as group:
+        failure = run.primary_error(group)
+        if failure is None:
+            raise
+    finally:
+        run.t_end = run.now()
+        counts = {sr.name: (sr.c.items_in, sr.c.items_out, sr.c.failed) for sr in run.stages}
+        run.log.info(
+            "run_finished",
+            elapsed=run.t_end - run.t_start,
+            failed=run.first_failure is not None,
+            counts=counts,
+        )
+    if failure is not None:
+        raise failure

@@ -1,0 +1,314 @@
+"""``@stage`` and :class:`Stage`: what a step of a pipeline is, and its options.
+
+A stage is either a decorated function (the common case) or an instance of a
+:class:`Stage` subclass (the plugin API). Either way it carries validated, frozen
+:class:`~pipeflow._options.StageOptions` and composes with ``|``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+from ._options import ErrorPolicy, Kind, RunIn, StageOptions, make_options
+
+if TYPE_CHECKING:
+    from ._chain import Chain
+    from ._policies import CircuitBreaker, Retry
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+Next = TypeVar("Next")
+Prev = TypeVar("Prev")
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def _kind_of(fn: Callable[..., Any]) -> Kind:
+    target = fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn) or isinstance(fn, functools.partial)):
+        # A callable object: look at its __call__.
+        target = type(fn).__call__
+    if inspect.isasyncgenfunction(target):
+        return "asyncgen"
+    if inspect.iscoroutinefunction(target):
+        return "async"
+    if inspect.isgeneratorfunction(target):
+        return "syncgen"
+    return "sync"
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class Stage(Generic[In, Out]):
+    """A step of a pipeline: items of type ``In`` in, items of type ``Out`` out.
+
+    Declare one with :func:`stage`, or subclass this class and implement
+    :meth:`process` (the plugin API)::
+
+        class Upper(Stage[str, str]):
+            async def process(self, item: str) -> str:
+                return item.upper()
+
+        Pipeline(Upper(workers=4) | save).run(lines)
+
+    ``process`` may be an ``async def`` (runs as a Trio task), an async generator (0..N
+    outputs per item), or a plain ``def`` (runs in a worker thread). A subclass that
+    overrides :meth:`open_worker` gets, in each worker, the value it returns as a second
+    argument to ``process``; :meth:`close_worker` releases it on every exit path.
+    """
+
+    options: StageOptions
+
+    def __init__(
+        self,
+        *,
+        workers: int | tuple[int, int] = 1,
+        buffer: int | None = None,
+        name: str | None = None,
+        ordered: bool = False,
+        key: Callable[[Any], Any] | None = None,
+        timeout: float | None = None,
+        retries: int | Retry = 0,
+        errors: ErrorPolicy = "fail_fast",
+        max_failures: int | float | None = None,
+        rate: float | None = None,
+        burst: int | None = None,
+        batch: int | None = None,
+        batch_timeout: float | None = None,
+        run_in: RunIn | None = None,
+        resource: Callable[[], Any] | None = None,
+        breaker: CircuitBreaker | None = None,
+        dead_letter: Callable[[Any], Any] | Stage[Any, Any] | None = None,
+    ) -> None:
+        self.options = make_options(
+            name=_snake(type(self).__name__) if name is None else name,
+            kind=self._detect_kind(),
+            workers=workers,
+            buffer=buffer,
+            ordered=ordered,
+            key=key,
+            timeout=timeout,
+            retries=retries,
+            errors=errors,
+            max_failures=max_failures,
+            rate=rate,
+            burst=burst,
+            batch=batch,
+            batch_timeout=batch_timeout,
+            run_in=run_in,
+            resource=resource,
+            breaker=breaker,
+            dead_letter=dead_letter,
+        )
+
+    # -- what subclasses implement ------------------------------------------------------
+
+    async def process(self, item: In) -> Out:
+        """Turn one item into its output. Subclasses implement this."""
+        raise NotImplementedError(f"{type(self).__name__} must implement process()")
+
+    async def open_worker(self) -> Any:
+        """Set up what one worker keeps for its lifetime (a connection, a client)."""
+        return None
+
+    async def close_worker(self, resource: Any) -> None:
+        """Release what :meth:`open_worker` returned; called on every exit path."""
+
+    # -- introspection used by the runner ----------------------------------------------
+
+    def _detect_kind(self) -> Kind:
+        return _kind_of(type(self).process)
+
+    @property
+    def _has_worker_hooks(self) -> bool:
+        return type(self).open_worker is not Stage.open_worker
+
+    def _target(self) -> Callable[..., Any]:
+        """The callable a worker invokes per item."""
+        return self.process
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    def with_options(self, **changes: Any) -> Stage[In, Out]:
+        """A copy of this stage with some options changed (and validated again).
+
+        Handy to reuse one function twice in a pipeline under another name::
+
+            clean_again = clean.with_options(name="clean_again", workers=2)
+        """
+        current = {
+            "workers": self.options.workers,
+            "buffer": self.options.buffer,
+            "name": self.options.name,
+            "ordered": self.options.ordered,
+            "key": self.options.key,
+            "timeout": self.options.timeout,
+            "retries": self.options.retries or 0,
+            "errors": self.options.errors,
+            "max_failures": self.options.max_failures,
+            "rate": self.options.rate,
+            "burst": self.options.burst,
+            "batch": self.options.batch,
+            "batch_timeout": self.options.batch_timeout,
+            "run_in": self.options.run_in,
+            "resource": self.options.resource,
+            "breaker": self.options.breaker,
+            "dead_letter": self.options.dead_letter,
+        }
+        unknown = set(changes) - set(current)
+        if unknown:
+            raise TypeError(f"stage {self.name!r}: unknown option(s) {sorted(unknown)}")
+        current.update(changes)
+        clone = copy.copy(self)
+        clone.options = make_options(kind=self.options.kind, **current)
+        return clone
+
+    def __repr__(self) -> str:
+        o = self.options
+        return f"<{type(self).__name__} {o.name!r} workers={o.workers!r} kind={o.kind}>"
+
+    # -- composition ----------------------------------------------------------------------
+
+    def __or__(self, other: Stage[Out, Next] | Chain[Out, Next]) -> Chain[In, Next]:
+        from ._chain import Chain
+
+        return Chain._join(self, other)
+
+    def __ror__(self, other: Stage[Prev, In] | Chain[Prev, In]) -> Chain[Prev, Out]:
+        from ._chain import Chain
+
+        return Chain._join(other, self)
+
+
+class FunctionStage(Stage[In, Out]):
+    """A stage made from a function by :func:`stage`. Calling it calls the function."""
+
+    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+        if not callable(fn):
+            raise TypeError(f"@stage needs a function, got {fn!r}")
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+        options.setdefault("name", getattr(fn, "__name__", None) or type(fn).__name__)
+        super().__init__(**options)
+        if self.options.resource is not None:
+            _check_takes_resource(fn, self.options.name)
+
+    def _detect_kind(self) -> Kind:
+        return _kind_of(self.fn)
+
+    def _target(self) -> Callable[..., Any]:
+        return self.fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        # A decorated method stays a plain function when looked up on an instance.
+        return self if obj is None else functools.partial(self.fn, obj)
+
+
+def _check_takes_resource(fn: Callable[..., Any], name: str) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: trust the user
+        return
+    try:
+        sig.bind(object(), object())
+    except TypeError:
+        msg = (
+            f"stage {name!r}: option resource= is given, so the function must take "
+            f"(item, resource), but its signature is {name}{sig}"
+        )
+        raise TypeError(msg) from None
+
+
+# The overloads give a precise Stage[In, Out] for each kind of function.
+
+
+@overload
+def stage(fn: Callable[[A], AsyncIterator[B]], /) -> FunctionStage[A, B]: ...
+@overload
+def stage(fn: Callable[[A], Awaitable[B]], /) -> FunctionStage[A, B]: ...
+@overload
+def stage(fn: Callable[[A], Iterator[B]], /) -> FunctionStage[A, B]: ...
+@overload
+def stage(fn: Callable[[A], B], /) -> FunctionStage[A, B]: ...
+@overload
+def stage(fn: Callable[..., Any], /) -> FunctionStage[Any, Any]: ...
+@overload
+def stage(
+    *,
+    workers: int | tuple[int, int] = ...,
+    buffer: int | None = ...,
+    name: str | None = ...,
+    ordered: bool = ...,
+    key: Callable[[Any], Any] | None = ...,
+    timeout: float | None = ...,
+    retries: int | Retry = ...,
+    errors: ErrorPolicy = ...,
+    max_failures: int | float | None = ...,
+    rate: float | None = ...,
+    burst: int | None = ...,
+    batch: int | None = ...,
+    batch_timeout: float | None = ...,
+    run_in: RunIn | None = ...,
+    resource: Callable[[], Any] | None = ...,
+    breaker: CircuitBreaker | None = ...,
+    dead_letter: Callable[[Any], Any] | Stage[Any, Any] | None = ...,
+) -> _Decorator: ...
+
+
+def stage(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Turn a function into a pipeline :class:`Stage`.
+
+    The kind follows the function: ``async def`` runs as Trio tasks, an async generator
+    emits 0..N outputs per item, a plain ``def`` runs in worker threads (a generator
+    likewise emits 0..N), ``run_in="process"`` runs in worker processes. The function
+    stays callable as before::
+
+        @stage(workers=8, timeout=10)
+        async def fetch(url: str) -> bytes: ...
+
+        await fetch("https://example.org")   # still a plain call
+        Pipeline(fetch | parse).run(urls)     # a stage of a pipeline
+
+    Every option is validated here; a wrong one raises ``TypeError`` or ``ValueError``
+    naming the stage, the option and the value.
+    """
+    if fn is None:
+        return functools.partial(_decorate, options=options)
+    if options:  # pragma: no cover - the positional form takes no options
+        raise TypeError("use @stage(...) with options, or @stage without parentheses")
+    return _decorate(fn, options={})
+
+
+def _decorate(fn: Callable[..., Any], options: dict[str, Any]) -> FunctionStage[Any, Any]:
+    if isinstance(fn, Stage):
+        raise TypeError(f"{fn!r} is already a stage; use .with_options() to change options")
+    return FunctionStage(fn, **options)
+
+
+class _Decorator:
+    """The type of ``stage(**options)``: a decorator with the same overloads."""
+
+    @overload
+    def __call__(self, fn: Callable[[A], AsyncIterator[B]], /) -> FunctionStage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[[A], Awaitable[B]], /) -> FunctionStage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[[A], Iterator[B]], /) -> FunctionStage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[[A], B], /) -> FunctionStage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Any], /) -> FunctionStage[Any, Any]: ...
+    def __call__(self, fn: Callable[..., Any], /) -> Any:  # pragma: no cover - typing only
+        raise NotImplementedError

@@ -21,7 +21,7 @@ from ._chain import Chain
 from ._errors import PipelineFull, StageError
 from ._runner import Env, Outlet, Run, running
 from ._stage import Stage
-from ._stats import StageStats, find_bottleneck
+from ._stats import StageCounters, StageStats, accumulate, find_bottleneck
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -251,8 +251,14 @@ class Pipeline(Generic[In, Out]):
             raise TypeError(msg)
         self.stages = chain
         self.dead_letter = dead_letter
-        self.registry = registry
         self._live: list[Run] = []
+        # Counters of finished runs, added up, so that metrics only ever go up.
+        self._totals = {st.name: StageCounters(st.name) for st in chain}
+        self.registry = registry
+        if registry is not None:
+            from ._metrics import register
+
+            register(self, registry)
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: " + " | ".join(s.name for s in self.stages) + ">"
@@ -267,17 +273,34 @@ class Pipeline(Generic[In, Out]):
         )
 
     @contextlib.asynccontextmanager
-    async def _running(self, run: Run) -> AsyncIterator[trio.Nursery]:
+    async def _running(self, run: Run, metrics_port: int | None) -> AsyncIterator[trio.Nursery]:
+        services = []
+        if metrics_port is not None:
+            from ._metrics import metrics_service
+
+            services.append(metrics_service(self, metrics_port))
         self._live.append(run)
         try:
-            async with running(run) as nursery:
+            async with running(run, services) as nursery:
                 yield nursery
         finally:
             self._live.remove(run)
+            for sr in run.stages:
+                accumulate(self._totals[sr.name], sr.c)
+
+    def current_stats(self) -> dict[str, StageStats] | None:
+        """A live snapshot of the run in progress (the latest, if several), or None."""
+        return self._live[-1].stats() if self._live else None
 
     # -- the four ways in ----------------------------------------------------------------
 
-    def run(self, source: Iterable[In] | Any, *, collect: bool = True) -> RunResult[Out]:
+    def run(
+        self,
+        source: Iterable[In] | Any,
+        *,
+        collect: bool = True,
+        metrics_port: int | None = None,
+    ) -> RunResult[Out]:
         """Run the pipeline over ``source`` to the end and return the :class:`RunResult`.
 
         Blocks (calls ``trio.run``). ``source`` is an iterable, async iterable or Trio
@@ -285,19 +308,30 @@ class Pipeline(Generic[In, Out]):
         endless or huge streams. Raises :class:`StageError` on a fail-fast failure.
         """
         _check_source(source)
-        return trio.run(functools.partial(self.arun, source, collect=collect))
+        return trio.run(
+            functools.partial(self.arun, source, collect=collect, metrics_port=metrics_port)
+        )
 
-    async def arun(self, source: Iterable[In] | Any, *, collect: bool = True) -> RunResult[Out]:
-        """:meth:`run` for Trio code: ``result = await pipeline.arun(source)``."""
+    async def arun(
+        self,
+        source: Iterable[In] | Any,
+        *,
+        collect: bool = True,
+        metrics_port: int | None = None,
+    ) -> RunResult[Out]:
+        """:meth:`run` for Trio code: ``result = await pipeline.arun(source)``.
+
+        ``metrics_port`` serves Prometheus metrics on 127.0.0.1 for the run's lifetime.
+        """
         _check_source(source)
         run = self._new_run("collect" if collect else "drop")
-        async with self._running(run) as nursery:
+        async with self._running(run, metrics_port) as nursery:
             nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
         return _result(run)
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, source: Iterable[In] | Any, *, buffer: int = 0
+        self, source: Iterable[In] | Any, *, buffer: int = 0, metrics_port: int | None = None
     ) -> AsyncIterator[Outputs[Out]]:
         """Outputs as they are produced::
 
@@ -311,7 +345,7 @@ class Pipeline(Generic[In, Out]):
         """
         _check_source(source)
         run = self._new_run("channel", outlet_buffer=buffer)
-        async with self._running(run) as nursery:
+        async with self._running(run, metrics_port) as nursery:
             nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
             outputs: Outputs[Out] = Outputs(run)
             try:
@@ -323,7 +357,7 @@ class Pipeline(Generic[In, Out]):
 
     @contextlib.asynccontextmanager
     async def open(
-        self, *, outputs: bool = False, output_buffer: int = 0
+        self, *, outputs: bool = False, output_buffer: int = 0, metrics_port: int | None = None
     ) -> AsyncIterator[Flow[In, Out]]:
         """A long-lived pipeline fed by the caller::
 
@@ -338,7 +372,7 @@ class Pipeline(Generic[In, Out]):
         backpressure: an unread output holds up the pipeline.
         """
         run = self._new_run("channel" if outputs else "drop", outlet_buffer=output_buffer)
-        async with self._running(run):
+        async with self._running(run, metrics_port):
             flow: Flow[In, Out] = Flow(run)
             try:
                 yield flow

@@ -745,20 +745,31 @@ def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
             yield exc
 
 
+#: A service runs beside a pipeline for exactly its lifetime (a metrics endpoint):
+#: started with ``nursery.start`` before the first item, cancelled after the last.
+Service = Callable[..., Awaitable[None]]
+
+
 @contextlib.asynccontextmanager
-async def running(run: Run) -> AsyncIterator[trio.Nursery]:
+async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[trio.Nursery]:
     """Start ``run`` in a nursery of its own; on exit, wait for it and raise its failure.
 
     The body runs inside the run's cancel scope: a fail-fast error cancels it too.
     """
     failure: BaseException | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            run.start(nursery)
-            yield nursery
-        # Every stage has drained: the end-of-stream checks (fractional error budgets).
-        for sr in run.stages:
-            sr.finish_budget()
+        async with trio.open_nursery() as service_nursery:
+            for service in services:
+                await service_nursery.start(service)
+            try:
+                async with trio.open_nursery() as nursery:
+                    run.start(nursery)
+                    yield nursery
+                # Every stage has drained: end-of-stream checks (fractional error budgets).
+                for sr in run.stages:
+                    sr.finish_budget()
+            finally:
+                service_nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         failure = run.primary_error(group)
         if failure is None:

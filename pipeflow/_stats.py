@@ -231,6 +231,23 @@ class StageStats:
         return attrs.asdict(self)
 
 
+def accumulate(totals: StageCounters, run: StageCounters) -> None:
+    """Add a finished run's counters into a pipeline's running totals (for metrics,
+    whose counters must only go up across runs)."""
+    for field in ("items_in", "items_out", "ok", "failed", "retried", "dropped", "filtered"):
+        setattr(totals, field, getattr(totals, field) + getattr(run, field))
+    totals.passed += run.passed
+    totals.busy_time += run.busy_time
+    totals.blocked_time += run.blocked_time
+    for mine, theirs in ((totals.durations, run.durations), (totals.waits, run.waits)):
+        for i, n in enumerate(theirs.counts):
+            mine.counts[i] += n
+        mine.count += theirs.count
+        mine.sum += theirs.sum
+        mine.max = max(mine.max, theirs.max)
+        mine.min = min(mine.min, theirs.min)
+
+
 def find_bottleneck(stats: Mapping[str, StageStats]) -> str | None:
     """The stage that limits throughput: the one whose workers are busiest.
 

@@ -11,6 +11,7 @@ result = Pipeline(fetch | parse | store).run(urls)
 from ._chain import Chain as Chain
 from ._errors import CircuitOpen as CircuitOpen
 from ._errors import Failed as Failed
+from ._errors import Interrupted as Interrupted
 from ._errors import PipelineFull as PipelineFull
 from ._errors import StageError as StageError
 from ._pipeline import Flow as Flow
@@ -41,6 +42,7 @@ __all__ = [
     "TooManyFailures",
     "Failed",
     "PipelineFull",
+    "Interrupted",
     "CircuitOpen",
     "CircuitBreaker",
     "Retry",

@@ -51,6 +51,21 @@ def _rebuild_stage_error(
     return StageError(stage, item, error, attempts=attempts)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM, after letting in-flight items finish.
+
+    A ``KeyboardInterrupt``, so an unhandled one stops a program as Ctrl+C does;
+    ``signal`` is the signal number and ``result`` the run's :class:`RunResult` so far.
+    """
+
+    def __init__(self, signum: int, result: Any) -> None:
+        import signal
+
+        self.signal = signum
+        self.result = result
+        super().__init__(f"run stopped by {signal.Signals(signum).name}")
+
+
 class PipelineFull(Exception):
     """``send_nowait`` found the pipeline's entry full (the reject strategy: answer 429)."""
 

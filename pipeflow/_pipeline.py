@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Iterable, Mapping
+import math
+import threading
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar, overload
 
 import attrs
 import trio
 
 from ._chain import Chain
-from ._errors import PipelineFull, StageError
-from ._runner import Env, Outlet, Run, running
+from ._errors import Interrupted, PipelineFull, StageError
+from ._runner import Env, Outlet, Run, Service, running, signal_service
 from ._stage import Stage
 from ._stats import StageCounters, StageStats, accumulate, find_bottleneck
 
@@ -84,6 +86,15 @@ def _check_source(source: object) -> None:
         f"got {source!r} ({type(source).__name__})"
     )
     raise TypeError(msg)
+
+
+def _check_grace(grace: object) -> None:
+    if (
+        not isinstance(grace, int | float)
+        or isinstance(grace, bool)
+        or not (grace >= 0 and math.isfinite(grace))
+    ):
+        raise ValueError(f"grace= must be a finite number of seconds >= 0, got {grace!r}")
 
 
 class Outputs(Generic[Out]):
@@ -273,8 +284,10 @@ class Pipeline(Generic[In, Out]):
         )
 
     @contextlib.asynccontextmanager
-    async def _running(self, run: Run, metrics_port: int | None) -> AsyncIterator[trio.Nursery]:
-        services = []
+    async def _running(
+        self, run: Run, metrics_port: int | None, services: Sequence[Service] = ()
+    ) -> AsyncIterator[trio.Nursery]:
+        services = list(services)
         if metrics_port is not None:
             from ._metrics import metrics_service
 
@@ -300,16 +313,30 @@ class Pipeline(Generic[In, Out]):
         *,
         collect: bool = True,
         metrics_port: int | None = None,
+        grace: float = 10.0,
+        handle_signals: bool = True,
     ) -> RunResult[Out]:
         """Run the pipeline over ``source`` to the end and return the :class:`RunResult`.
 
         Blocks (calls ``trio.run``). ``source`` is an iterable, async iterable or Trio
         receive channel, consumed lazily. With ``collect=False`` no outputs are kept, for
         endless or huge streams. Raises :class:`StageError` on a fail-fast failure.
+
+        Ctrl+C or SIGTERM stops the input and lets in-flight items finish for up to
+        ``grace`` seconds, then cancels (a second signal cancels at once), and raises
+        :class:`Interrupted` (a ``KeyboardInterrupt``) carrying the partial result.
         """
         _check_source(source)
         return trio.run(
-            functools.partial(self.arun, source, collect=collect, metrics_port=metrics_port)
+            functools.partial(
+                self.arun,
+                source,
+                collect=collect,
+                metrics_port=metrics_port,
+                grace=grace,
+                handle_signals=handle_signals
+                and threading.current_thread() is threading.main_thread(),
+            )
         )
 
     async def arun(
@@ -318,16 +345,25 @@ class Pipeline(Generic[In, Out]):
         *,
         collect: bool = True,
         metrics_port: int | None = None,
+        grace: float = 10.0,
+        handle_signals: bool = False,
     ) -> RunResult[Out]:
         """:meth:`run` for Trio code: ``result = await pipeline.arun(source)``.
 
         ``metrics_port`` serves Prometheus metrics on 127.0.0.1 for the run's lifetime.
+        ``handle_signals=True`` handles SIGINT / SIGTERM as :meth:`run` does (main
+        thread only).
         """
         _check_source(source)
+        _check_grace(grace)
         run = self._new_run("collect" if collect else "drop")
-        async with self._running(run, metrics_port) as nursery:
+        services = [signal_service(run, grace)] if handle_signals else []
+        async with self._running(run, metrics_port, services) as nursery:
             nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
-        return _result(run)
+        result = _result(run)
+        if run.interrupted_by is not None:
+            raise Interrupted(run.interrupted_by, result)
+        return result
 
     @contextlib.asynccontextmanager
     async def stream(

@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import math
 import random
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -583,6 +584,11 @@ class Run:
         self._outlet_buffer = outlet_buffer
         self.entry: trio.MemorySendChannel[Env] | None = None
         self.out_recv: trio.MemoryReceiveChannel[Any] | None = None
+        # Graceful stop: the source stops (pump_scope), in-flight items finish, and the
+        # stages' cancel scope gets a deadline (the grace period).
+        self.pump_scope = trio.CancelScope()
+        self.cancel_scope: trio.CancelScope | None = None
+        self.interrupted_by: int | None = None
 
     def breaker_for(self, config: CircuitBreaker, stage: str) -> BreakerRuntime:
         key = id(config)
@@ -628,8 +634,28 @@ class Run:
                     )
             recv = next_recv  # type: ignore[assignment]
 
+    def stop_input(self, grace: float | None) -> None:
+        """Stop taking input; the items already in finish, for at most ``grace`` seconds."""
+        self.pump_scope.cancel()
+        if self.entry is not None:
+            self.entry.close()
+        if grace is not None and self.cancel_scope is not None:
+            self.cancel_scope.deadline = min(
+                self.cancel_scope.deadline, trio.current_time() + grace
+            )
+
+    def cancel(self) -> None:
+        """Cancel every worker now."""
+        self.pump_scope.cancel()
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
     async def pump(self, source: Iterable[Any] | Any) -> None:
         """Feed the source into the first stage, then close it (starting the cascade)."""
+        with self.pump_scope:
+            await self._pump(source)
+
+    async def _pump(self, source: Iterable[Any] | Any) -> None:
         assert self.entry is not None
         first = self.stages[0]
         now = self.now
@@ -737,6 +763,26 @@ async def _report_cancellation_first() -> None:
     await trio.lowlevel.checkpoint()
 
 
+def signal_service(run: Run, grace: float) -> Service:
+    """SIGINT / SIGTERM: the first stops the input and lets in-flight items finish within
+    ``grace`` seconds, then cancels; a second cancels at once."""
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if run.interrupted_by is None:
+                    run.interrupted_by = signum
+                    run.log.warning("signal_received", signal=name, action="drain", grace=grace)
+                    run.stop_input(grace)
+                else:
+                    run.log.warning("signal_received", signal=name, action="cancel")
+                    run.cancel()
+
+    return watch_signals
+
+
 def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
@@ -763,6 +809,7 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
                 await service_nursery.start(service)
             try:
                 async with trio.open_nursery() as nursery:
+                    run.cancel_scope = nursery.cancel_scope
                     run.start(nursery)
                     yield nursery
                 # Every stage has drained: end-of-stream checks (fractional error budgets).

@@ -1,0 +1,98 @@
+"""Graceful shutdown with real signals sent to a real process running Pipeline.run()."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+APP = textwrap.dedent(
+    """
+    import json, sys, trio
+    from pipeflow import Interrupted, Pipeline, stage
+
+    DELAY = float(sys.argv[1])
+    started = []
+
+    @stage(workers=2)
+    async def slow(x):
+        started.append(x)
+        print("started", x, flush=True)
+        await trio.sleep(DELAY)
+        return x
+
+    def forever():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    try:
+        Pipeline(slow).run(forever(), grace=float(sys.argv[2]))
+    except Interrupted as stop:
+        r = stop.result
+        print(json.dumps({"signal": stop.signal, "started": len(started),
+                          "done": r.stats["slow"].items_out, "elapsed": r.elapsed}), flush=True)
+        sys.exit(3)
+    """
+)
+
+
+def start(tmp_path, delay, grace):
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(delay), str(grace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Wait until the pipeline is busy.
+    assert proc.stdout is not None
+    for _ in range(2):
+        assert proc.stdout.readline().startswith("started")
+    return proc
+
+
+def report(proc):
+    out, err = proc.communicate(timeout=30)
+    assert 3 == proc.returncode, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_first_signal_drains_in_flight_items(tmp_path, signum):
+    """On SIGINT or SIGTERM no new item starts, and the ones in flight finish."""
+    proc = start(tmp_path, delay=1.0, grace=10)
+    proc.send_signal(signum)
+    result = report(proc)
+    assert signum == result["signal"]
+    assert result["started"] == result["done"]
+    assert result["elapsed"] < 5
+
+
+def test_grace_period_bounds_the_drain(tmp_path):
+    """Items slower than the grace period are cancelled when it runs out."""
+    proc = start(tmp_path, delay=30.0, grace=0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    result = report(proc)
+    assert time.monotonic() - sent < 10
+    assert 0 == result["done"]
+
+
+def test_second_signal_cancels_at_once(tmp_path):
+    """A second signal cancels without waiting for the grace period."""
+    proc = start(tmp_path, delay=30.0, grace=60)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    result = report(proc)
+    assert time.monotonic() - sent < 10
+    assert 0 == result["done"]

@@ -1,0 +1,142 @@
+"""The docs never rot: every ```python block in docs/*.md runs, and every relative link
+in docs/*.md and README.md points at a file that exists.
+
+Blocks of one file run in order in one fresh namespace (``__name__ == "__docs__"``), so a
+later block can use what an earlier one defined. Blocks that must not run use another
+fence: ```sh, ```text or ```pycon.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+DOC_FILES = sorted(p.name for p in DOCS.glob("*.md"))
+LINKED_FILES = [f"docs/{name}" for name in DOC_FILES] + ["README.md"]
+
+# A fence opens with 3+ backticks or tildes (indented, e.g. inside a list item) and
+# closes with at least as many of the same character and nothing else on the line.
+_FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
+
+
+class Block(NamedTuple):
+    """A fenced block: its language, the line number of its first line of code (1-based),
+    its code, and the 0-based indexes of its opening and closing fence lines."""
+
+    lang: str
+    line: int
+    code: str
+    opening: int
+    closing: int
+
+
+def code_blocks(text: str) -> list[Block]:
+    """Every fenced block of ``text``, in order."""
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        opening = _FENCE.match(lines[i])
+        if opening is None:
+            i += 1
+            continue
+        indent = len(opening["indent"])
+        fence = opening["fence"]
+        closing = re.compile(rf"^\s*{re.escape(fence[0])}{{{len(fence)},}}\s*$")
+        start = i + 1
+        j = start
+        while j < len(lines) and not closing.match(lines[j]):
+            j += 1
+        body = [line[indent:] if line[:indent].isspace() else line for line in lines[start:j]]
+        blocks.append(Block(opening["info"].lower(), start + 1, "\n".join(body) + "\n", i, j))
+        i = j + 1
+    return blocks
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """The ```python blocks of a Markdown file as (first code line number, code)."""
+    text = path.read_text(encoding="utf-8")
+    return [(b.line, b.code) for b in code_blocks(text) if b.lang == "python"]
+
+
+def test_code_blocks_finds_python_fences_only():
+    """The block finder sees ```python blocks (indented ones too) and their line
+    numbers, and leaves other fences alone, even ones that contain a fence."""
+    text = "\n".join(
+        [
+            "# Title",  # 1
+            "```python",  # 2
+            "x = 1",  # 3
+            "```",  # 4
+            "````text",  # 5
+            "```python",  # 6
+            "not run",  # 7
+            "```",  # 8
+            "````",  # 9
+            "1. A step:",  # 10
+            "   ```python",  # 11
+            "   y = x + 1",  # 12
+            "   ```",  # 13
+        ]
+    )
+    found = [(b.lang, b.line, b.code) for b in code_blocks(text) if b.lang == "python"]
+    assert [("python", 3, "x = 1\n"), ("python", 12, "y = x + 1\n")] == found
+
+
+@pytest.mark.parametrize("name", DOC_FILES)
+def test_python_blocks_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ```python block of the page runs, in order, in one namespace per page."""
+    # Pages may write files (a SQLite database, a report): keep them out of the repo.
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    for line, block in python_blocks(DOCS / name):
+        exec(compile(block, f"docs/{name}:{line}", "exec"), namespace)
+
+
+# [text](target) and ![alt](target), and reference definitions "[label]: target".
+_INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.MULTILINE)
+_CODE_SPAN = re.compile(r"(`+).+?\1", re.DOTALL)
+
+
+def prose(text: str) -> str:
+    """``text`` without its fenced blocks and code spans (links there are code)."""
+    lines = text.splitlines()
+    fenced = {n for b in code_blocks(text) for n in range(b.opening, b.closing + 1)}
+    kept = "\n".join(line for n, line in enumerate(lines) if n not in fenced)
+    return _CODE_SPAN.sub("", kept)
+
+
+def relative_links(text: str) -> list[str]:
+    """Link targets in ``text`` that point into the repository (not URLs or anchors)."""
+    body = prose(text)
+    targets = _INLINE_LINK.findall(body) + _REFERENCE.findall(body)
+    return [t for t in targets if not re.match(r"^([a-z][a-z0-9+.-]*:|#|//)", t, re.I)]
+
+
+def test_relative_links_skips_urls_anchors_and_code():
+    """Only repository paths count as relative links; code is not prose."""
+    text = (
+        "See [the design](design.md#why), [Trio](https://trio.readthedocs.io), "
+        "[top](#top), ![a figure](img/flow.png) and `[not](a-link.md)`.\n"
+        "```python\nx = y[0](z)  # [nor](this.md)\n```\n"
+        "[ref]: ../README.md\n"
+    )
+    assert ["design.md#why", "img/flow.png", "../README.md"] == relative_links(text)
+
+
+@pytest.mark.parametrize("name", LINKED_FILES)
+def test_relative_links_resolve(name: str) -> None:
+    """Every relative link of the page points at an existing file (anchors ignored)."""
+    page = ROOT / name
+    missing = []
+    for target in relative_links(page.read_text(encoding="utf-8")):
+        path = target.split("#", 1)[0].split("?", 1)[0]
+        if path and not (page.parent / path).exists():
+            missing.append(target)
+    assert [] == missing, f"{name} links to missing files"

@@ -1,13 +1,488 @@
-"""Prometheus metrics (placeholder: being implemented; see issue 5)."""
+"""Prometheus metrics: a collector that reads pipeflow's statistics at scrape time.
+
+Workers only update plain counters (``StageCounters``); nothing here runs per item. On a
+scrape, the collector adds up each stage's counters over the pipeline's finished runs
+and the runs in progress, so counters only go up and gauges show the live state:
+
+========================================  =========  ===========================
+metric                                    type       the seed's name
+========================================  =========  ===========================
+``pipeflow_stage_inflight``               gauge      pool.inflight
+``pipeflow_stage_queue_depth``            gauge      pool.queue_depth
+``pipeflow_stage_workers``                gauge      (pool size)
+``pipeflow_stage_workers_busy``           gauge      pool.workers_active
+``pipeflow_stage_items_total{outcome}``   counter    pool.jobs_total, jobs_failed_total
+``pipeflow_stage_duration_seconds``       histogram  pool.duration_seconds
+``pipeflow_stage_queue_wait_seconds``     histogram  pool.queue_wait_seconds
+``pipeflow_stage_blocked_seconds_total``  counter    (time blocked sending downstream)
+``pipeflow_stage_breaker_state``          gauge      (0 closed, 1 half-open, 2 open)
+========================================  =========  ===========================
+
+Every sample is labelled ``pipeline`` and ``stage``. ``metrics_port=`` serves the
+pipeline's registry over HTTP on 127.0.0.1 for exactly the run's lifetime.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ._stats import BOUNDS, StageCounters
+
+if TYPE_CHECKING:
+    from ._pipeline import Pipeline
+    from ._stage import Stage
+
+__all__ = ["BUCKETS", "HOST", "metrics_service", "register"]
+
+#: Histogram buckets (upper bounds, seconds) of the duration and queue-wait histograms:
+#: per-item latencies from 1 ms to 10 s. Each is one of the statistics' own bucket
+#: bounds, so the exported counts are exact, not re-binned.
+BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Index of each exported bound in the statistics' histogram (counts[i] is the bucket
+# whose upper bound is BOUNDS[i]).
+_BUCKET_INDEX = tuple(BOUNDS.index(b) for b in BUCKETS)
+
+#: The metrics endpoint listens on loopback only: exposing it is the user's decision.
+HOST = "127.0.0.1"
+
+_OUTCOMES = ("ok", "failed", "retried", "dropped", "filtered")
+_BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+_LABELS = ["pipeline", "stage"]
 
 
-def register(pipeline: Any, registry: Any) -> None:
-    raise NotImplementedError("Prometheus metrics are not implemented yet")
+class _Stage:
+    """One stage's counters summed over finished and live runs, as exported."""
+
+    __slots__ = (
+        "blocked",
+        "breaker",
+        "busy",
+        "depth",
+        "duration_sum",
+        "durations",
+        "inflight",
+        "items",
+        "wait_sum",
+        "waits",
+        "workers",
+    )
+
+    def __init__(self, totals: StageCounters) -> None:
+        self.items = [totals.ok, totals.failed, totals.retried, totals.dropped, totals.filtered]
+        self.blocked = totals.blocked_time
+        self.durations = list(totals.durations.counts)
+        self.duration_sum = totals.durations.sum
+        self.waits = list(totals.waits.counts)
+        self.wait_sum = totals.waits.sum
+        self.inflight = 0
+        self.depth = 0
+        self.workers = 0
+        self.busy = 0
+        self.breaker = 0.0
+
+    def add_live(self, c: StageCounters, depth: int, breaker: str | None) -> None:
+        items = self.items
+        items[0] += c.ok
+        items[1] += c.failed
+        items[2] += c.retried
+        items[3] += c.dropped
+        items[4] += c.filtered
+        self.blocked += c.blocked_time
+        for mine, theirs in ((self.durations, c.durations.counts), (self.waits, c.waits.counts)):
+            for i, n in enumerate(theirs):
+                if n:
+                    mine[i] += n
+        self.duration_sum += c.durations.sum
+        self.wait_sum += c.waits.sum
+        self.inflight += c.inflight
+        self.depth += depth
+        self.workers += c.workers
+        self.busy += c.busy_workers
+        if breaker is not None:
+            # Several runs of one pipeline at once: show the most severe state.
+            self.breaker = max(self.breaker, _BREAKER_VALUES.get(breaker, 0.0))
+
+    def counters(self) -> _Counters:
+        """The values that must only go up: item counts, blocked time, histograms."""
+        return _Counters(
+            items=tuple(self.items),
+            blocked=self.blocked,
+            durations=_cumulative(self.durations),
+            duration_sum=self.duration_sum,
+            waits=_cumulative(self.waits),
+            wait_sum=self.wait_sum,
+        )
 
 
-def metrics_service(pipeline: Any, port: int) -> Any:
-    raise NotImplementedError("metrics_port= is not implemented yet")
+@attrs.frozen(kw_only=True)
+class _Counters:
+    items: tuple[int, ...]
+    blocked: float
+    durations: tuple[int, ...]  # cumulative at BUCKETS, then +Inf
+    duration_sum: float
+    waits: tuple[int, ...]
+    wait_sum: float
+
+    def at_least(self, last: _Counters | None) -> _Counters:
+        """Each value no lower than in ``last``: what a counter must look like."""
+        if last is None:
+            return self
+
+        def up(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(max(x, y) for x, y in zip(a, b, strict=True))
+
+        return _Counters(
+            items=up(self.items, last.items),
+            blocked=max(self.blocked, last.blocked),
+            durations=up(self.durations, last.durations),
+            duration_sum=max(self.duration_sum, last.duration_sum),
+            waits=up(self.waits, last.waits),
+            wait_sum=max(self.wait_sum, last.wait_sum),
+        )
+
+
+def _cumulative(counts: list[int]) -> tuple[int, ...]:
+    """Cumulative counts at each of BUCKETS, then at +Inf (the total)."""
+    out: list[int] = []
+    running = 0
+    start = 0
+    for idx in _BUCKET_INDEX:
+        running += sum(counts[start : idx + 1])
+        start = idx + 1
+        out.append(running)
+    out.append(running + sum(counts[start:]))
+    return tuple(out)
+
+
+_BUCKET_LABELS = (*(repr(b) for b in BUCKETS), "+Inf")
+
+
+class _Families:
+    """One scrape's metric families, each to be filled with every pipeline's samples."""
+
+    def __init__(self) -> None:
+        self.inflight = GaugeMetricFamily(
+            "pipeflow_stage_inflight",
+            "Items a stage's workers are processing now (the seed's pool.inflight).",
+            labels=_LABELS,
+        )
+        self.queue_depth = GaugeMetricFamily(
+            "pipeflow_stage_queue_depth",
+            "Items waiting in a stage's input channel (pool.queue_depth).",
+            labels=_LABELS,
+        )
+        self.workers = GaugeMetricFamily(
+            "pipeflow_stage_workers",
+            "Workers a stage has now (the pool size).",
+            labels=_LABELS,
+        )
+        self.workers_busy = GaugeMetricFamily(
+            "pipeflow_stage_workers_busy",
+            "Workers of a stage busy with an item now (pool.workers_active).",
+            labels=_LABELS,
+        )
+        self.items = CounterMetricFamily(
+            "pipeflow_stage_items_total",
+            "Items a stage finished, by outcome: ok, failed, filtered (no output), "
+            "dropped (refused at the entry); retried counts retry attempts.",
+            labels=[*_LABELS, "outcome"],
+        )
+        self.duration = HistogramMetricFamily(
+            "pipeflow_stage_duration_seconds",
+            "Seconds a stage took per item, retries included (pool.duration_seconds).",
+            labels=_LABELS,
+        )
+        self.queue_wait = HistogramMetricFamily(
+            "pipeflow_stage_queue_wait_seconds",
+            "Seconds an item waited before a worker of the stage took it "
+            "(pool.queue_wait_seconds).",
+            labels=_LABELS,
+        )
+        self.blocked = CounterMetricFamily(
+            "pipeflow_stage_blocked_seconds_total",
+            "Seconds a stage's workers spent waiting to hand outputs downstream "
+            "(backpressure from a slower stage after it).",
+            labels=_LABELS,
+        )
+        self.breaker = GaugeMetricFamily(
+            "pipeflow_stage_breaker_state",
+            "State of a stage's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            labels=_LABELS,
+        )
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(
+            (
+                self.inflight,
+                self.queue_depth,
+                self.workers,
+                self.workers_busy,
+                self.items,
+                self.duration,
+                self.queue_wait,
+                self.blocked,
+                self.breaker,
+            )
+        )
+
+    def add(self, labels: list[str], st: _Stage, c: _Counters, breaker: bool) -> None:
+        self.inflight.add_metric(labels, st.inflight)
+        self.queue_depth.add_metric(labels, st.depth)
+        self.workers.add_metric(labels, st.workers)
+        self.workers_busy.add_metric(labels, st.busy)
+        for outcome, n in zip(_OUTCOMES, c.items, strict=True):
+            self.items.add_metric([*labels, outcome], n)
+        self.duration.add_metric(
+            labels, list(zip(_BUCKET_LABELS, c.durations, strict=True)), c.duration_sum
+        )
+        self.queue_wait.add_metric(
+            labels, list(zip(_BUCKET_LABELS, c.waits, strict=True)), c.wait_sum
+        )
+        self.blocked.add_metric(labels, c.blocked)
+        if breaker:
+            self.breaker.add_metric(labels, st.breaker)
+
+
+class PipelineCollector(Collector):
+    """The pipeflow metrics of every pipeline registered in one registry.
+
+    One collector per registry, so each metric family appears once in the exposition,
+    with a ``pipeline`` label telling pipelines apart. It reads counters at scrape
+    time; nothing here runs per item.
+    """
+
+    def __init__(self) -> None:
+        self._pipelines: dict[str, Pipeline[Any, Any]] = {}
+        # Last counters exported per (pipeline, stage), so counters never go backwards,
+        # even for a scrape from another thread (prometheus_client.start_http_server)
+        # that lands between a run leaving the live list and joining the totals.
+        self._last: dict[tuple[str, str], _Counters] = {}
+        self._lock = threading.Lock()
+
+    def add(self, pipeline: Pipeline[Any, Any]) -> None:
+        name = pipeline.name
+        with self._lock:
+            if name in self._pipelines:
+                msg = (
+                    f"a pipeline named {name!r} is already registered in this "
+                    f"CollectorRegistry; its metrics are labelled pipeline={name!r}, so "
+                    f"give each pipeline its own name (Pipeline(..., name=...)) or its "
+                    f"own registry"
+                )
+                raise ValueError(msg)
+            self._pipelines[name] = pipeline
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only: the registry then refuses another collector with the same names.
+        return list(_Families())
+
+    def collect(self) -> Iterable[Metric]:
+        families = _Families()
+        with self._lock:
+            for pipeline in list(self._pipelines.values()):
+                for stage, st in _read(pipeline):
+                    key = (pipeline.name, stage.name)
+                    c = self._last[key] = st.counters().at_least(self._last.get(key))
+                    has_breaker = stage.options.breaker is not None
+                    families.add([pipeline.name, stage.name], st, c, has_breaker)
+        return list(families)
+
+
+def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stage]]:
+    """Each stage's counters: finished runs (totals) plus the runs in progress."""
+    live = list(pipeline._live)
+    totals = pipeline._totals
+    for i, stage in enumerate(pipeline.stages):
+        st = _Stage(totals[stage.name])
+        for run in live:
+            sr = run.stages[i]
+            depth = sr.recv.statistics().current_buffer_used if sr.recv is not None else 0
+            breaker = sr._breaker.state if sr._breaker is not None else None
+            st.add_live(sr.c, depth, breaker)
+        yield stage, st
+
+
+# One collector per registry (held weakly: the registry owns it).
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, PipelineCollector] = (
+    weakref.WeakKeyDictionary()
+)
+_collectors_lock = threading.Lock()
+
+
+def register(pipeline: Pipeline[Any, Any], registry: CollectorRegistry) -> None:
+    """Publish ``pipeline``'s metrics in ``registry`` (``Pipeline(..., registry=...)``).
+
+    Pipelines sharing a registry are told apart by their ``pipeline`` label; a second
+    pipeline with the same name in the same registry raises ``ValueError``.
+    """
+    if not isinstance(registry, CollectorRegistry):
+        msg = (
+            f"pipeline {pipeline.name!r}: registry= must be a "
+            f"prometheus_client.CollectorRegistry, got {registry!r} ({type(registry).__name__})"
+        )
+        raise TypeError(msg)
+    with _collectors_lock:
+        collector = _collectors.get(registry)
+        if collector is None:
+            collector = PipelineCollector()
+            collector.add(pipeline)
+            registry.register(collector)
+            _collectors[registry] = collector
+            return
+    collector.add(pipeline)
+
+
+# -- the HTTP endpoint ---------------------------------------------------------------------
+
+#: A client gets this long to send its request; a stuck one must not pile up.
+_REQUEST_TIMEOUT = 10.0
+_MAX_HEAD = 16 * 1024
+
+
+def metrics_service(pipeline: Pipeline[Any, Any], port: int) -> Callable[..., Awaitable[None]]:
+    """The ``metrics_port=`` service: ``/metrics`` over HTTP on 127.0.0.1:``port``.
+
+    Returns an async function for ``nursery.start``: it listens, sets
+    ``pipeline.metrics_address`` to the bound ``(host, port)`` (useful with port 0,
+    which picks a free port), reports started, and serves until cancelled, then closes
+    its socket. A pipeline without a registry gets a private one
+    (``pipeline.registry``).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        msg = (
+            f"pipeline {pipeline.name!r}: metrics_port= must be an int from 0 to 65535 "
+            f"(0 picks a free port), got {port!r}"
+        )
+        raise (ValueError if isinstance(port, int) else TypeError)(msg)
+    registry = pipeline.registry
+    if registry is None:
+        registry = CollectorRegistry()
+        register(pipeline, registry)
+        pipeline.registry = registry
+
+    async def serve_metrics(
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=HOST)
+        except OSError as exc:
+            msg = (
+                f"pipeline {pipeline.name!r}: cannot serve metrics on {HOST}:{port}: "
+                f"{exc.strerror or exc}"
+            )
+            raise OSError(exc.errno, msg) from exc
+        host, bound = listeners[0].socket.getsockname()[:2]
+        address = (str(host), int(bound))
+        # Pipeline does not declare the attribute (yet): set it through Any.
+        owner: Any = pipeline
+        owner.metrics_address = address
+        try:
+            task_status.started(address)
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await _handle(stream, registry)
+
+            await trio.serve_listeners(handler, listeners)
+        finally:
+            if getattr(owner, "metrics_address", None) == address:
+                owner.metrics_address = None
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    return serve_metrics
+
+
+async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+    """Answer one request on one connection, then close it (``Connection: close``)."""
+    async with stream:
+        try:
+            with trio.move_on_after(_REQUEST_TIMEOUT):
+                head = await _read_head(stream)
+                if head is None:
+                    return
+                await stream.send_all(_respond(head, registry))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # The client went away; the pipeline must not care.
+            return
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes | None:
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+        if len(buf) > _MAX_HEAD:
+            return None
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        buf += data
+    return bytes(buf)
+
+
+def _respond(head: bytes, registry: CollectorRegistry) -> bytes:
+    lines = head.decode("latin-1").splitlines()
+    parts = lines[0].split() if lines else []
+    if len(parts) != 3:
+        return _response("400 Bad Request", b"bad request\n")
+    method, target, _version = parts
+    if method not in ("GET", "HEAD"):
+        return _response("405 Method Not Allowed", b"GET /metrics\n", extra=["Allow: GET, HEAD"])
+    if target.split("?", 1)[0] != "/metrics":
+        return _response("404 Not Found", b"pipeflow serves its metrics at /metrics\n")
+    accept = ""
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "accept":
+            accept = value.strip()
+    encoder, content_type = choose_encoder(accept)
+    try:
+        body = encoder(registry)
+    except Exception as exc:  # a broken collector must not stop the pipeline
+        return _response("500 Internal Server Error", f"{exc!r}\n".encode())
+    return _response("200 OK", body, content_type=content_type, head_only=method == "HEAD")
+
+
+def _response(
+    status: str,
+    body: bytes,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: list[str] | None = None,
+    head_only: bool = False,
+) -> bytes:
+    headers = [
+        f"HTTP/1.1 {status}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(extra or []),
+    ]
+    return "\r\n".join(headers).encode("latin-1") + b"\r\n\r\n" + (b"" if head_only else body)

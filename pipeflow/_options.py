@@ -204,6 +204,16 @@ def make_options(
     if batch_timeout is not None and batch is None:
         _fail(stage, "batch_timeout", "used together with batch=", batch_timeout, ValueError)
 
+    if key is not None and isinstance(workers, tuple):
+        msg = (
+            f"stage {stage!r}: option key= needs a fixed number of workers (each key has "
+            f"its own worker), got workers={workers!r}"
+        )
+        raise ValueError(msg)
+    if key is not None and batch is not None:
+        msg = f"stage {stage!r}: options key= and batch= cannot be combined"
+        raise ValueError(msg)
+
     is_async = kind in ("async", "asyncgen")
     if run_in is None:
         run_in = "task" if is_async else "thread"

@@ -21,6 +21,7 @@ import trio
 
 from ._chain import Chain
 from ._errors import Interrupted, PipelineFull, StageError
+from ._process import check_picklable
 from ._runner import Env, Outlet, Run, Service, running, signal_service
 from ._stage import Stage
 from ._stats import StageCounters, StageStats, accumulate, find_bottleneck
@@ -255,6 +256,9 @@ class Pipeline(Generic[In, Out]):
                 )
                 raise ValueError(msg)
             seen[st.name] = i
+            if st.options.run_in == "process":
+                # Refuse what cannot cross a process boundary now, not at the first item.
+                check_picklable(st._target(), st.name)
         if dead_letter is not None and not (
             callable(dead_letter) or isinstance(dead_letter, Stage)
         ):

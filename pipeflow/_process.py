@@ -7,8 +7,9 @@ session) is refused when the pipeline is built, with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -26,9 +27,26 @@ def check_picklable(fn: Callable[..., Any], stage: str) -> None:
         raise TypeError(msg) from exc
 
 
-def process_call(
-    target: Callable[..., Any], limiter: trio.CapacityLimiter, stage: str
-) -> Callable[[Any, Any], Awaitable[Any]]:
+class ProcessPool:
+    """A stage's worker processes for one run: opened before its workers start, shut
+    down (and waited for) when they have all finished, so no process outlives the run."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.context: Any = None
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        trio_parallel = _import_trio_parallel(self.stage)
+        async with trio_parallel.open_worker_context(grace_period=5.0) as ctx:
+            self.context = ctx
+            try:
+                yield
+            finally:
+                self.context = None
+
+
+def _import_trio_parallel(stage: str) -> Any:
     try:
         import trio_parallel  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -37,11 +55,19 @@ def process_call(
             f"install it with: pip install 'pipeflow[process]'"
         )
         raise RuntimeError(msg) from exc
-    check_picklable(target, stage)
+    return trio_parallel
+
+
+def process_call(
+    target: Callable[..., Any], limiter: trio.CapacityLimiter, pool: ProcessPool
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    _import_trio_parallel(pool.stage)
+    check_picklable(target, pool.stage)
 
     async def call_process(item: Any, _: Any) -> Any:
         # kill_on_cancel: a timeout or a cancelled run kills the worker process rather
         # than waiting for a CPU-bound function that will never check for cancellation.
-        return await trio_parallel.run_sync(target, item, limiter=limiter, kill_on_cancel=True)
+        # A worker that dies fails this item (BrokenWorkerError); the next gets a new one.
+        return await pool.context.run_sync(target, item, limiter=limiter, kill_on_cancel=True)
 
     return call_process

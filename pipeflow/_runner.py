@@ -22,6 +22,7 @@ import inspect
 import math
 import random
 import signal
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -39,7 +40,55 @@ _SPIN_LIMIT = 32
 _WINDOW_PER_WORKER = 4
 _MIN_WINDOW = 16
 
+# Autoscaling (workers=(min, max)): the seed's watermark supervisor with hysteresis.
+_SCALE_INTERVAL = 1.0  # seconds between decisions
+_GROW_AT = 0.8  # input queue this full (or upstream blocked): grow by half, at least 1
+_SHRINK_AT = 0.2  # input queue this empty, and no change for a cooldown: retire one
+_SHRINK_COOLDOWN = 5.0
+_IDLE_RETIRE = 30.0  # a worker idle this long retires (never below min)
+
 Outlet = Literal["collect", "drop", "channel"]
+
+
+def stable_hash(key: object) -> int:
+    """A hash of a routing key that is the same in every process (unlike ``hash()`` of a
+    str, which Python randomises per process): CRC-32 of its canonical bytes."""
+    if isinstance(key, bytes):
+        data = key
+    elif isinstance(key, str):
+        data = key.encode()
+    else:
+        data = repr(key).encode()
+    return zlib.crc32(data)
+
+
+class _KeyFailed:
+    """An item whose key function raised: routed to a worker to fail there, by policy."""
+
+    __slots__ = ("error", "item")
+
+    def __init__(self, item: Any, error: Exception) -> None:
+        self.item = item
+        self.error = error
+
+
+class _BatchAck:
+    """The acks of a batch's items, done together once the batch's outputs are done."""
+
+    __slots__ = ("acks", "pending")
+
+    def __init__(self, acks: list[Ack]) -> None:
+        self.acks = acks
+        self.pending = 1
+
+    def add(self, n: int) -> None:
+        self.pending += n
+
+    def done(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            for ack in self.acks:
+                ack.done()
 
 
 class Ack(Protocol):
@@ -104,6 +153,12 @@ class StageRun:
         if opts.ordered:
             self.window_size = max(_MIN_WINDOW, _WINDOW_PER_WORKER * opts.max_workers)
             self._window = trio.Semaphore(self.window_size)
+        # Keyed stages take window slots in the dispatcher, which sees items in order.
+        self._workers_take_window = opts.ordered and opts.key is None
+        self.batched = opts.batch is not None
+        self.keyed = opts.key is not None
+        self._retire = 0  # workers asked to retire by the autoscaler
+        self._workers_gone = trio.Event()
         self._ready: dict[int, list[Env]] = {}
         self._next_out = 0
         self._flushing = False
@@ -119,6 +174,7 @@ class StageRun:
             and self._breaker is None
         )
         self._rng = random.Random()
+        self.process_pool: Any = None
         self._call = self._make_call()
         self._emit: Callable[[Env, Any], Awaitable[None]] = self._emit_collect
         self._dead_letter = self._make_dead_letter()
@@ -162,9 +218,10 @@ class StageRun:
             return call_inline
 
         if opts.run_in == "process":
-            from ._process import process_call
+            from ._process import ProcessPool, process_call
 
-            return process_call(target, limiter, self.name)
+            self.process_pool = ProcessPool(self.name)
+            return process_call(target, limiter, self.process_pool)
 
         async def call_thread(item: Any, res: Any) -> Any:
             return await trio.to_thread.run_sync(
@@ -317,6 +374,8 @@ class StageRun:
         finally:
             c.workers -= 1
             c.worker_time += now()
+            if c.workers == 0:
+                self._workers_gone.set()
 
     async def _work(self, recv: trio.MemoryReceiveChannel[Env], send: Any, res: Any) -> None:
         c = self.c
@@ -325,9 +384,16 @@ class StageRun:
         call = self._call if self._simple else self._call_with_policies
         multi = self.multi
         ordered = self.ordered
-        window = self._window
+        window = self._window if self._workers_take_window else None
+        batched = self.batched
+        keyed = self.keyed
+        autoscale = self.opts.autoscale
+        min_workers = self.opts.min_workers
         spins = 0
         while True:
+            if autoscale and self._retire and c.workers > min_workers:
+                self._retire -= 1
+                return
             if window is not None:
                 try:
                     window.acquire_nowait()
@@ -337,7 +403,15 @@ class StageRun:
                 env = recv.receive_nowait()
             except trio.WouldBlock:
                 try:
-                    env = await recv.receive()
+                    if autoscale:
+                        got = await self._receive_or_retire(recv)
+                        if got is None:
+                            if window is not None:
+                                window.release()
+                            return
+                        env = got
+                    else:
+                        env = await recv.receive()
                 except trio.EndOfChannel:
                     break
                 spins = 0
@@ -358,9 +432,16 @@ class StageRun:
                 else:
                     await emit(env, send)
                 continue
+            if keyed and type(item) is _KeyFailed:
+                env.item = item.item
+                c.items_in += 1
+                c.inflight += 1
+                await self._on_failure(env, item.error, 1, send)
+                continue
 
-            c.items_in += 1
-            c.inflight += 1
+            w = len(item) if batched else 1  # a batch counts as its items
+            c.items_in += w
+            c.inflight += w
             t0 = now()
             c.waits.observe(t0 - env.t)
             c.busy_workers += 1
@@ -372,9 +453,9 @@ class StageRun:
                 c.busy_time += d
                 c.durations.observe(d)
                 if isinstance(exc, _GaveUp):
-                    await self._on_failure(env, exc.error, exc.attempts, send)
+                    await self._on_failure(env, exc.error, exc.attempts, send, w)
                 else:
-                    await self._on_failure(env, exc, 1, send)
+                    await self._on_failure(env, exc, 1, send, w)
                 continue
             d = now() - t0
             c.busy_workers -= 1
@@ -382,7 +463,7 @@ class StageRun:
             c.durations.observe(d)
 
             if not multi:
-                c.ok += 1
+                c.ok += w
                 c.items_out += 1
                 env.item = result
                 if ordered:
@@ -392,13 +473,13 @@ class StageRun:
             else:
                 n = len(result)
                 if n == 0:
-                    c.filtered += 1
+                    c.filtered += w
                     if env.ack is not None:
                         env.ack.done()
                     if ordered:
                         await self._deposit(env.seq, [], send)
                 else:
-                    c.ok += 1
+                    c.ok += w
                     c.items_out += n
                     ack = env.ack
                     if ack is not None and n > 1:
@@ -411,7 +492,249 @@ class StageRun:
                     else:
                         for e in envs:
                             await emit(e, send)
-            c.inflight -= 1
+            c.inflight -= w
+
+    async def _receive_or_retire(self, recv: trio.MemoryReceiveChannel[Env]) -> Env | None:
+        """Autoscaled stages: wait for an item; after a long idle spell, retire (None)."""
+        c = self.c
+        while True:
+            with trio.move_on_after(_IDLE_RETIRE):
+                return await recv.receive()
+            if c.workers > self.opts.min_workers:
+                self.run.log.info(
+                    "workers_scaled",
+                    stage=self.name,
+                    old=c.workers,
+                    new=c.workers - 1,
+                    reason=f"worker idle for {_IDLE_RETIRE:g}s",
+                )
+                return None
+
+    def _load(self) -> float:
+        """How full the input queue is, 0..1; 1 when senders are waiting on it."""
+        if self.recv is None:
+            return 0.0
+        st = self.recv.statistics()
+        if st.tasks_waiting_send:
+            return 1.0
+        cap = self.opts.buffer_size
+        return st.current_buffer_used / cap if cap else 0.0
+
+    async def _supervise(
+        self, nursery: trio.Nursery, recv: trio.MemoryReceiveChannel[Env], send: Any
+    ) -> None:
+        """Autoscaling: grow at the high watermark, shrink at the low one after a
+        cool-down (hysteresis), never below min or above max; every decision logged."""
+        c = self.c
+        opts = self.opts
+        now = self.run.now
+        last_change = now()
+        with recv, send if send is not None else contextlib.nullcontext():
+            while True:
+                with trio.move_on_after(_SCALE_INTERVAL):
+                    await self._workers_gone.wait()
+                if self._workers_gone.is_set():
+                    return
+                load = self._load()
+                n = c.workers - self._retire
+                if load >= _GROW_AT and n < opts.max_workers:
+                    add = min(opts.max_workers - n, max(1, n // 2))
+                    for _ in range(add):
+                        nursery.start_soon(
+                            self.worker,
+                            recv.clone(),
+                            send.clone() if send is not None else None,
+                            name=f"pipeflow:{self.run.pipeline}:{self.name}",
+                        )
+                    self.run.log.info(
+                        "workers_scaled",
+                        stage=self.name,
+                        old=n,
+                        new=n + add,
+                        reason=f"queue {load:.0%} full",
+                    )
+                    last_change = now()
+                elif (
+                    load <= _SHRINK_AT
+                    and n > opts.min_workers
+                    and now() - last_change >= _SHRINK_COOLDOWN
+                    and c.busy_workers < n
+                ):
+                    self._retire += 1
+                    self.run.log.info(
+                        "workers_scaled",
+                        stage=self.name,
+                        old=n,
+                        new=n - 1,
+                        reason=f"queue {load:.0%} full",
+                    )
+                    last_change = now()
+
+    async def _batcher(
+        self, recv: trio.MemoryReceiveChannel[Env], send: trio.MemorySendChannel[Env]
+    ) -> None:
+        """``batch=N, batch_timeout=T``: lists of up to N items, a partial one flushed T
+        seconds after its first item arrived, or at the end of the stream."""
+        size = self.opts.batch
+        assert size is not None
+        timeout = self.opts.batch_timeout
+        now = self.run.now
+        seq = 0
+        buf: list[Env] = []
+        deadline = math.inf
+
+        async def flush() -> None:
+            nonlocal seq, buf, deadline
+            acks: list[Ack] = [e.ack for e in buf if e.ack is not None]
+            batch = Env([e.item for e in buf], seq, buf[0].t, _BatchAck(acks) if acks else None)
+            seq += 1
+            buf = []
+            deadline = math.inf
+            await send.send(batch)
+
+        with recv, send:
+            while True:
+                try:
+                    if buf and timeout is not None:
+                        got: Env | None = None
+                        with trio.move_on_at(deadline):
+                            got = await recv.receive()
+                        if got is None:
+                            await flush()
+                            continue
+                        env = got
+                    else:
+                        env = await recv.receive()
+                except trio.EndOfChannel:
+                    break
+                if type(env.item) is Failed:
+                    env.seq = seq
+                    seq += 1
+                    await send.send(env)
+                    continue
+                if not buf and timeout is not None:
+                    deadline = now() + timeout
+                buf.append(env)
+                if len(buf) >= size:
+                    await flush()
+            if buf:
+                await flush()
+
+    async def _dispatch(
+        self,
+        recv: trio.MemoryReceiveChannel[Env],
+        sends: list[trio.MemorySendChannel[Env]],
+    ) -> None:
+        """``key=``: route each item to worker ``stable_hash(key) % N``, so one key is
+        handled by one worker, one item at a time, in input order."""
+        key = self.opts.key
+        assert key is not None
+        n = len(sends)
+        window = self._window
+        with recv, contextlib.ExitStack() as stack:
+            for s in sends:
+                stack.enter_context(s)
+            while True:
+                if window is not None:
+                    try:
+                        window.acquire_nowait()
+                    except trio.WouldBlock:
+                        await window.acquire()
+                try:
+                    env = await recv.receive()
+                except trio.EndOfChannel:
+                    break
+                item = env.item
+                if type(item) is Failed:
+                    index = env.seq % n
+                else:
+                    try:
+                        index = stable_hash(key(item)) % n
+                    except Exception as exc:
+                        env.item = _KeyFailed(item, exc)
+                        index = env.seq % n
+                out = sends[index]
+                try:
+                    out.send_nowait(env)
+                except trio.WouldBlock:
+                    await out.send(env)
+
+    def launch(
+        self,
+        nursery: trio.Nursery,
+        recv: trio.MemoryReceiveChannel[Env],
+        send: trio.MemorySendChannel[Any] | None,
+    ) -> None:
+        """Start this stage's tasks; takes ownership of ``recv`` and ``send``."""
+        self.recv = recv
+        if self.process_pool is None:
+            self._launch(nursery, recv, send)
+        else:
+            nursery.start_soon(
+                self._launch_with_processes,
+                nursery,
+                recv,
+                send,
+                name=f"pipeflow:{self.run.pipeline}:{self.name}:processes",
+            )
+
+    async def _launch_with_processes(
+        self,
+        nursery: trio.Nursery,
+        recv: trio.MemoryReceiveChannel[Env],
+        send: trio.MemorySendChannel[Any] | None,
+    ) -> None:
+        """Process stages: the worker processes live exactly as long as the workers."""
+        with recv, send if send is not None else contextlib.nullcontext():
+            async with self.process_pool.open():
+                self._launch(nursery, recv.clone(), send.clone() if send is not None else None)
+                await self._workers_gone.wait()
+
+    def _launch(
+        self,
+        nursery: trio.Nursery,
+        recv: trio.MemoryReceiveChannel[Env],
+        send: trio.MemorySendChannel[Any] | None,
+    ) -> None:
+        name = f"pipeflow:{self.run.pipeline}:{self.name}"
+        opts = self.opts
+        if opts.batch is not None:
+            batch_send, batch_recv = trio.open_memory_channel[Env](0)
+            nursery.start_soon(self._batcher, recv, batch_send, name=f"{name}:batcher")
+            recv = batch_recv
+        with send if send is not None else contextlib.nullcontext():
+            if opts.key is not None:
+                per_worker = max(1, math.ceil(opts.buffer_size / opts.max_workers))
+                channels = [
+                    trio.open_memory_channel[Env](per_worker) for _ in range(opts.max_workers)
+                ]
+                nursery.start_soon(
+                    self._dispatch, recv, [s for s, _ in channels], name=f"{name}:router"
+                )
+                for _, worker_recv in channels:
+                    nursery.start_soon(
+                        self.worker,
+                        worker_recv,
+                        send.clone() if send is not None else None,
+                        name=name,
+                    )
+                return
+            with recv:
+                for _ in range(opts.min_workers):
+                    nursery.start_soon(
+                        self.worker,
+                        recv.clone(),
+                        send.clone() if send is not None else None,
+                        name=name,
+                    )
+                if opts.autoscale:
+                    nursery.start_soon(
+                        self._supervise,
+                        nursery,
+                        recv.clone(),
+                        send.clone() if send is not None else None,
+                        name=f"{name}:autoscale",
+                    )
 
     async def _call_with_policies(self, item: Any, res: Any) -> Any:
         """One item through rate limit, breaker, timeout and retries."""
@@ -435,7 +758,9 @@ class StageRun:
                 else:
                     with trio.move_on_after(timeout) as scope:
                         result = await call(item, res)
-                    if scope.cancelled_caught:
+                    # cancel_called, not cancelled_caught: a worker thread cannot be
+                    # interrupted, so its call returns normally after the deadline.
+                    if scope.cancel_called:
                         raise TimeoutError(f"stage {self.name!r} timed out after {timeout:g}s")
             except Exception as exc:
                 if breaker is not None and not isinstance(exc, CircuitOpen):
@@ -467,9 +792,11 @@ class StageRun:
                 breaker.record(True, probe)
             return result
 
-    async def _on_failure(self, env: Env, error: Exception, attempts: int, send: Any) -> None:
+    async def _on_failure(
+        self, env: Env, error: Exception, attempts: int, send: Any, weight: int = 1
+    ) -> None:
         c = self.c
-        c.failed += 1
+        c.failed += weight
         item = env.item
         policy = self.opts.errors
         failed = Failed(item, error, self.name, attempts=attempts)
@@ -493,7 +820,7 @@ class StageRun:
             err = StageError(self.name, item, error, attempts=attempts)
             self.run.fail(err)
             raise err
-        c.inflight -= 1
+        c.inflight -= weight
         if policy == "embed":
             env.item = failed
             if self.ordered:
@@ -615,7 +942,6 @@ class Run:
         first_send, recv = trio.open_memory_channel[Env](self.stages[0].opts.buffer_size)
         self.entry = first_send
         for i, sr in enumerate(self.stages):
-            sr.recv = recv
             send: trio.MemorySendChannel[Any] | None
             if i + 1 < len(self.stages):
                 send, next_recv = trio.open_memory_channel[Env](self.stages[i + 1].opts.buffer_size)
@@ -624,14 +950,7 @@ class Run:
                 self.out_recv = next_recv
             else:
                 send, next_recv = None, None
-            with recv, send if send is not None else contextlib.nullcontext():
-                for _ in range(sr.opts.min_workers):
-                    nursery.start_soon(
-                        sr.worker,
-                        recv.clone(),
-                        send.clone() if send is not None else None,
-                        name=f"pipeflow:{self.pipeline}:{sr.name}",
-                    )
+            sr.launch(nursery, recv, send)
             recv = next_recv  # type: ignore[assignment]
 
     def stop_input(self, grace: float | None) -> None:

@@ -1,0 +1,401 @@
+"""Flow control: entry backpressure (block / reject / drop), rate limits, batching,
+keyed routing, autoscaling, process workers and per-worker resources."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import random
+
+import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from pipeflow import Pipeline, PipelineFull, StageError, stage
+from pipeflow.testing import assert_nothing_left_running
+
+from . import cpu_work
+
+# -- Pipeline.open(): the three entry strategies ------------------------------------------
+
+
+def gated_pipeline(gate: trio.Event, seen: list[int]) -> Pipeline[int, int]:
+    @stage(workers=1, buffer=2)
+    async def held(x):
+        await gate.wait()
+        seen.append(x)
+        return x
+
+    return Pipeline(held)
+
+
+async def test_open_send_blocks_while_full():
+    """Block: send waits while the worker is busy and the buffer full."""
+    gate, seen = trio.Event(), []
+    async with gated_pipeline(gate, seen).open() as flow:
+        for i in range(3):  # 1 in the worker, 2 in the buffer
+            await flow.send(i)
+        with trio.move_on_after(0.05) as scope:
+            await flow.send(3)
+        assert scope.cancelled_caught
+        gate.set()
+        await flow.send(3)
+    assert [0, 1, 2, 3] == seen
+    assert flow.result is not None
+    assert 4 == flow.result.stats["held"].items_out
+
+
+async def test_open_send_nowait_rejects_when_full():
+    """Reject: send_nowait raises PipelineFull at once (an HTTP 429)."""
+    gate, seen = trio.Event(), []
+    async with gated_pipeline(gate, seen).open() as flow:
+        flow.send_nowait(0)
+        await trio.testing.wait_all_tasks_blocked()  # the worker takes item 0
+        flow.send_nowait(1)
+        flow.send_nowait(2)
+        with pytest.raises(PipelineFull, match="stage 'held' has 2 queued items"):
+            flow.send_nowait(3)
+        gate.set()
+    assert [0, 1, 2] == seen
+
+
+async def test_open_offer_drops_and_counts():
+    """Drop: offer returns False when full and the drop is counted; nothing is lost
+    silently: items_in = ok + dropped."""
+    gate, seen = trio.Event(), []
+    async with gated_pipeline(gate, seen).open() as flow:
+        assert flow.offer(0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [True, True, False, False] == [flow.offer(i) for i in range(1, 5)]
+        gate.set()
+    stats = flow.result.stats["held"]
+    assert (5, 3, 2) == (stats.items_in, stats.ok, stats.dropped)
+    assert [0, 1, 2] == seen
+
+
+async def test_open_leaving_waits_for_every_accepted_item(autojump_clock):
+    """Leaving the block ends the input and waits until accepted items have left."""
+
+    @stage(workers=2)
+    async def slow(x):
+        await trio.sleep(1)
+        return x
+
+    async with Pipeline(slow).open() as flow:
+        for i in range(4):
+            await flow.send(i)
+    assert 2.0 == trio.current_time()
+    assert 4 == flow.result.stats["slow"].items_out
+    assert_nothing_left_running()
+
+
+async def test_open_with_outputs_delivers_them_with_backpressure():
+    """outputs=True: the caller reads outputs as they come, in another task."""
+
+    @stage(workers=2)
+    async def square(x):
+        return x * x
+
+    got = []
+    async with Pipeline(square).open(outputs=True) as flow, trio.open_nursery() as nursery:
+
+        async def read():
+            async for out in flow.outputs:
+                got.append(out)
+
+        nursery.start_soon(read)
+        for i in range(10):
+            await flow.send(i)
+        flow.close()
+    assert sorted(i * i for i in range(10)) == sorted(got)
+
+
+# -- rate= ---------------------------------------------------------------------------------
+
+
+async def test_rate_limit_is_shared_by_all_workers(autojump_clock):
+    """rate=50 with 64 workers (the seed's scraper): 50 calls per second, no more."""
+    starts = []
+
+    @stage(workers=64, rate=50)
+    async def fetch(x):
+        starts.append(trio.current_time())
+        await trio.sleep(0.5)
+        return x
+
+    await Pipeline(fetch).arun(range(100))
+    assert [i * 0.02 for i in range(100)] == pytest.approx(starts)
+
+
+async def test_rate_limit_allows_a_burst(autojump_clock):
+    """burst=5: five calls at once, then one every 1/rate seconds."""
+    starts = []
+
+    @stage(workers=10, rate=10, burst=5)
+    async def call(x):
+        starts.append(trio.current_time())
+        return x
+
+    await Pipeline(call).arun(range(8))
+    assert [0, 0, 0, 0, 0, 0.1, 0.2, 0.3] == pytest.approx(starts)
+
+
+# -- batch= --------------------------------------------------------------------------------
+
+
+async def test_batches_flush_when_full_after_timeout_and_at_end(autojump_clock):
+    """Lists of up to N items; a partial batch leaves T seconds after its first item
+    arrived, and the last one at the end of the stream."""
+    seen = []
+
+    @stage(batch=3, batch_timeout=0.5)
+    async def write(rows):
+        seen.append((trio.current_time(), rows))
+        return len(rows)
+
+    async def source():
+        for i in range(4):  # a full batch at t=0, item 3 waits
+            yield i
+        await trio.sleep(2)
+        yield 4  # a new batch starts at t=2 ...
+        await trio.sleep(0.2)
+        yield 5  # ... and is flushed by its timeout at t=2.5
+        await trio.sleep(1)
+        yield 6  # the end of the stream flushes the last one at once
+
+    result = await Pipeline(write).arun(source())
+    assert [(0, [0, 1, 2]), (0.5, [3]), (2.5, [4, 5]), (3.2, [6])] == seen
+    stats = result.stats["write"]
+    assert (7, 7, 4) == (stats.items_in, stats.ok, stats.items_out)
+    assert [3, 1, 2, 1] == result.outputs
+
+
+async def test_seed_batch_writer_1000_rows_or_100ms(autojump_clock):
+    """The seed's batch DB writer: 1000 rows or 100 ms, whichever first, 8 writers."""
+    batches = []
+
+    @stage(workers=8, batch=1000, batch_timeout=0.1)
+    async def insert(rows):
+        batches.append((trio.current_time(), len(rows)))
+        await trio.sleep(0.01)
+
+    async def events():
+        for i in range(2500):
+            yield i
+        await trio.sleep(1)
+
+    await Pipeline(insert).arun(events())
+    assert [(0, 1000), (0, 1000), (0.1, 500)] == batches
+
+
+async def test_a_failed_batch_counts_its_items(autojump_clock):
+    """A failing batch fails all its items: conservation holds in items."""
+
+    @stage(batch=2, errors="collect")
+    async def write(rows):
+        if 3 in rows:
+            raise ValueError("bad row")
+        return rows
+
+    result = await Pipeline(write).arun(range(5))
+    stats = result.stats["write"]
+    assert (5, 3, 2) == (stats.items_in, stats.ok, stats.failed)
+    assert [[2, 3]] == [e.item for e in result.errors]
+
+
+# -- key= ----------------------------------------------------------------------------------
+
+
+async def test_keyed_stage_one_at_a_time_per_key_in_order(autojump_clock):
+    """Same key: same worker, one at a time, input order; keys run in parallel."""
+    rng = random.Random(7)
+    delays = {i: rng.choice([0.1, 0.5, 1, 2]) for i in range(60)}
+    active: dict[str, int] = {}
+    order: dict[str, list[int]] = {}
+    workers_of: dict[str, set[int]] = {}
+    peak = 0
+
+    @stage(workers=4, key=lambda item: item[0])
+    async def handle(item):
+        nonlocal peak
+        user, i = item
+        active[user] = active.get(user, 0) + 1
+        assert 1 == active[user]
+        peak = max(peak, sum(active.values()))
+        order.setdefault(user, []).append(i)
+        workers_of.setdefault(user, set()).add(id(trio.lowlevel.current_task()))
+        await trio.sleep(delays[i])
+        active[user] -= 1
+        return item
+
+    items = [(f"user{rng.randrange(6)}", i) for i in range(60)]
+    result = await Pipeline(handle).arun(items)
+    assert sorted(items) == sorted(result.outputs)
+    for user, seen in order.items():
+        assert [i for u, i in items if u == user] == seen
+        assert 1 == len(workers_of[user])
+    assert peak > 1
+
+
+def test_routing_hash_is_stable_across_processes():
+    """Routing does not use Python's per-process randomised hash(): two interpreters
+    with different hash seeds route the same keys the same way."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from pipeflow._runner import stable_hash; print([stable_hash(k) for k in ['user-42', ('a', 1), 7, b'x']])"
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert 1 == len(outputs)
+
+
+async def test_key_function_errors_fail_the_item_by_policy():
+    """A key function that raises fails that item under the stage's policy."""
+
+    @stage(workers=2, key=lambda x: 10 // x, errors="collect")
+    async def invert(x):
+        return x
+
+    result = await Pipeline(invert).arun([1, 0, 2])
+    assert [1, 2] == sorted(result.outputs)
+    assert [0] == [e.item for e in result.errors]
+    assert isinstance(result.errors[0].__cause__, ZeroDivisionError)
+
+
+async def test_keyed_stage_can_also_be_ordered(autojump_clock):
+    """ordered=True with key=: per-key order and global input order."""
+
+    @stage(workers=3, key=lambda x: x % 3, ordered=True)
+    async def work(x):
+        await trio.sleep((7 * x) % 5)
+        return x
+
+    assert list(range(40)) == (await Pipeline(work).arun(range(40))).outputs
+
+
+# -- workers=(min, max) --------------------------------------------------------------------
+
+
+async def test_autoscaling_grows_under_load_and_shrinks_when_idle(autojump_clock):
+    """Grows by half at the high watermark, never above max; retires idle workers,
+    never below min; every decision is logged."""
+    gate = trio.Event()
+    sizes = []
+
+    @stage(workers=(2, 8), buffer=8)
+    async def work(x):
+        await gate.wait()
+        return x
+
+    async def keep_full(flow):
+        for i in range(100):  # more than the pool can hold: the sender waits
+            await flow.send(i)
+
+    with capture_logs() as logs:
+        async with Pipeline(work).open() as flow:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_full, flow)
+                await trio.sleep(0.5)
+                for _ in range(5):  # decisions at t=1, 2, 3, 4, 5
+                    await trio.sleep(1)
+                    sizes.append(flow.stats()["work"].workers)
+                gate.set()
+            await trio.sleep(40)  # idle: extra workers retire
+            sizes.append(flow.stats()["work"].workers)
+    assert [3, 4, 6, 8, 8, 2] == sizes
+    scaled = [e for e in logs if e["event"] == "workers_scaled"]
+    assert (2, 3) == (scaled[0]["old"], scaled[0]["new"])
+    assert "queue 100% full" == scaled[0]["reason"]
+    assert min(e["new"] for e in scaled) == 2
+
+
+def test_key_with_autoscaling_is_refused():
+    """key= needs a fixed pool."""
+    with pytest.raises(ValueError, match="key= needs a fixed number of workers"):
+        stage(workers=(1, 4), key=str)(cpu_work.sum_squares)
+
+
+# -- run_in="process" ----------------------------------------------------------------------
+
+
+async def test_process_stage_runs_in_worker_processes_and_leaves_none():
+    """CPU-bound functions run in other processes; none is left after the run."""
+    import os
+
+    square_sums = stage(run_in="process", workers=2)(cpu_work.sum_squares)
+    pids = stage(run_in="process", workers=2, name="pids")(cpu_work.worker_pid)
+    result = await Pipeline(square_sums | pids).arun([10, 20, 30])
+    assert os.getpid() not in result.outputs
+    assert [] == multiprocessing.active_children()
+
+
+async def test_a_dying_worker_process_fails_its_item_and_the_stage_goes_on():
+    """A worker process that dies fails that item with a clear error; a new process
+    takes the next items."""
+    doubler = stage(run_in="process", workers=1, errors="collect")(cpu_work.die_on_negative)
+    result = await Pipeline(doubler).arun([1, -1, 2, 3])
+    assert [2, 4, 6] == sorted(result.outputs)
+    (error,) = result.errors
+    assert -1 == error.item
+    assert "died unexpectedly" in str(error)
+    assert [] == multiprocessing.active_children()
+
+
+def test_process_stage_must_pickle_when_the_pipeline_is_built():
+    """A lambda or closure cannot cross a process boundary: refused at Pipeline()."""
+    with pytest.raises(TypeError, match="run_in='process' needs a function that pickles"):
+        Pipeline(stage(run_in="process")(lambda x: x))
+
+
+# -- resource= -----------------------------------------------------------------------------
+
+
+async def test_each_worker_opens_its_resource_once(autojump_clock):
+    """Per-worker resources: opened once per worker, used for all its items, closed on
+    every exit path (here: a timeout cancels the run)."""
+    events = []
+
+    @contextlib.asynccontextmanager
+    async def client():
+        events.append("open")
+        try:
+            yield len(events)
+        finally:
+            events.append("close")
+
+    @stage(workers=3, resource=client)
+    async def call(x, conn):
+        await trio.sleep(1)
+        return conn
+
+    result = await Pipeline(call).arun(range(9))
+    assert 3 == len(set(result.outputs))
+    assert 3 == events.count("open") == events.count("close")
+
+    events.clear()
+    with trio.move_on_after(1.5):
+        await Pipeline(call).arun(range(100))
+    assert ["open"] * 3 + ["close"] * 3 == events
+
+
+def test_fail_fast_timeout_in_thread_stage_reports_timeout():
+    """A thread cannot be interrupted: the stage waits for it, then reports the timeout."""
+    import time
+
+    @stage(timeout=0.05)
+    def sleepy(x):
+        time.sleep(0.2)
+        return x
+
+    with pytest.raises(StageError, match=r"timed out after 0\.05s"):
+        Pipeline(sleepy).run([1])

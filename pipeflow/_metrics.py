@@ -382,7 +382,9 @@ def metrics_service(pipeline: Pipeline[Any, Any], port: int) -> Callable[..., Aw
             f"pipeline {pipeline.name!r}: metrics_port= must be an int from 0 to 65535 "
             f"(0 picks a free port), got {port!r}"
         )
-        raise (ValueError if isinstance(port, int) else TypeError)(msg)
+        raise (TypeError if isinstance(port, bool) or not isinstance(port, int) else ValueError)(
+            msg
+        )
     registry = pipeline.registry
     if registry is None:
         registry = CollectorRegistry()

@@ -203,8 +203,10 @@ class Pipeline(Generic[In, Out]):
     >>> result = Pipeline(double | keep_even).run(range(10))   # doctest: +SKIP
 
     ``name`` labels logs and metrics; ``dead_letter`` is the default dead-letter sink of
-    stages that set none; ``registry`` is a ``prometheus_client.CollectorRegistry`` to
-    publish metrics in.
+    stages that set none; ``max_failures`` is an error budget for the whole run (items
+    failed under ``collect``/``skip`` in any stage; one more stops the run with
+    :class:`TooManyFailures`); ``registry`` is a ``prometheus_client.CollectorRegistry``
+    to publish metrics in.
     """
 
     @overload
@@ -215,6 +217,7 @@ class Pipeline(Generic[In, Out]):
         name: str | None = None,
         registry: Any = None,
         dead_letter: Any = None,
+        max_failures: int | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -224,6 +227,7 @@ class Pipeline(Generic[In, Out]):
         name: str | None = None,
         registry: Any = None,
         dead_letter: Any = None,
+        max_failures: int | None = None,
     ) -> None: ...
     def __init__(
         self,
@@ -232,6 +236,7 @@ class Pipeline(Generic[In, Out]):
         name: str | None = None,
         registry: Any = None,
         dead_letter: Any = None,
+        max_failures: int | None = None,
     ) -> None:
         if isinstance(stages, Stage):
             chain: tuple[Stage[Any, Any], ...] = (stages,)
@@ -264,6 +269,12 @@ class Pipeline(Generic[In, Out]):
         ):
             msg = f"Pipeline dead_letter= must be a callable or a Stage, got {dead_letter!r}"
             raise TypeError(msg)
+        if max_failures is not None and (
+            not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 0
+        ):
+            msg = f"Pipeline max_failures= must be an int >= 0, got {max_failures!r}"
+            raise ValueError(msg)
+        self.max_failures = max_failures
         self.stages = chain
         self.dead_letter = dead_letter
         self._live: list[Run] = []
@@ -285,6 +296,7 @@ class Pipeline(Generic[In, Out]):
             outlet=outlet,
             dead_letter=self.dead_letter,
             outlet_buffer=outlet_buffer,
+            max_failures=self.max_failures,
         )
 
     @contextlib.asynccontextmanager

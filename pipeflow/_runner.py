@@ -832,11 +832,28 @@ class StageRun:
             self.run.errors.append(StageError(self.name, item, error, attempts=attempts))
         if env.ack is not None:
             env.ack.done()
-        self._check_budget(item, error, attempts)
+        self._check_budget(item, error, attempts, weight)
         if self.ordered:
             await self._deposit(env.seq, [], send)
 
-    def _check_budget(self, item: Any, error: Exception, attempts: int) -> None:
+    def _check_budget(self, item: Any, error: Exception, attempts: int, weight: int) -> None:
+        run = self.run
+        run.failures += weight
+        if run.max_failures is not None and run.failures > run.max_failures:
+            err = TooManyFailures(self.name, item, error, attempts=attempts)
+            err.add_note(
+                f"pipeline {run.pipeline!r}: {run.failures} items failed, over its error "
+                f"budget max_failures={run.max_failures!r}"
+            )
+            run.log.error(
+                "error_budget_exceeded",
+                stage=self.name,
+                failed=run.failures,
+                max_failures=run.max_failures,
+                scope="pipeline",
+            )
+            run.fail(err)
+            raise err
         limit = self.opts.max_failures
         if limit is None:
             return
@@ -858,6 +875,7 @@ class StageRun:
                 failed=c.failed,
                 items_in=c.items_in,
                 max_failures=limit,
+                scope="stage",
             )
             self.run.fail(err)
             raise err
@@ -893,8 +911,11 @@ class Run:
         outlet: Outlet,
         dead_letter: Any = None,
         outlet_buffer: int = 0,
+        max_failures: int | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.max_failures = max_failures
+        self.failures = 0  # items failed under collect / skip, for the pipeline's budget
         self.outlet: Outlet = outlet
         self.dead_letter = dead_letter
         self.log = get_logger(pipeline=pipeline)

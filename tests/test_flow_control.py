@@ -399,3 +399,28 @@ def test_fail_fast_timeout_in_thread_stage_reports_timeout():
 
     with pytest.raises(StageError, match=r"timed out after 0\.05s"):
         Pipeline(sleepy).run([1])
+
+
+def test_pipeline_error_budget_counts_failures_in_every_stage():
+    """Pipeline(max_failures=N): one failure more than N, in any stage, stops the run."""
+    from pipeflow import TooManyFailures
+
+    @stage(errors="skip")
+    async def odd_fails(x):
+        if x % 2:
+            raise ValueError(x)
+        return x
+
+    @stage(errors="collect")
+    async def fours_fail(x):
+        if x % 4 == 0:
+            raise ValueError(x)
+        return x
+
+    result = Pipeline(odd_fails | fours_fail, max_failures=10).run(range(10))
+    assert [2, 6] == sorted(result.outputs)  # 5 odd + 3 multiples of 4 = 8 failures
+    with pytest.raises(TooManyFailures) as info:
+        Pipeline(odd_fails | fours_fail, max_failures=7).run(range(10))
+    assert "over its error budget max_failures=7" in "".join(info.value.__notes__)
+    with pytest.raises(ValueError, match="max_failures= must be an int >= 0"):
+        Pipeline(odd_fails, max_failures=-1)

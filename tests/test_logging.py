@@ -276,6 +276,6 @@ async def test_a_run_that_cannot_start_logs_no_bogus_run_finished():
         await taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with capture_logs() as logs, pytest.raises(OSError):
+        with capture_logs() as logs, pytest.raises(OSError, match="cannot serve metrics"):
             await Pipeline(odd_only, name="p").arun([1], metrics_port=port)
     assert [] == [e for e in events(logs, "run_finished") if not e["failed"]]

@@ -1,0 +1,106 @@
+"""Metrics cost: pipeflow with Prometheus metrics on vs off, on the overhead workload.
+
+3 identity stages x 4 workers, 200,000 ints, outputs not collected (the overhead
+workload, where handoffs are all the work, so any per-item cost would show). "On" is a
+pipeline with ``registry=CollectorRegistry()`` run with ``metrics_port=0`` (the HTTP
+endpoint listening for the whole run); "off" is the same chain with neither. Both run in
+one process, in alternating rounds. Target: on >= 0.9 of off. Also reported: the time
+one scrape of the endpoint's registry takes.
+
+    python benchmarks/bench_metrics.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from benchmarks._common import Row, bench_main, interleaved, median, progress, rate_row
+from pipeflow import Pipeline, stage
+
+STAGES = 3
+WORKERS = 4
+TARGET = 0.9
+
+
+async def identity(x: int) -> int:
+    return x
+
+
+def make_pipeline(name: str, registry: CollectorRegistry | None = None) -> Pipeline[int, int]:
+    parts = [stage(workers=WORKERS, name=f"identity_{i + 1}")(identity) for i in range(STAGES)]
+    return Pipeline(functools.reduce(operator.or_, parts), name=name, registry=registry)
+
+
+def measure(n: int = 200_000, rounds: int = 5) -> list[Row]:
+    """Time the pipeline with metrics on and off over ``range(n)``, ``rounds`` times
+    each, interleaved; one row with the medians and their ratio."""
+    registry = CollectorRegistry()
+    on = make_pipeline("metrics_on", registry)
+    off = make_pipeline("metrics_off")
+
+    def run_on() -> None:
+        result = on.run(range(n), collect=False, metrics_port=0)
+        assert result.stats[f"identity_{STAGES}"].items_out == n
+
+    def run_off() -> None:
+        result = off.run(range(n), collect=False)
+        assert result.stats[f"identity_{STAGES}"].items_out == n
+
+    small = max(1, n // 20)  # warm up: first-call costs are not per item
+    on.run(range(small), collect=False, metrics_port=0)
+    off.run(range(small), collect=False)
+
+    progress(f"metrics: {rounds} rounds x {n:,} items, metrics on and off interleaved")
+    times = interleaved({"on": run_on, "off": run_off}, rounds)
+
+    # What one scrape costs (it runs in the event loop when served by metrics_port).
+    scrapes = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        body = generate_latest(registry)
+        scrapes.append(time.perf_counter() - t0)
+    ok = registry.get_sample_value(
+        "pipeflow_stage_items_total",
+        {"pipeline": "metrics_on", "stage": f"identity_{STAGES}", "outcome": "ok"},
+    )
+    assert ok == n * rounds + small  # every round, and the warm-up
+
+    return [
+        rate_row(
+            "metrics",
+            f"metrics on vs off: {STAGES} identity stages x {WORKERS} workers, {n:,} items",
+            n,
+            times["on"],
+            times["off"],
+            target=(">=", TARGET),
+            baseline_label="metrics off",
+            detail={
+                "stages": STAGES,
+                "workers": WORKERS,
+                "rounds": rounds,
+                "scrape_ms_median": median(scrapes) * 1000,
+                "scrape_bytes": len(body),
+            },
+        )
+    ]
+
+
+#: Arguments of a short smoke run (``--quick``).
+QUICK = {"n": 20_000, "rounds": 2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(__doc__, measure, QUICK, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""What every benchmark shares: the hand-written baseline, interleaved timing, the result
+rows, the table and the JSON report.
+
+Machines that run benchmarks are shared and noisy, so no figure here is an absolute
+claim: each benchmark times pipeflow and its hand-written twin in alternating rounds of
+the same process and reports the median of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import pipeflow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Work = Callable[[Any], Awaitable[Any]]
+
+
+# -- the hand-written baseline ---------------------------------------------------------------
+
+
+async def handwritten(source: Any, fn: Work, *, stages: int, workers: int, buffer: int) -> None:
+    """The pipeline a careful Trio programmer writes by hand, in pipeflow's shape.
+
+    One memory channel per edge (``buffer`` slots each, pipeflow's default being one per
+    worker), ``workers`` tasks per stage each holding its own ``clone()`` of both
+    channels inside ``async with`` (the trio docs' channels-mpmc-fixed pattern), the last
+    stage's workers dropping their results, and a producer feeding ``source`` into the
+    first channel.
+    """
+
+    async def producer(send: trio.MemorySendChannel[Any]) -> None:
+        async with send:
+            for x in source:
+                await send.send(x)
+
+    async def worker(
+        recv: trio.MemoryReceiveChannel[Any], send: trio.MemorySendChannel[Any]
+    ) -> None:
+        async with recv, send:
+            async for x in recv:
+                await send.send(await fn(x))
+
+    async def last_worker(recv: trio.MemoryReceiveChannel[Any]) -> None:
+        async with recv:
+            async for x in recv:
+                await fn(x)
+
+    async with trio.open_nursery() as nursery:
+        send, recv = trio.open_memory_channel[Any](buffer)
+        nursery.start_soon(producer, send)
+        for i in range(stages):
+            if i + 1 < stages:
+                next_send, next_recv = trio.open_memory_channel[Any](buffer)
+                async with recv, next_send:
+                    for _ in range(workers):
+                        nursery.start_soon(worker, recv.clone(), next_send.clone())
+                recv = next_recv
+            else:
+                async with recv:
+                    for _ in range(workers):
+                        nursery.start_soon(last_worker, recv.clone())
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Time each case ``rounds`` times, alternating between cases (and flipping the
+    order every round) so that a noisy neighbour hurts every case alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else reversed(order):
+            times[name].append(timed(cases[name]))
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report.
+
+    ``pipeflow`` and ``baseline`` are the two figures compared (items/s, MB, ...), with
+    ``baseline_label`` saying what the baseline is when it is not the hand-written
+    pipeline. ``ratio`` is ``pipeflow / baseline`` for rates, and for the memory row the
+    growth in MB. ``target`` is a comparison such as ``(">=", 0.8)``; None means the row
+    is information, not a check.
+    """
+
+    benchmark: str
+    workload: str
+    unit: str
+    pipeflow: float
+    baseline: float | None
+    ratio: float
+    target: tuple[str, float] | None = None
+    baseline_label: str = "hand-written"
+    #: Shown after the figures in the table, e.g. the peak RSS behind a growth.
+    pipeflow_note: str = ""
+    baseline_note: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None:
+            return None
+        op, value = self.target
+        return self.ratio >= value if op == ">=" else self.ratio <= value
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+
+def rate_row(
+    benchmark: str,
+    workload: str,
+    items: int,
+    pipeflow_times: Sequence[float],
+    baseline_times: Sequence[float],
+    *,
+    target: tuple[str, float] | None,
+    baseline_label: str = "hand-written",
+    detail: dict[str, Any] | None = None,
+) -> Row:
+    """A throughput comparison from the rounds' wall times (median of each side)."""
+    pf = items / median(pipeflow_times)
+    base = items / median(baseline_times)
+    info = {
+        "items": items,
+        "pipeflow_seconds": list(pipeflow_times),
+        "baseline_seconds": list(baseline_times),
+    }
+    info.update(detail or {})
+    return Row(
+        benchmark=benchmark,
+        workload=workload,
+        unit="items/s",
+        pipeflow=pf,
+        baseline=base,
+        ratio=pf / base,
+        target=target,
+        baseline_label=baseline_label,
+        detail=info,
+    )
+
+
+def _fmt(value: float | None, unit: str, note: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "items/s":
+        text = f"{value:,.0f}/s" if value >= 100 else f"{value:,.1f}/s"
+    else:
+        text = f"{value:+,.1f} {unit}"
+    return f"{text} {note}" if note else text
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The report as an aligned text table."""
+    header = ("workload", "pipeflow", "hand-written", "ratio", "target", "result")
+    lines: list[tuple[str, ...]] = [header]
+    for row in rows:
+        base = _fmt(row.baseline, row.unit, row.baseline_note)
+        if row.baseline_label != "hand-written" and row.baseline is not None:
+            base = f"{row.baseline_label}: {base}"
+        # A memory row checks its growth (the pipeflow figure); there is no ratio.
+        ratio = "-" if row.unit == "MB" else f"{row.ratio:.2f}"
+        if row.target is None:
+            target, result = "-", "info"
+        else:
+            op, value = row.target
+            target = f"{op} {value:g}" + (" MB" if row.unit == "MB" else "")
+            result = "PASS" if row.passed else "FAIL"
+        pf = _fmt(row.pipeflow, row.unit, row.pipeflow_note)
+        lines.append((row.workload, pf, base, ratio, target, result))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        cells = [
+            cell.ljust(w) if i in (0, 2) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and when the figures were measured."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "trio": trio.__version__,
+        "pipeflow": pipeflow.__version__,
+        "platform": platform.platform(),
+        # The machine is shared: other load competes for the same cores.
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+    }
+
+
+def report(
+    rows: Sequence[Row],
+    *,
+    quick: bool,
+    json_path: str | None,
+    errors: dict[str, str] | None = None,
+) -> None:
+    """Print the table (and where it was measured); write JSON if asked. ``errors``
+    maps a benchmark that could not run to its traceback."""
+    info = machine_info()
+    print(
+        f"\n{info['date']}  {info['cpu']} ({info['cores']} cores)  "
+        f"Python {info['python']}  Trio {info['trio']}  pipeflow {info['pipeflow']}  "
+        f"load {info['loadavg_1min']:.2f}"
+        + ("  [--quick: short runs, figures are indicative only]" if quick else "")
+    )
+    print(format_table(rows))
+    for name, trace in (errors or {}).items():
+        last = trace.strip().splitlines()[-1]
+        print(f"ERROR {name}: {last} (traceback on stderr)")
+    if json_path:
+        data = {
+            "machine": info,
+            "quick": quick,
+            "rows": [r.to_dict() for r in rows],
+            "errors": errors or {},
+        }
+        Path(json_path).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {json_path}")
+
+
+def progress(message: str) -> None:
+    """A line on stderr while a long benchmark runs (the table goes to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--check", action="store_true", help="exit with status 1 if a target is missed"
+    )
+    return parser.parse_args(argv)
+
+
+def exit_code(rows: Sequence[Row], *, check: bool) -> int:
+    """1 if ``check`` and a target is missed (for CI that wants a gate), else 0."""
+    return 1 if check and any(r.passed is False for r in rows) else 0
+
+
+def bench_main(
+    doc: str | None,
+    measure: Callable[..., list[Row]],
+    quick: dict[str, Any],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The command line of one benchmark: ``[--quick] [--json FILE] [--check]``."""
+    args = parse_args((doc or "").strip().splitlines()[0], argv)
+    rows = measure(**quick) if args.quick else measure()
+    report(rows, quick=args.quick, json_path=args.json)
+    return exit_code(rows, check=args.check)

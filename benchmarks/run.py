@@ -1,0 +1,67 @@
+"""Run every benchmark in one process and print one table (``--json FILE`` for a report).
+
+    python benchmarks/run.py            # the full run (a few minutes)
+    python benchmarks/run.py --quick    # a short smoke run (about half a minute)
+    python benchmarks/run.py overhead io --json results.json
+
+Each benchmark also runs on its own: ``python benchmarks/bench_overhead.py``, and so
+on. A benchmark that fails to run is reported with its traceback; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_io, bench_memory, bench_overhead, bench_process
+from benchmarks._common import Row, exit_code, progress, report
+
+BENCHMARKS: dict[str, ModuleType] = {
+    "overhead": bench_overhead,
+    "io": bench_io,
+    "memory": bench_memory,
+    "process": bench_process,
+}
+
+
+def run(names: list[str], *, quick: bool) -> tuple[list[Row], dict[str, str]]:
+    """The rows of the named benchmarks, and the traceback of each that failed."""
+    rows: list[Row] = []
+    errors: dict[str, str] = {}
+    for name in names:
+        module = BENCHMARKS[name]
+        try:
+            rows.extend(module.measure(**module.QUICK) if quick else module.measure())
+        except Exception:
+            errors[name] = traceback.format_exc()
+            progress(f"benchmark {name} failed:\n{errors[name]}")
+    return rows, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--check", action="store_true", help="exit with status 1 if a target is missed"
+    )
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    rows, errors = run(args.names or list(BENCHMARKS), quick=args.quick)
+    report(rows, quick=args.quick, json_path=args.json, errors=errors)
+    return 1 if errors else exit_code(rows, check=args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ fence: ```sh, ```text or ```pycon.
 
 from __future__ import annotations
 
+import linecache
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -95,7 +96,10 @@ def test_python_blocks_run(name: str, tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__docs__"}
     for line, block in python_blocks(DOCS / name):
-        exec(compile(block, f"docs/{name}:{line}", "exec"), namespace)
+        filename = f"docs/{name}:{line}"
+        # Lets a traceback show the failing line of the block, not "???".
+        linecache.cache[filename] = (len(block), None, block.splitlines(True), filename)
+        exec(compile(block, filename, "exec"), namespace)
 
 
 # [text](target) and ![alt](target), and reference definitions "[label]: target".
@@ -139,4 +143,4 @@ def test_relative_links_resolve(name: str) -> None:
         path = target.split("#", 1)[0].split("?", 1)[0]
         if path and not (page.parent / path).exists():
             missing.append(target)
-    assert [] == missing, f"{name} links to missing files"
+    assert [] == missing, f"{name} links to missing files: {missing}"

@@ -1,0 +1,842 @@
+"""Redis Streams: one pipeline as a fleet of processes, with nothing lost.
+
+Every process of the fleet runs the same pipeline over a :class:`RedisStreamSource` with
+the same stream and group and its own consumer name; Redis hands each entry to one of
+them. An entry is acknowledged (``XACK``) only once its item has left the pipeline —
+through the last stage, filtered out, skipped or collected as a failure, or
+dead-lettered — so a crashed process loses nothing: its entries stay pending, and
+another process reclaims them after ``claim_idle`` seconds (``XAUTOCLAIM``). Delivery is
+at-least-once; :class:`RedisStreamSink` writes each output with the id of the entry it
+came from (``source_id``) so that whoever reads the results can drop duplicates::
+
+    from pipeflow import Pipeline, stage
+    from pipeflow.connectors.redis import Entry, RedisStreamSink, RedisStreamSource
+
+    @stage(workers=16)
+    async def work(entry: Entry) -> Entry:
+        return entry.with_fields(result=await compute(entry.fields["n"]))
+
+    source = RedisStreamSource("redis://127.0.0.1:6379/0", "jobs", group="workers")
+    Pipeline(work | RedisStreamSink("redis://127.0.0.1:6379/0", "results")).run(source)
+
+The official ``redis`` client runs its blocking API in worker threads (its asyncio API
+does not run on Trio), with a ``CapacityLimiter`` of its own. Reads block for at most
+``block`` seconds at a time, so cancelling a run is prompt. Connection errors (a Redis
+restart) are retried with exponential backoff for up to ``retry_for`` seconds, logged
+(``redis_unavailable``, ``redis_reconnected``), then raised as :class:`RedisUnavailable`.
+
+Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_unavailable``,
+``redis_reconnected``, ``redis_ack_failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import attrs
+import trio
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "pipeflow.connectors.redis needs the redis client: pip install 'pipeflow[redis]' "
+        "(and 'pipeflow[hiredis]' for its faster parser)"
+    ) from exc
+
+from .._errors import short_repr
+from .._log import get_logger
+from .._stage import Stage
+
+__all__ = [
+    "RedisStreamSource",
+    "RedisStreamSink",
+    "Entry",
+    "RedisUnavailable",
+    "ConsumerGroupLost",
+]
+
+T = TypeVar("T")
+
+#: Ids per XACK / XCLAIM command: big enough to amortise a round trip, small enough
+#: not to stall Redis (each is O(n)).
+_CHUNK = 1000
+#: At most this often (seconds) the source trims its stream when ``maxlen`` is set.
+_TRIM_EVERY = 1.0
+#: On leaving, the source spends at most this long acking what it finished.
+_FINAL_ACK_TIMEOUT = 5.0
+#: Backoff between reconnection attempts: first delay and cap, in seconds.
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 2.0
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+class RedisUnavailable(ConnectionError):
+    """Redis did not answer for ``retry_for`` seconds: the run stops with this error."""
+
+
+class ConsumerGroupLost(RuntimeError):
+    """The stream or its consumer group vanished while a source was reading it (deleted,
+    or Redis restarted without persistence): its pending entries are gone with it."""
+
+
+@attrs.frozen
+class Entry:
+    """One entry of a Redis stream: its ``id`` (``"1700000000000-0"``) and its ``fields``.
+
+    Entries are the items a :class:`RedisStreamSource` feeds into a pipeline. Return
+    ``entry.with_fields(...)`` from a stage to keep the id travelling, so that a
+    :class:`RedisStreamSink` writes it as ``source_id`` and readers can drop
+    duplicates::
+
+        @stage
+        async def work(entry: Entry) -> Entry:
+            return entry.with_fields(total=int(entry.fields["a"]) + int(entry.fields["b"]))
+    """
+
+    id: str
+    fields: dict[str, str] = attrs.field(factory=dict, hash=False)
+
+    def with_fields(self, fields: Mapping[str, object] | None = None, /, **more: object) -> Entry:
+        """A new entry with the same ``id`` and these fields (values turned into ``str``)."""
+        merged: dict[str, str] = {}
+        for key, value in (*(fields or {}).items(), *more.items()):
+            merged[str(key)] = str(value)
+        return Entry(self.id, merged)
+
+    def json(self) -> Any:
+        """The value a :class:`RedisStreamSink` wrote as JSON in the field ``data``."""
+        try:
+            data = self.fields["data"]
+        except KeyError:
+            msg = f"entry {self.id} has no field 'data' (its fields: {sorted(self.fields)})"
+            raise KeyError(msg) from None
+        return json.loads(data)
+
+
+# -- talking to Redis from Trio ------------------------------------------------------------
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+def _check_url(url: object, who: str) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"{who}: url must be a str such as 'redis://127.0.0.1:6379/0', got {url!r}")
+    if urlsplit(url).scheme not in _SCHEMES:
+        msg = f"{who}: url must start with redis://, rediss:// or unix://, got {_redact(url)!r}"
+        raise ValueError(msg)
+    return url
+
+
+class _Conn:
+    """A redis-py client used from Trio: each command runs in a worker thread (at most
+    ``threads`` at once), and connection errors are retried with exponential backoff for
+    up to ``retry_for`` seconds before :class:`RedisUnavailable` is raised."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        stream: str,
+        threads: int,
+        retry_for: float,
+        block: float = 0.0,
+        client_name: str | None = None,
+        log: Any,
+    ) -> None:
+        self.url = url
+        self.stream = stream
+        self.retry_for = retry_for
+        self.log = log
+        self.limiter = trio.CapacityLimiter(threads)
+        #: How many times Redis came back after being unreachable.
+        self.reconnects = 0
+        self.thread_name = f"pipeflow:redis:{stream}"
+        self.client: redis.Redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            # A blocked read answers within `block`; anything much slower is a dead peer.
+            socket_timeout=block + 10.0,
+            socket_connect_timeout=5.0,
+            # redis-py's own retries would sleep inside a thread, where a cancelled run
+            # cannot interrupt them: retries happen here, on Trio's clock, instead.
+            retry=Retry(NoBackoff(), 0),
+            client_name=client_name,
+        )
+
+    async def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` in a worker thread, retried while Redis is unreachable."""
+        job = functools.partial(fn, *args, **kwargs)
+        deadline: float | None = None
+        attempt = 0
+        delay = _BACKOFF_FIRST
+        while True:
+            try:
+                result = await trio.to_thread.run_sync(
+                    job, limiter=self.limiter, thread_name=self.thread_name
+                )
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                attempt += 1
+                now = trio.current_time()
+                if deadline is None:
+                    deadline = now + self.retry_for
+                if now >= deadline:
+                    msg = (
+                        f"Redis at {_redact(self.url)} did not answer for "
+                        f"{self.retry_for:g}s ({attempt} attempts) during {what} on stream "
+                        f"{self.stream!r}: {type(exc).__name__}: {exc}"
+                    )
+                    raise RedisUnavailable(msg) from exc
+                self.log.warning(
+                    "redis_unavailable",
+                    command=what,
+                    attempt=attempt,
+                    retry_in=round(delay, 3),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                await trio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, _BACKOFF_MAX)
+                continue
+            except redis.ResponseError as exc:
+                if str(exc).startswith("NOGROUP"):
+                    msg = (
+                        f"stream {self.stream!r} or its consumer group is gone from Redis at "
+                        f"{_redact(self.url)} ({exc}); its pending entries went with it. "
+                        f"Was Redis restarted without persistence? See docs/distributed.md."
+                    )
+                    raise ConsumerGroupLost(msg) from exc
+                raise
+            if attempt:
+                self.reconnects += 1
+                self.log.info("redis_reconnected", command=what, attempts=attempt + 1)
+            return result
+
+    def close(self) -> None:
+        # Closing sockets does not block: fine on the event loop, even when cancelled.
+        self.client.close()
+
+
+def _consumer_default() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _trim_finished(client: redis.Redis, stream: str, maxlen: int) -> int:
+    """Trim ``stream`` towards ``maxlen`` entries, deleting only entries that every
+    consumer group of the stream has already acknowledged. Returns how many went."""
+    length: int = client.xlen(stream)
+    excess = length - maxlen
+    if excess <= 0:
+        return 0
+    oldest: Any = client.xrange(stream, "-", "+", count=min(excess, 10 * _CHUNK))
+    if not oldest:
+        return 0
+    ms, seq = _stream_id(oldest[-1][0])
+    cut = (ms, seq + 1)  # XTRIM MINID keeps ids >= cut
+    groups: list[dict[str, Any]] = client.xinfo_groups(stream)
+    for group in groups:
+        # Not yet delivered to this group: everything after its last-delivered id.
+        ms, seq = _stream_id(group["last-delivered-id"])
+        cut = min(cut, (ms, seq + 1))
+        if group["pending"]:
+            summary: dict[str, Any] = client.xpending(stream, group["name"])
+            if summary["min"] is not None:
+                cut = min(cut, _stream_id(summary["min"]))
+    if cut <= (0, 0):
+        return 0
+    trimmed: int = client.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=False)
+    return trimmed
+
+
+# -- the source ----------------------------------------------------------------------------
+
+
+def _check_positive(who: str, option: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{who}: {option}= must be a number of seconds > 0, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{who}: {option}= must be a finite number > 0, got {value!r}")
+
+
+def _check_count(who: str, option: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{who}: {option}= must be an int >= 1 or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{who}: {option}= must be an int >= 1 or None, got {value!r}")
+
+
+def _check_name(who: str, option: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{who}: {option}= must be a non-empty str, got {value!r}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class RedisStreamSource:
+    """A pipeline source that reads a Redis stream as one consumer of a consumer group.
+
+    Pass it to ``Pipeline.run``/``arun``/``stream`` like any source; the items are
+    :class:`Entry` values. Start the same pipeline in more processes, on more machines,
+    with the same ``stream`` and ``group``: they share the work::
+
+        source = RedisStreamSource("redis://127.0.0.1:6379/0", "jobs", group="workers",
+                                   consumer="host-a", claim_idle=30.0, drain=False)
+        Pipeline(work | RedisStreamSink("redis://127.0.0.1:6379/0", "results")).run(source)
+
+    - The group is created (with the stream, ``MKSTREAM``) if missing, at ``start_id``
+      (``"0"``: the whole stream; ``"$"``: only entries added from now on).
+    - A consumer first re-reads its own pending entries (a restart under the same
+      ``consumer`` name), then takes entries idle for more than ``claim_idle`` seconds
+      from other consumers (crashed ones: ``XAUTOCLAIM``), then new entries.
+    - An entry is acknowledged only once its item has left the pipeline (all of its
+      children, for a flat-mapping stage): through the last stage, filtered, skipped,
+      collected or dead-lettered. A fail-fast failure leaves it pending, to be retried.
+    - The consumer holds no more un-acknowledged entries than the pipeline can hold, so
+      a slow member of a fleet does not hoard work. While it works on an entry it keeps
+      it fresh, so only the entries of a consumer that stopped are reclaimed.
+    - ``drain=True`` ends the source once the stream has nothing new and the group
+      nothing pending (batch jobs, tests); otherwise it waits for entries forever.
+    - ``maxlen`` trims the stream towards that many entries, deleting only entries
+      that every group reading it has acknowledged.
+
+    ``consumer`` defaults to ``"{hostname}-{pid}"``. ``block`` is the longest one read
+    waits (cancellation waits for it); ``count`` caps the entries per read.
+    ``retry_for`` is how long Redis may be unreachable before the run fails.
+
+    Iterated directly (``async for entry in source``), it acknowledges each entry when
+    the loop asks for the next one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        *,
+        group: str,
+        consumer: str | None = None,
+        claim_idle: float = 30.0,
+        drain: bool = False,
+        block: float = 0.5,
+        count: int | None = None,
+        maxlen: int | None = None,
+        start_id: str = "0",
+        retry_for: float = 30.0,
+    ) -> None:
+        who = "RedisStreamSource"
+        self.url = _check_url(url, who)
+        self.stream = _check_name(who, "stream", stream)
+        self.group = _check_name(who, "group", group)
+        self.consumer = (
+            _consumer_default() if consumer is None else _check_name(who, "consumer", consumer)
+        )
+        _check_positive(who, "claim_idle", claim_idle)
+        _check_positive(who, "block", block)
+        _check_positive(who, "retry_for", retry_for)
+        _check_count(who, "count", count)
+        _check_count(who, "maxlen", maxlen)
+        if not isinstance(drain, bool):
+            raise TypeError(f"{who}: drain= must be True or False, got {drain!r}")
+        self.start_id = _check_name(who, "start_id", start_id)
+        self.claim_idle = float(claim_idle)
+        self.drain = drain
+        self.block = float(block)
+        self.count = count
+        self.maxlen = maxlen
+        self.retry_for = float(retry_for)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStreamSource:
+        """A source from one URL, the form the CLI takes (``--source``)::
+
+            redis://HOST:PORT/DB?stream=jobs&group=workers&consumer=NAME&claim_idle=30&drain=1
+
+        ``stream`` and ``group`` are required; ``consumer``, ``claim_idle``, ``drain``,
+        ``block``, ``count``, ``maxlen``, ``start_id`` and ``retry_for`` are optional, as
+        in the constructor. Other query parameters are redis-py's own (``password``,
+        ``socket_timeout``, …).
+        """
+        who = "RedisStreamSource.from_url"
+        _check_url(url, who)
+        parts = urlsplit(url)
+        ours: dict[str, str] = {}
+        rest: list[tuple[str, str]] = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in _URL_OPTIONS:
+                ours[key] = value
+            else:
+                rest.append((key, value))
+        missing = [k for k in ("stream", "group") if not ours.get(k)]
+        if missing:
+            msg = (
+                f"{who}: {_redact(url)!r} lacks {' and '.join(missing)}; "
+                f"use e.g. redis://127.0.0.1:6379/0?stream=jobs&group=workers"
+            )
+            raise ValueError(msg)
+        kwargs: dict[str, Any] = {}
+        for key, value in ours.items():
+            if key in ("stream", "group"):
+                continue
+            convert = _URL_OPTIONS[key]
+            try:
+                kwargs[key] = convert(value)
+            except ValueError:
+                msg = f"{who}: {key}={value!r} in {_redact(url)!r} is not a valid {key}"
+                raise ValueError(msg) from None
+        base = urlunsplit(parts._replace(query=urlencode(rest)))
+        return cls(base, ours["stream"], group=ours["group"], **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisStreamSource({_redact(self.url)!r}, {self.stream!r}, group={self.group!r}, "
+            f"consumer={self.consumer!r}, drain={self.drain!r})"
+        )
+
+    # -- the runner's hook -----------------------------------------------------------------
+
+    def __pipeflow_open__(
+        self, *, capacity: int
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[tuple[Entry, _EntryAck]]]:
+        """Called by the runner: (entry, ack) pairs, at most ``capacity`` un-acked."""
+        return self._open(capacity)
+
+    def _connect(self, threads: int) -> _Conn:
+        log = get_logger(stream=self.stream, group=self.group, consumer=self.consumer)
+        return _Conn(
+            self.url,
+            stream=self.stream,
+            threads=threads,
+            retry_for=self.retry_for,
+            block=self.block,
+            client_name="pipeflow:" + "_".join(self.consumer.split()),
+            log=log,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _open(self, capacity: int) -> AsyncIterator[AsyncIterator[tuple[Entry, _EntryAck]]]:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"{self!r}: capacity must be an int >= 1, got {capacity!r}")
+        # A reader, an acker and a heartbeat may each be in a command at once.
+        conn = self._connect(threads=3)
+        consumer = _Consumer(self, conn, capacity)
+        try:
+            await consumer.create_group()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(consumer.acker, name=f"{conn.thread_name}:ack")
+                    nursery.start_soon(consumer.heartbeat, name=f"{conn.thread_name}:heartbeat")
+                    try:
+                        yield consumer
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # One failure (or the run's cancellation) is what the caller should see,
+                # not a group wrapping it.
+                leaves = list(_leaves(group))
+                if len(leaves) == 1:
+                    raise leaves[0] from None
+                raise
+        finally:
+            # Whatever ends the run, ack what did finish: those entries are done.
+            with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_ACK_TIMEOUT):
+                await consumer.final_ack()
+            conn.close()
+
+    # -- direct iteration ------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Entry]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Entry]:
+        conn = self._connect(threads=1)
+        consumer = _Consumer(self, conn, capacity=1)
+        try:
+            await consumer.create_group()
+            async for entry, ack in consumer:
+                yield entry
+                # The loop asked for the next entry: the body is done with this one.
+                ack.done()
+                await consumer.flush()
+        finally:
+            conn.close()
+
+
+def _parse_bool(value: str) -> bool:
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(value)
+
+
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "stream": str,
+    "group": str,
+    "consumer": str,
+    "claim_idle": float,
+    "drain": _parse_bool,
+    "block": float,
+    "count": int,
+    "maxlen": int,
+    "start_id": str,
+    "retry_for": float,
+}
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+class _EntryAck:
+    """The acknowledgement travelling with one entry's item through the pipeline."""
+
+    __slots__ = ("_consumer", "_id", "_left")
+
+    def __init__(self, consumer: _Consumer, entry_id: str) -> None:
+        self._consumer = consumer
+        self._id = entry_id
+        self._left = 1
+
+    def add(self, n: int) -> None:
+        """The item became ``n + 1`` items (a flat-mapping stage's children)."""
+        self._left += n
+
+    def done(self) -> None:
+        """One of them left the pipeline; the last one acks the entry."""
+        self._left -= 1
+        if self._left == 0:
+            self._consumer.finished(self._id)
+
+
+class _Consumer:
+    """One open source: what it holds, and how it reads, reclaims and acks.
+
+    ``held`` is every entry delivered to this consumer and not yet acknowledged in Redis
+    (waiting to enter the pipeline, in it, or finished and waiting for its XACK); it
+    never exceeds ``capacity``, which is how backpressure crosses machines.
+    """
+
+    def __init__(self, source: RedisStreamSource, conn: _Conn, capacity: int) -> None:
+        self.source = source
+        self.conn = conn
+        self.client = conn.client
+        self.capacity = capacity
+        self.log = conn.log
+        self.held: set[str] = set()
+        self.buffer: deque[Entry] = deque()
+        self.to_ack: list[str] = []
+        self._ack_wanted = trio.Event()
+        self._room = trio.Event()
+        self._own_cursor: str | None = "0"  # own pending entries first, from the start
+        self._reconnects = 0
+        self._claim_cursor = "0-0"
+        self._next_claim = -math.inf
+        self._claim_every = source.claim_idle / 2
+        self._claim_idle_ms = max(1, round(source.claim_idle * 1000))
+        self._block_ms = max(1, round(source.block * 1000))  # BLOCK 0 would wait forever
+        self._next_trim = -math.inf
+        self._ended = False
+
+    async def create_group(self) -> None:
+        s = self.source
+        try:
+            await self.conn.call(
+                "XGROUP CREATE", self.client.xgroup_create, s.stream, s.group, s.start_id, True
+            )
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+        else:
+            self.log.info("redis_group_created", start_id=s.start_id)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __aiter__(self) -> _Consumer:
+        return self
+
+    async def __anext__(self) -> tuple[Entry, _EntryAck]:
+        while True:
+            if self.buffer:
+                entry = self.buffer.popleft()
+                return entry, _EntryAck(self, entry.id)
+            if self._ended:
+                raise StopAsyncIteration
+            room = self.capacity - len(self.held)
+            if room <= 0:
+                self._room = trio.Event()
+                await self._room.wait()
+                continue
+            got = await self._fetch(room)
+            if got:
+                self.buffer.extend(got)
+                continue
+            if not self.source.drain:
+                continue  # that read waited up to `block` for news: cancellation point
+            # Draining, and nothing new: wait for our own entries to finish, then for
+            # the group's (another consumer's, or reclaimed from a dead one).
+            if self.held:
+                self._room = trio.Event()
+                with trio.move_on_after(self.source.block):
+                    await self._room.wait()
+            elif await self._group_is_empty():
+                self._ended = True
+                raise StopAsyncIteration
+            else:
+                await trio.sleep(self.source.block)
+
+    async def _fetch(self, room: int) -> list[Entry]:
+        s = self.source
+        n = room if s.count is None else min(room, s.count)
+        if self.conn.reconnects != self._reconnects:
+            # A read whose answer was lost still delivered its entries to us: find them
+            # in our own pending list rather than wait claim_idle for them.
+            self._reconnects = self.conn.reconnects
+            self._own_cursor = "0"
+        if self._own_cursor is not None:
+            raw = await self._read(self._own_cursor, n, block=None)
+            if raw:
+                self._own_cursor = raw[-1][0]
+                return self._accept(raw)
+            self._own_cursor = None
+        now = trio.current_time()
+        if now >= self._next_claim:
+            reply: Any = await self.conn.call(
+                "XAUTOCLAIM",
+                self.client.xautoclaim,
+                s.stream,
+                s.group,
+                s.consumer,
+                self._claim_idle_ms,
+                self._claim_cursor,
+                count=n,
+            )
+            cursor, raw = reply[0], reply[1]  # (and the ids deleted meanwhile: gone)
+            self._claim_cursor = cursor
+            if cursor == "0-0":  # scanned the whole pending list: rest a while
+                self._next_claim = now + self._claim_every
+            claimed = self._accept(raw)
+            if claimed:
+                self.log.info("redis_entries_claimed", count=len(claimed), first=claimed[0].id)
+                return claimed
+        # Draining, a read need not wait: an empty answer is what ends the source.
+        block = None if s.drain else self._block_ms
+        return self._accept(await self._read(">", n, block=block))
+
+    async def _read(self, start: str, n: int, *, block: int | None) -> list[Any]:
+        s = self.source
+        reply: Any = await self.conn.call(
+            "XREADGROUP",
+            self.client.xreadgroup,
+            s.group,
+            s.consumer,
+            {s.stream: start},
+            count=n,
+            block=block,
+        )
+        if not reply:
+            return []
+        entries: list[Any] = reply[0][1]
+        return entries
+
+    def _accept(self, raw: list[Any]) -> list[Entry]:
+        entries = []
+        for entry_id, fields in raw:
+            if entry_id in self.held:
+                continue  # already ours and on its way (a reclaim of our own slow entry)
+            self.held.add(entry_id)
+            if fields is None:
+                # Deleted from the stream while pending (trimmed): nothing left to do.
+                self.finished(entry_id)
+                continue
+            entries.append(Entry(entry_id, fields))
+        return entries
+
+    async def _group_is_empty(self) -> bool:
+        s = self.source
+        summary: Any = await self.conn.call("XPENDING", self.client.xpending, s.stream, s.group)
+        return bool(summary["pending"] == 0)
+
+    # -- acknowledging -----------------------------------------------------------------------
+
+    def finished(self, entry_id: str) -> None:
+        """An entry's item has wholly left the pipeline: ack it soon (cheap, synchronous)."""
+        self.to_ack.append(entry_id)
+        self._ack_wanted.set()
+
+    async def acker(self) -> None:
+        """Background task: XACK finished entries in batches, as they come."""
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        s = self.source
+        while self.to_ack:
+            ids = self.to_ack[:_CHUNK]
+            await self.conn.call("XACK", self.client.xack, s.stream, s.group, *ids)
+            # Entries finished meanwhile were appended after these.
+            del self.to_ack[: len(ids)]
+            self.held.difference_update(ids)
+            self._room.set()
+        if s.maxlen is not None and trio.current_time() >= self._next_trim:
+            self._next_trim = trio.current_time() + _TRIM_EVERY
+            await self.conn.call("XTRIM", _trim_finished, self.client, s.stream, s.maxlen)
+
+    async def final_ack(self) -> None:
+        if not self.to_ack:
+            return
+        try:
+            await self.flush()
+        except (RedisUnavailable, redis.RedisError) as exc:
+            # They stay pending and will be delivered again: at-least-once still holds.
+            self.log.warning("redis_ack_failed", entries=len(self.to_ack), error=repr(exc))
+
+    async def heartbeat(self) -> None:
+        """Background task: keep the entries this consumer holds from looking idle, so
+        that only a stopped consumer's entries are reclaimed by others (XCLAIM JUSTID
+        resets their idle time without counting a delivery)."""
+        s = self.source
+        while True:
+            await trio.sleep(s.claim_idle / 3)
+            held = list(self.held)
+            for i in range(0, len(held), _CHUNK):
+                await self.conn.call(
+                    "XCLAIM",
+                    self.client.xclaim,
+                    s.stream,
+                    s.group,
+                    s.consumer,
+                    0,
+                    held[i : i + _CHUNK],
+                    justid=True,
+                )
+
+
+# -- the sink ------------------------------------------------------------------------------
+
+
+def _fields_of(item: object) -> dict[str, str]:
+    if isinstance(item, Entry):
+        fields = dict(item.fields)
+        fields["source_id"] = item.id
+        return fields
+    if isinstance(item, Mapping):
+        if not item:
+            msg = "RedisStreamSink: cannot append an empty mapping (an entry needs a field)"
+            raise ValueError(msg)
+        return {str(k): str(v) for k, v in item.items()}
+    try:
+        return {"data": json.dumps(item)}
+    except (TypeError, ValueError) as exc:
+        msg = (
+            f"RedisStreamSink: cannot write {short_repr(item)}: not a mapping and not "
+            f"JSON-serialisable ({exc}); return a dict or an Entry from the stage before"
+        )
+        raise TypeError(msg) from exc
+
+
+class RedisStreamSink(Stage[Any, str]):
+    """A stage that appends each item to a Redis stream and outputs the new entry's id.
+
+    A mapping becomes the entry's fields (values turned into ``str``); an :class:`Entry`
+    keeps its fields and adds its id as ``source_id`` (so readers can drop duplicates:
+    delivery is at-least-once); anything else is one field ``data`` holding its JSON.
+    ``maxlen`` caps the stream's length (``approximate=True``: ``MAXLEN ~``, cheaper).
+    Each worker has its own connection; connection errors are retried for up to
+    ``retry_for`` seconds. Takes the usual stage options (``workers=``, ``errors=``, …)::
+
+        Pipeline(work | RedisStreamSink("redis://127.0.0.1:6379/0", "results", workers=4))
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        *,
+        maxlen: int | None = None,
+        approximate: bool = True,
+        retry_for: float = 30.0,
+        **options: Any,
+    ) -> None:
+        who = "RedisStreamSink"
+        self.url = _check_url(url, who)
+        self.stream = _check_name(who, "stream", stream)
+        _check_count(who, "maxlen", maxlen)
+        _check_positive(who, "retry_for", retry_for)
+        if not isinstance(approximate, bool):
+            raise TypeError(f"{who}: approximate= must be True or False, got {approximate!r}")
+        self.maxlen = maxlen
+        self.approximate = approximate
+        self.retry_for = float(retry_for)
+        super().__init__(**options)
+
+    def _connect(self) -> _Conn:
+        return _Conn(
+            self.url,
+            stream=self.stream,
+            threads=1,
+            retry_for=self.retry_for,
+            log=get_logger(stage=self.name, stream=self.stream),
+        )
+
+    async def open_worker(self) -> _Conn:
+        """Each worker keeps its own connection for its lifetime."""
+        return self._connect()
+
+    async def close_worker(self, resource: Any) -> None:
+        resource.close()
+
+    async def process(self, item: Any, resource: Any = None) -> str:
+        """Append ``item`` to the stream; return the new entry's id."""
+        fields = _fields_of(item)
+        conn: _Conn = resource if resource is not None else self._connect()
+        try:
+            new_id: Any = await conn.call(
+                "XADD",
+                conn.client.xadd,
+                self.stream,
+                fields,
+                maxlen=self.maxlen,
+                approximate=self.approximate,
+            )
+        finally:
+            if resource is None:
+                conn.close()
+        return str(new_id)

@@ -1,0 +1,90 @@
+"""A real ``redis-server`` for the tests: started on a free 127.0.0.1 port in a temporary
+directory, stopped (or crashed, or restarted) by its PID."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+BINARY = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process. ``durable=True`` turns on the append-only file with an
+    fsync per write, as docs/distributed.md recommends, so a crash loses nothing."""
+
+    def __init__(self, directory: Path, *, durable: bool = False) -> None:
+        assert BINARY is not None
+        self.directory = directory
+        self.port = free_port()
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else []
+        persistence = persistence or ["--appendonly", "no"]
+        self.argv = [
+            BINARY,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            *persistence,
+            "--dir",
+            str(directory),
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        log = (self.directory / "redis.log").open("ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        tail = (self.directory / "redis.log").read_text()[-2000:]
+                        raise RuntimeError(f"redis-server did not start: {tail}") from None
+                    time.sleep(0.02)
+
+    def _signal(self, sig: int) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        """Stop it cleanly (SIGTERM to its PID)."""
+        self._signal(signal.SIGTERM)
+
+    def crash(self) -> None:
+        """Kill it as a crash would (SIGKILL to its PID): no shutdown, no final save."""
+        self._signal(signal.SIGKILL)

@@ -192,7 +192,7 @@ class _Families:
     def __init__(self) -> None:
         self.inflight = GaugeMetricFamily(
             "pipeflow_stage_inflight",
-            "Items a stage's workers are processing now (the seed's pool.inflight).",
+            "Items held by a stage's workers now, processing or handing over (pool.inflight).",
             labels=_LABELS,
         )
         self.queue_depth = GaugeMetricFamily(
@@ -254,6 +254,10 @@ class _Families:
             )
         )
 
+    def filled(self) -> list[Metric]:
+        """The families to expose: the breaker gauge only if some stage has a breaker."""
+        return [f for f in self if f.samples or f is not self.breaker]
+
     def add(self, labels: list[str], st: _Stage, c: _Counters, breaker: bool) -> None:
         self.inflight.add_metric(labels, st.inflight)
         self.queue_depth.add_metric(labels, st.depth)
@@ -314,7 +318,7 @@ class PipelineCollector(Collector):
                     c = self._last[key] = st.counters().at_least(self._last.get(key))
                     has_breaker = stage.options.breaker is not None
                     families.add([pipeline.name, stage.name], st, c, has_breaker)
-        return list(families)
+        return families.filled()
 
 
 def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stage]]:

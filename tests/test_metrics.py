@@ -55,21 +55,28 @@ def items(registry, stage, pipeline="p"):
 
 
 def test_exactly_the_contract_metrics_with_pipeline_and_stage_labels():
-    """A registered pipeline exposes the contract's metric families (and the breaker
-    gauge), every sample labelled pipeline and stage, at zero before any run."""
+    """A registered pipeline exposes the contract's metric families, every sample
+    labelled pipeline and stage, at zero before any run; the breaker gauge appears only
+    for stages with a breaker."""
     registry = CollectorRegistry()
     Pipeline(sleepy | odd_only, name="p", registry=registry)
     families = {m.name: m for m in registry.collect()}
-    assert METRICS == {name: m.type for name, m in families.items()}
-    for name, family in families.items():
-        if name == "pipeflow_stage_breaker_state":
-            assert [] == family.samples  # no stage has a breaker
-            continue
+    contract = {k: v for k, v in METRICS.items() if k != "pipeflow_stage_breaker_state"}
+    assert contract == {name: m.type for name, m in families.items()}
+    for family in families.values():
         assert {"sleepy", "odd_only"} == {s.labels["stage"] for s in family.samples}
         assert {"p"} == {s.labels["pipeline"] for s in family.samples}
     assert {o: 0.0 for o in ("ok", "failed", "retried", "dropped", "filtered")} == items(
         registry, "sleepy"
     )
+    guarded = sleepy.with_options(breaker=CircuitBreaker())
+    Pipeline(guarded | odd_only, name="q", registry=registry)
+    families = {m.name: m for m in registry.collect()}
+    assert METRICS == {name: m.type for name, m in families.items()}
+    assert [("q", "sleepy", 0.0)] == [
+        (s.labels["pipeline"], s.labels["stage"], s.value)
+        for s in families["pipeflow_stage_breaker_state"].samples
+    ]
 
 
 async def test_counts_and_histograms_after_a_run(autojump_clock):

@@ -107,6 +107,7 @@ async def test_every_entry_is_processed_and_acked(r, url):
         f["square"] for _, f in r.xrange("results")
     }
     assert 0 == r.xpending("jobs", "workers")["pending"]
+    assert [] == r.xinfo_consumers("jobs", "workers")  # it left the group, nothing pending
     assert 200 == len(result.outputs)  # the sink's outputs are the new entries' ids
     assert set(result.outputs) == {entry_id for entry_id, _ in r.xrange("results")}
     assert_nothing_left_running()

@@ -76,6 +76,8 @@ _CHUNK = 1000
 _TRIM_EVERY = 1.0
 #: On leaving, the source spends at most this long acking what it finished.
 _FINAL_ACK_TIMEOUT = 5.0
+#: How long the source, on leaving, retries its last acks if Redis is unreachable.
+_CLOSE_PATIENCE = 1.0
 #: Backoff between reconnection attempts: first delay and cap, in seconds.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
@@ -185,9 +187,18 @@ class _Conn:
             client_name=client_name,
         )
 
-    async def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` in a worker thread, retried while Redis is unreachable."""
+    async def call(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        patience: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``fn(*args, **kwargs)`` in a worker thread, retried while Redis is unreachable
+        (for ``retry_for`` seconds, or ``patience`` if given)."""
         job = functools.partial(fn, *args, **kwargs)
+        retry_for = self.retry_for if patience is None else patience
         deadline: float | None = None
         attempt = 0
         delay = _BACKOFF_FIRST
@@ -200,11 +211,11 @@ class _Conn:
                 attempt += 1
                 now = trio.current_time()
                 if deadline is None:
-                    deadline = now + self.retry_for
+                    deadline = now + retry_for
                 if now >= deadline:
                     msg = (
                         f"Redis at {_redact(self.url)} did not answer for "
-                        f"{self.retry_for:g}s ({attempt} attempts) during {what} on stream "
+                        f"{retry_for:g}s ({attempt} attempts) during {what} on stream "
                         f"{self.stream!r}: {type(exc).__name__}: {exc}"
                     )
                     raise RedisUnavailable(msg) from exc
@@ -271,6 +282,14 @@ def _trim_finished(client: redis.Redis, stream: str, maxlen: int) -> int:
         return 0
     trimmed: int = client.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=False)
     return trimmed
+
+
+def _leave_group(client: redis.Redis, stream: str, group: str, consumer: str) -> None:
+    """Delete ``consumer`` from ``group`` if it has no pending entry (deleting it would
+    drop them)."""
+    mine: Any = client.xpending_range(stream, group, "-", "+", 1, consumername=consumer)
+    if not mine:
+        client.xgroup_delconsumer(stream, group, consumer)
 
 
 # -- the source ----------------------------------------------------------------------------
@@ -470,7 +489,7 @@ class RedisStreamSource:
         finally:
             # Whatever ends the run, ack what did finish: those entries are done.
             with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_ACK_TIMEOUT):
-                await consumer.final_ack()
+                await consumer.close()
             conn.close()
 
     # -- direct iteration ------------------------------------------------------------------
@@ -489,6 +508,8 @@ class RedisStreamSource:
                 ack.done()
                 await consumer.flush()
         finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_ACK_TIMEOUT):
+                await consumer.close()
             conn.close()
 
 
@@ -572,6 +593,7 @@ class _Consumer:
         self._block_ms = max(1, round(source.block * 1000))  # BLOCK 0 would wait forever
         self._next_trim = -math.inf
         self._ended = False
+        self.joined = False
 
     async def create_group(self) -> None:
         s = self.source
@@ -584,6 +606,7 @@ class _Consumer:
                 raise
         else:
             self.log.info("redis_group_created", start_id=s.start_id)
+        self.joined = True
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -706,26 +729,42 @@ class _Consumer:
             self._ack_wanted = trio.Event()
             await self.flush()
 
-    async def flush(self) -> None:
+    async def flush(self, *, patience: float | None = None) -> None:
         s = self.source
         while self.to_ack:
             ids = self.to_ack[:_CHUNK]
-            await self.conn.call("XACK", self.client.xack, s.stream, s.group, *ids)
+            await self.conn.call(
+                "XACK", self.client.xack, s.stream, s.group, *ids, patience=patience
+            )
             # Entries finished meanwhile were appended after these.
             del self.to_ack[: len(ids)]
             self.held.difference_update(ids)
             self._room.set()
         if s.maxlen is not None and trio.current_time() >= self._next_trim:
             self._next_trim = trio.current_time() + _TRIM_EVERY
-            await self.conn.call("XTRIM", _trim_finished, self.client, s.stream, s.maxlen)
+            await self.conn.call(
+                "XTRIM", _trim_finished, self.client, s.stream, s.maxlen, patience=patience
+            )
 
-    async def final_ack(self) -> None:
-        if not self.to_ack:
-            return
+    async def close(self) -> None:
+        """On the way out: ack what did finish, and leave the group if nothing of ours is
+        pending (so restarts under new names do not pile up consumers in the group)."""
         try:
-            await self.flush()
+            if self.to_ack:
+                await self.flush(patience=_CLOSE_PATIENCE)
+            if self.joined and not self.held:
+                s = self.source
+                await self.conn.call(
+                    "XGROUP DELCONSUMER",
+                    _leave_group,
+                    self.client,
+                    s.stream,
+                    s.group,
+                    s.consumer,
+                    patience=_CLOSE_PATIENCE,
+                )
         except (RedisUnavailable, redis.RedisError) as exc:
-            # They stay pending and will be delivered again: at-least-once still holds.
+            # Unacked entries stay pending and will be delivered again: at-least-once.
             self.log.warning("redis_ack_failed", entries=len(self.to_ack), error=repr(exc))
 
     async def heartbeat(self) -> None:

@@ -268,7 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size.add_argument(
         "--target-utilisation",
-        "--target-utilization",
         dest="target_utilisation",
         type=parse_utilisation,
         default=None,
@@ -458,13 +457,13 @@ def size(
     if utilisation > Fraction(7, 10):
         at_70 = max(1, math.ceil(in_flight * (1 + headroom) / Fraction(7, 10) / instances))
         level = (
-            "queues grow non-linearly above 80% utilisation"
+            "above 80% utilisation queues grow non-linearly"
             if utilisation > Fraction(8, 10)
             else "the seed plans for ~70% utilisation"
         )
         warnings.append(
-            f"at {fmt_rate(float(rate))} these workers are {float(utilisation):.0%} busy: "
-            f"{level}; --target-utilisation 0.7 gives {at_70} per instance"
+            f"{float(utilisation):.0%} busy at {fmt_rate(float(rate))}: {level}; "
+            f"--target-utilisation 0.7 gives {at_70} per instance"
         )
     notes = [
         "W must be your P99 latency, not P50: with heavy-tailed latencies P50 sizing collapses",

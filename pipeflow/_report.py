@@ -79,7 +79,7 @@ def fmt_duration(seconds: float) -> str:
     if s < 1e-3:
         return f"{s * 1e6:.0f} µs"
     if s < 1:
-        return f"{s * 1e3:.1f} ms" if s < 0.1 else f"{s * 1e3:.0f} ms"
+        return f"{s * 1e3:.3g} ms"
     if s < 60:
         return f"{s:.3g} s"
     minutes, rest = divmod(round(s), 60)

@@ -789,6 +789,119 @@ async def test_budget_counts_failures_of_the_stage_not_the_pipeline():
     assert 4 == len(result.errors)
 
 
+async def test_pipeline_budget_adds_up_failures_of_every_stage():
+    """Pipeline(max_failures=2): collect and skip failures of all stages count together."""
+    a = stage(name="a", errors="collect")(fails_on(1))
+    b = stage(name="b", errors="skip")(fails_on(2))
+    result = await Pipeline(a | b, max_failures=2).arun(range(5))
+    assert [0, 3, 4] == sorted(result.outputs)
+
+    c = stage(name="c", errors="skip")(fails_on(2, 3))
+    with capture_logs() as logs, pytest.raises(TooManyFailures) as info:
+        await Pipeline(a | c, name="p", max_failures=2).arun(range(5))
+    assert ("c", 3) == (info.value.stage, info.value.item)
+    assert [
+        "pipeline 'p': 3 items failed, over its error budget max_failures=2"
+    ] == info.value.__notes__
+    [event] = [e for e in logs if e["event"] == "error_budget_exceeded"]
+    assert ("pipeline", 3, 2) == (event["scope"], event["failed"], event["max_failures"])
+
+
+async def test_pipeline_budget_does_not_count_embedded_failures():
+    """Embedded failures are outputs the caller handles: they use no budget."""
+    a = stage(name="a", errors="embed")(fails_on(1, 2, 3))
+    result = await Pipeline(a, max_failures=0).arun(range(5))
+    assert 3 == sum(isinstance(o, Failed) for o in result.outputs)
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5, True, "3"])
+def test_pipeline_budget_must_be_a_count(bad):
+    """Pipeline(max_failures=) takes an int >= 0 and says so."""
+    a = stage(name="a", errors="collect")(fails_on(1))
+    with pytest.raises(ValueError, match=r"Pipeline max_failures= must be an int >= 0, got "):
+        Pipeline(a, max_failures=bad)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (
+            {"max_failures": 3},
+            ValueError,
+            r"stage 'f': option max_failures= must be used with errors=\"collect\" or errors=\"skip\", got 3",
+        ),
+        ({"errors": "embed", "max_failures": 3}, ValueError, r"used with errors="),
+        (
+            {"errors": "skip", "max_failures": 1.5},
+            ValueError,
+            r"max_failures= must be a fraction between 0 and 1, got 1.5",
+        ),
+        (
+            {"errors": "skip", "max_failures": -1},
+            ValueError,
+            r"max_failures= must be an int >= 0 or a fraction, got -1",
+        ),
+        (
+            {"errors": "skip", "max_failures": "3"},
+            TypeError,
+            r"max_failures= must be an int >= 0 or a fraction, got '3'",
+        ),
+        (
+            {"errors": "ignore"},
+            ValueError,
+            r"option errors= must be one of 'fail_fast', 'collect', 'skip', 'embed', got 'ignore'",
+        ),
+        (
+            {"retries": -1},
+            ValueError,
+            r"option retries= must be an int >= 0 or a pipeflow.Retry, got -1",
+        ),
+        (
+            {"retries": 1.5},
+            TypeError,
+            r"option retries= must be an int >= 0 or a pipeflow.Retry, got 1.5",
+        ),
+        ({"timeout": 0}, ValueError, r"option timeout= must be a finite number > 0, got 0"),
+        (
+            {"dead_letter": 3},
+            TypeError,
+            r"option dead_letter= must be a callable or a Stage, got 3",
+        ),
+    ],
+)
+def test_error_options_are_checked_when_the_stage_is_declared(options, error, message):
+    """A wrong error option fails at decoration, naming the stage, option and value."""
+    with pytest.raises(error, match=message):
+
+        @stage(**options)
+        async def f(x):
+            return x
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"attempts": 0}, ValueError, r"attempts= must be >= 1, got 0"),
+        ({"attempts": 2, "backoff": -1}, ValueError, r"backoff= must be a finite number >= 0"),
+        ({"attempts": 2, "jitter": 2}, ValueError, r"jitter= must be between 0 and 1, got 2"),
+        ({"attempts": 2, "on": ValueError}, None, None),
+        (
+            {"attempts": 2, "on": (KeyboardInterrupt,)},
+            TypeError,
+            r"on= must be Exception subclasses",
+        ),
+        ({"attempts": 2, "on": "ValueError"}, TypeError, r"on= must be Exception subclasses"),
+    ],
+)
+def test_retry_policy_is_validated(kwargs, error, message):
+    """Retry(...) refuses bad values at construction; on= takes a class or a tuple."""
+    if error is None:
+        assert (ValueError,) == Retry(**kwargs).on
+        return
+    with pytest.raises(error, match=message):
+        Retry(**kwargs)
+
+
 # -- source errors --------------------------------------------------------------------------
 
 

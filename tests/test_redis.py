@@ -211,8 +211,8 @@ async def test_a_fail_fast_failure_is_not_acked(r, url):
 
 
 async def test_a_cancelled_consumer_acks_only_what_it_finished(r, url):
-    """Cancelled mid-batch, a consumer acks exactly the entries it finished; the same
-    consumer, restarted, picks up its own pending entries first."""
+    """Cancelled mid-batch, a consumer acks exactly the entries it finished, and releases
+    the others: another consumer takes them over at once, not claim_idle later."""
     ids = add_jobs(r, 10)
 
     @stage(workers=10)
@@ -231,9 +231,30 @@ async def test_a_cancelled_consumer_acks_only_what_it_finished(r, url):
     assert set(ids[3:]) == pending_ids(r)
     assert {"a": 7} == {c["name"]: c["pending"] for c in r.xpending("jobs", "workers")["consumers"]}
 
-    with trio.fail_after(10):
-        await Pipeline(square | RedisStreamSink(url, "results")).arun(source)
+    other = RedisStreamSource(
+        url, "jobs", group="workers", consumer="b", claim_idle=30.0, drain=True
+    )
+    with trio.fail_after(5):
+        await Pipeline(square | RedisStreamSink(url, "results")).arun(other)
     assert sorted(ids) == sorted(set(source_ids(r)))
+    assert set() == pending_ids(r)
+
+
+async def test_a_restarted_consumer_takes_its_own_pending_entries_first(r, url):
+    """A consumer that crashed holding entries, restarted under the same name, processes
+    them at once (not claim_idle later), then the rest."""
+    ids = add_jobs(r, 6)
+    r.xgroup_create("jobs", "workers", "0")
+    r.xreadgroup("workers", "a", {"jobs": ">"}, count=3)  # then it "crashes"
+    source = RedisStreamSource(url, "jobs", group="workers", consumer="a", drain=True)
+
+    @stage  # one worker: outputs in the order the source gave them
+    async def same(entry: Entry) -> Entry:
+        return entry
+
+    with trio.fail_after(5):
+        result = await Pipeline(same).arun(source)
+    assert ids == [entry.id for entry in result.outputs]
     assert set() == pending_ids(r)
 
 
@@ -358,6 +379,31 @@ async def test_a_fleet_member_killed_mid_run_loses_nothing(r, redis_server, tmp_
     assert 400 <= r.xlen("results")  # at-least-once: b's unfinished ones, done again by a
     assert set() == pending_ids(r)
     assert 0 < sum(1 for _, f in r.xrange("results") if f["by"] == "b")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the runner closes an acking source when its input stops, before the items "
+    "in flight have drained, so those finished in the grace period are never acked "
+    "(pipeflow/_runner.py, Run._pump)",
+)
+async def test_a_fleet_member_stopped_by_sigterm_acks_what_it_finished(r, redis_server, tmp_path):
+    """SIGTERM (a deploy): the member stops reading, finishes what it holds within the
+    grace period and acks it, so nothing it wrote is delivered again."""
+    add_jobs(r, 400)
+    member = start_member(redis_server, "m", tmp_path / "m.log")
+    try:
+        with trio.fail_after(30):
+            await eventually(lambda: r.xlen("results") >= 20)
+            member.send_signal(signal.SIGTERM)
+            await eventually(lambda: member.poll() is not None)
+    finally:
+        if member.poll() is None:
+            member.kill()
+        member.wait()
+    written = set(source_ids(r))
+    assert 20 <= len(written) < 400
+    assert set() == pending_ids(r) & written
 
 
 # -- Redis going away ------------------------------------------------------------------------

@@ -25,8 +25,8 @@ does not run on Trio), with a ``CapacityLimiter`` of its own. Reads block for at
 restart) are retried with exponential backoff for up to ``retry_for`` seconds, logged
 (``redis_unavailable``, ``redis_reconnected``), then raised as :class:`RedisUnavailable`.
 
-Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_unavailable``,
-``redis_reconnected``, ``redis_ack_failed``.
+Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
+``redis_unavailable``, ``redis_reconnected``, ``redis_ack_failed``.
 """
 
 from __future__ import annotations
@@ -752,6 +752,8 @@ class _Consumer:
         try:
             if self.to_ack:
                 await self.flush(patience=_CLOSE_PATIENCE)
+            if self.held and self.joined:
+                await self._release(sorted(self.held))
             if self.joined and not self.held:
                 s = self.source
                 await self.conn.call(
@@ -766,6 +768,26 @@ class _Consumer:
         except (RedisUnavailable, redis.RedisError) as exc:
             # Unacked entries stay pending and will be delivered again: at-least-once.
             self.log.warning("redis_ack_failed", entries=len(self.to_ack), error=repr(exc))
+
+    async def _release(self, ids: list[str]) -> None:
+        """Entries this consumer got but will not finish (the run stopped): make them
+        look idle for ``claim_idle`` already, so that another consumer reclaims them at
+        once instead of ``claim_idle`` seconds from now."""
+        s = self.source
+        for i in range(0, len(ids), _CHUNK):
+            await self.conn.call(
+                "XCLAIM",
+                self.client.xclaim,
+                s.stream,
+                s.group,
+                s.consumer,
+                0,
+                ids[i : i + _CHUNK],
+                idle=self._claim_idle_ms,
+                justid=True,
+                patience=_CLOSE_PATIENCE,
+            )
+        self.log.info("redis_entries_released", count=len(ids), first=ids[0])
 
     async def heartbeat(self) -> None:
         """Background task: keep the entries this consumer holds from looking idle, so

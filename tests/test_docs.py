@@ -8,6 +8,7 @@ fence: ```sh, ```text or ```pycon.
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import re
 from pathlib import Path
@@ -144,3 +145,25 @@ def test_relative_links_resolve(name: str) -> None:
         if path and not (page.parent / path).exists():
             missing.append(target)
     assert [] == missing, f"{name} links to missing files: {missing}"
+
+
+def test_reference_covers_the_public_api():
+    """docs/reference.md has a section for every name in pipeflow.__all__, a row for
+    every stage option and every RunResult and StageStats field, and mentions every
+    helper of pipeflow.testing: a new public name without docs fails here."""
+    import attrs
+
+    import pipeflow
+    import pipeflow.testing
+
+    text = (DOCS / "reference.md").read_text(encoding="utf-8")
+    headings = set(re.findall(r"^#{2,4} `([\w.]+)`", text, re.MULTILINE))
+    rows = set(re.findall(r"^\| `(\w+)`", text, re.MULTILINE))
+    options = [p for p in inspect.signature(pipeflow.Stage.__init__).parameters if p != "self"]
+    fields = [
+        f.name for cls in (pipeflow.RunResult, pipeflow.StageStats) for f in attrs.fields(cls)
+    ]
+
+    assert [] == [name for name in pipeflow.__all__ if name not in headings]
+    assert [] == [name for name in options + fields if name not in rows]
+    assert [] == [name for name in pipeflow.testing.__all__ if f"`{name}(" not in text]

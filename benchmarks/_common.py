@@ -258,6 +258,12 @@ def report(
         + ("  [--quick: short runs, figures are indicative only]" if quick else "")
     )
     print(format_table(rows))
+    cores = info["cores"] or 1
+    if info["loadavg_1min"] > cores:
+        print(
+            f"note: load average {info['loadavg_1min']:.1f} on {cores} cores: other work "
+            f"competes for the CPU; ratios of CPU-bound runs (process workers) suffer most"
+        )
     for name, trace in (errors or {}).items():
         last = trace.strip().splitlines()[-1]
         print(f"ERROR {name}: {last} (traceback on stderr)")

@@ -7,7 +7,9 @@ Every test that involves time runs under ``autojump_clock`` and asserts exact ti
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import threading
+import time
 import traceback
 
 import pytest
@@ -549,6 +551,32 @@ async def test_thread_stage_finishing_within_its_timeout_is_fine():
         return x * 10
 
     assert [10] == (await Pipeline(quick).arun([1])).outputs
+
+
+async def test_process_stage_timeout_kills_the_worker_process():
+    """A process worker past its deadline is killed: the item fails with TimeoutError
+    long before the function would have returned, and no process is left behind."""
+    sleeper = stage(name="sleeper", run_in="process", timeout=1, errors="collect")(time.sleep)
+    start = time.monotonic()
+    result = await Pipeline(sleeper).arun([60])
+    assert time.monotonic() - start < 20
+    [err] = result.errors
+    assert isinstance(err.__cause__, TimeoutError)
+    assert [] == multiprocessing.active_children()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a process stage's worker is spawned inside the first attempt (and again after "
+    "a kill), so start-up time counts against timeout=: every item times out",
+)
+async def test_process_stage_timeout_does_not_count_worker_start_up():
+    """timeout= bounds the call, not the start of a worker process: a function that
+    returns at once succeeds even with a timeout shorter than a process takes to start."""
+    quick = stage(name="quick", run_in="process", timeout=0.05, errors="collect")(time.sleep)
+    result = await Pipeline(quick).arun([0, 0])
+    assert [] == result.errors
+    assert [None, None] == result.outputs
 
 
 # -- dead letters ---------------------------------------------------------------------------

@@ -543,8 +543,11 @@ def cmd_size(args: argparse.Namespace) -> int:
     lines.append(f"workers per instance: {s.per_instance}{total}")
     lines.append(f"at {fmt_rate(float(s.rate))} they are {float(s.utilisation):.0%} busy")
     lines.append("")
-    lines += [f"warning: {w}" for w in s.warnings]
-    lines += [f"note: {n}" for n in s.notes]
+    for prefix, texts in (("warning", s.warnings), ("note", s.notes)):
+        for text in texts:
+            lines += textwrap.wrap(
+                f"{prefix}: {text}", 92, subsequent_indent="  ", break_on_hyphens=False
+            )
     print("\n".join(lines))
     return EXIT_OK
 
@@ -831,19 +834,19 @@ class _Progress:
         lines = [head]
         for name, s in stats.items():
             n = max(s.workers, 1)
-            filled = round(16 * min(s.busy_workers / n, 1.0))
-            bar = self._bar_full * filled + self._bar_empty * (16 - filled)
+            filled = round(12 * min(s.busy_workers / n, 1.0))
+            bar = self._bar_full * filled + self._bar_empty * (12 - filled)
             recent = series.latest(name, "throughput")
             r = recent if recent is not None else s.throughput
             busy = f"{s.busy_workers}/{s.workers}"
             line = (
-                f"  {name:<{width}} {bar} {busy:>5} busy  queue {s.queue_depth:<3} "
-                f"in {fmt_count(s.items_in)}  out {fmt_count(s.items_out)}  {fmt_rate(r)}"
+                f"  {name:<{width}} {bar} {busy:>5} busy · queue {s.queue_depth} · "
+                f"out {fmt_count(s.items_out)} · {fmt_rate(r)}"
             )
             if s.failed:
-                line += f"  failed {fmt_count(s.failed)}"
+                line += f" · failed {fmt_count(s.failed)}"
             if name == bottleneck:
-                line += "  ◀ busiest" if self._bar_full == "█" else "  <- busiest"
+                line += " ◀ busiest" if self._bar_full == "█" else " <- busiest"
             lines.append(line)
         return lines
 
@@ -991,6 +994,11 @@ class _RunCommand:
 
     async def _watch(self) -> None:
         tick = self.TICK_LIVE if self.progress.mode == "live" else 1.0
+        if "metrics_port" in self.kwargs:
+            # Say where the metrics are as soon as the endpoint listens.
+            while self.metrics_url is None:
+                await trio.sleep(0.01)
+                self._announce_metrics()
         next_sample = 1.0
         k = 0
         while True:
@@ -1131,6 +1139,14 @@ def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
 
 def summary(report: Mapping[str, Any], report_path: str | None = None) -> str:
     """The end-of-run summary: totals, a table per stage, the bottleneck and its size."""
+    stats_at = report.get("stats_at")
+    if stats_at == 0:
+        # The run raised before a first sample: there are no counts to show.
+        elapsed = report.get("elapsed") or 0.0
+        return (
+            f"{report.get('status', 'failed')} after {fmt_duration(elapsed)}, before its "
+            f"statistics were first sampled" + (f"\nreport: {report_path}" if report_path else "")
+        )
     view = view_from_report(report, report_path or "")
     stages = view.stages
     first, last = stages[0], stages[-1]
@@ -1169,19 +1185,15 @@ def summary(report: Mapping[str, Any], report_path: str | None = None) -> str:
         for r in rows
     ]
     out = [head, "", *table]
-    stats_at = report.get("stats_at")
     if isinstance(stats_at, int | float):
         out += [
             "",
-            f"note: the run stopped without its final statistics; these are from "
-            f"{fmt_duration(stats_at)} in"
-            if stats_at > 0
-            else "note: the run stopped "
-            "before its statistics were first sampled: counts are not known",
+            "note: the run stopped without its final statistics: these are from "
+            f"{fmt_duration(stats_at)} in",
         ]
     advice = view.recommendation()
     if advice:
-        out += ["", *textwrap.wrap(advice, 96, subsequent_indent="  ")]
+        out += ["", *textwrap.wrap(advice, 96, subsequent_indent="  ", break_on_hyphens=False)]
     if report_path:
         out += [f"report: {report_path}"]
     return "\n".join(out)

@@ -316,6 +316,14 @@ class StageView:
             return None
         return self.throughput * self.duration_mean
 
+    def pool_size(self) -> int | None:
+        """N: the workers measured (the largest pool reached), else configured."""
+        if self.workers_now:
+            return round(self.workers_now)
+        if isinstance(self.workers, tuple):
+            return self.workers[1]
+        return self.workers
+
     def workers_label(self) -> str:
         if self.workers is not None:
             return workers_text(self.workers)
@@ -377,26 +385,52 @@ class GraphView:
         labels.append(fmt_rate(last.rate_out) if last and last.rate_out is not None else "")
         return [(names[i], names[i + 1], labels[i]) for i in range(len(labels))]
 
+    def next_limit(self) -> tuple[StageView, float] | None:
+        """The stage that would limit throughput once the bottleneck is fixed, and its
+        capacity N/W (items per second with every worker busy)."""
+        best: tuple[StageView, float] | None = None
+        for s in self.stages:
+            n = s.pool_size()
+            if s.name == self.bottleneck or not n or not s.duration_mean:
+                continue
+            capacity = n / s.duration_mean
+            if best is None or capacity < best[1]:
+                best = (s, capacity)
+        return best
+
     def recommendation(self) -> str | None:
-        """One sentence on the bottleneck and its size by Little's Law, or None."""
+        """The bottleneck and its size by Little's Law, in a sentence or two, or None.
+
+        Always: the workers that run the measured rate at the target utilisation. When
+        the bottleneck is saturated (80% or more): also the workers it needs to keep up
+        with the next limit, the slowest other stage's capacity N/W.
+        """
         b = self.stage(self.bottleneck) if self.bottleneck else None
         if b is None or b.throughput is None or b.duration_mean is None:
             return None
+        target = self.target_utilisation
         load = b.throughput * b.duration_mean
-        n = b.workers_now if b.workers_now is not None else None
-        if n is None and isinstance(b.workers, int):
-            n = b.workers
+        n = b.pool_size()
         recommended = b.recommended_workers
         if recommended is None:
-            recommended = max(1, math.ceil(load / self.target_utilisation - 1e-9))
-        have = f"{round(n)} worker{'s' if n is not None and round(n) != 1 else ''}" if n else ""
+            recommended = max(1, math.ceil(load / target - 1e-9))
+        have = f"{n} worker{'s' if n != 1 else ''}" if n else "workers"
         util = f", {fmt_pct(b.utilisation)} utilised" if b.utilisation is not None else ""
-        return (
+        text = (
             f"bottleneck: {b.name} ({have}{util}). Little's Law: L = λW = "
             f"{fmt_rate(b.throughput)} {TIMES} {fmt_duration(b.duration_mean)} = {load:.2f} busy "
             f"workers; {recommended} worker{'s' if recommended != 1 else ''} run this rate at "
-            f"{fmt_pct(self.target_utilisation)} utilisation"
+            f"{fmt_pct(target)} utilisation"
         )
+        limit = self.next_limit()
+        if limit is not None and (b.utilisation or 0.0) >= 0.8 and limit[1] > b.throughput * 1.1:
+            other, capacity = limit
+            need = max(1, math.ceil(capacity * b.duration_mean / target - 1e-9))
+            text += (
+                f"; at {fmt_pct(target)}, {need} worker{'s' if need != 1 else ''} keep up with "
+                f"the next limit ({other.name}: {fmt_rate(capacity)})"
+            )
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(  # type: ignore[no-any-return]
@@ -804,7 +838,7 @@ def render_text(view: GraphView, *, unicode: bool = True, color: bool = False) -
     if advice:
         if not unicode:
             advice = advice.replace("λ", "lambda*").replace(TIMES, "x")
-        out += ["", *textwrap.wrap(advice, 96, subsequent_indent="  ")]
+        out += ["", *textwrap.wrap(advice, 96, subsequent_indent="  ", break_on_hyphens=False)]
     elif view.measured and view.bottleneck is None:
         out += ["", "no bottleneck: no stage was busy"]
     return "\n".join(out) + "\n"
@@ -1001,7 +1035,7 @@ def svg_chart(
         grid.append(
             f'<line x1="{left}" y1="{y:.1f}" x2="{w - right}" y2="{y:.1f}" stroke="#eeeeee"/>'
             f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="10" '
-            f'fill="#757575">{e(fmt_rate(v).removesuffix("/s"))}</text>'
+            f'fill="#757575">{v:g}</text>'
         )
     x_labels = "".join(
         f'<text x="{px(tt):.1f}" y="{h - bottom + 16}" text-anchor="middle" font-size="10" '

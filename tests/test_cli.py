@@ -129,8 +129,8 @@ def test_size_gives_the_seeds_worked_example(capsys):
     assert f"with 20% headroom: 100 {TIMES} 1.2 = 120" in out
     assert "workers per instance: 120 (480 in total)" in out
     assert (
-        "warning: 83% busy at 5,000/s: above 80% utilisation queues grow non-linearly; "
-        "--target-utilisation 0.7 gives 172 per instance"
+        "warning: 83% busy at 5,000/s: above 80% utilisation queues grow non-linearly;\n"
+        "  --target-utilisation 0.7 gives 172 per instance\n"
     ) in out
     assert "note: W must be your P99 latency, not P50" in out
 

@@ -4,12 +4,21 @@ through real runs, with exact times for cooldowns, probes and closing again."""
 from __future__ import annotations
 
 import pytest
+import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
 from pipeflow import CircuitBreaker, CircuitOpen, Failed, Pipeline, Retry, StageError, stage
 from pipeflow._policies import BreakerRuntime
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found():
+    """capture_logs() leaves structlog marked as configured; undo that after each test so
+    later tests see pipeflow's default logging."""
+    yield
+    structlog.reset_defaults()
 
 
 def new_runtime(**config):

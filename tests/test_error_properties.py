@@ -17,6 +17,7 @@ import ast
 import functools
 import math
 
+import structlog
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -261,11 +262,13 @@ def test_every_input_is_accounted_for_exactly_once(raw_specs, n, pipeline_dead_l
 
     clock = trio.testing.MockClock(autojump_threshold=0)
     raised: StageError | None = None
-    with capture_logs() as logs:
-        try:
+    try:
+        with capture_logs() as logs:
             result = trio.run(main, clock=clock)
-        except StageError as exc:
-            raised = exc
+    except StageError as exc:
+        raised = exc
+    finally:
+        structlog.reset_defaults()  # capture_logs() leaves structlog marked configured
     all_letters = letters + pipeline_letters
 
     def matches_prediction(stage_name, x, error_type, attempts):

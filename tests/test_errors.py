@@ -13,6 +13,7 @@ import time
 import traceback
 
 import pytest
+import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -28,6 +29,14 @@ from pipeflow import (
     TooManyFailures,
     stage,
 )
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found():
+    """capture_logs() leaves structlog marked as configured; undo that after each test so
+    later tests see pipeflow's default logging."""
+    yield
+    structlog.reset_defaults()
 
 
 def assert_conserved(result):

@@ -1,10 +1,12 @@
-"""One member of a fleet, for the fleet test: the same pipeline in every process.
+"""One member of a fleet, for the fleet tests: the same pipeline in every process.
 
-    python tests/fleet_app.py 'redis://127.0.0.1:6379/0?stream=jobs&group=workers&consumer=a&drain=1'
+    FLEET_RESULTS_URL=redis://127.0.0.1:6379/0 FLEET_CONSUMER=a \
+        pipeflow run tests.fleet_app:pipeline \
+        --source 'redis://127.0.0.1:6379/0?stream=jobs&group=workers&consumer=a&drain=1'
 
 Reads ``jobs`` as consumer ``a`` of group ``workers``, works on each entry (20 ms), and
-appends the result, tagged with the consumer's name, to the stream ``results`` on the same
-server. The CLI form is ``pipeflow run tests.fleet_app:pipeline --source 'redis://...'``.
+appends the result, tagged ``by`` the consumer's name, to the stream ``results``.
+``python tests/fleet_app.py SOURCE_URL`` does the same without the CLI.
 """
 
 from __future__ import annotations

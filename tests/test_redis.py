@@ -343,11 +343,21 @@ async def test_a_slow_but_live_consumer_keeps_its_entries(r, url):
 
 
 def start_member(redis_server: RedisServer, name: str, log: Path) -> subprocess.Popen[bytes]:
+    """One member of the fleet, started as a user would: the same CLI command each time."""
     query = f"stream=jobs&group=workers&consumer={name}&claim_idle=1&drain=1"
+    command = [sys.executable, "-m", "pipeflow", "run", "tests.fleet_app:pipeline", "-q"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLEET_RESULTS_URL": redis_server.url,
+        "FLEET_CONSUMER": name,
+    }
     with log.open("wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "fleet_app.py"), f"{redis_server.url}?{query}"],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [*command, "--source", f"{redis_server.url}?{query}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
 
@@ -498,6 +508,20 @@ async def test_the_sink_writes_mappings_entries_and_json(r, url):
         {"data": '[1, "two", {"3": 4.5}]'},
     ] == [f for _, f in entries]
     assert [1, "two", {"3": 4.5}] == Entry(*entries[2]).json()
+
+
+async def test_a_batched_sink_appends_a_batch_per_round_trip(r, url):
+    """With batch=N the sink appends lists of entries and outputs their ids; entries
+    read from a stream are acked once their batch is written."""
+    ids = add_jobs(r, 45)
+    source = RedisStreamSource(url, "jobs", group="workers", consumer="a", drain=True)
+    sink = RedisStreamSink(url, "results", batch=20, batch_timeout=0.05)
+    with trio.fail_after(10):
+        result = await Pipeline(square | sink).arun(source)
+    assert 45 == sum(len(batch) for batch in result.outputs)
+    assert {i for batch in result.outputs for i in batch} == {e for e, _ in r.xrange("results")}
+    assert sorted(ids) == sorted(source_ids(r))
+    assert set() == pending_ids(r)
 
 
 async def test_the_sink_rejects_what_it_cannot_write(r, url):

@@ -1,0 +1,247 @@
+"""Redis Streams: entries/s through ``RedisStreamSource -> identity -> RedisStreamSink``,
+in one process and in two (a fleet sharing one consumer group), with and without hiredis.
+
+A redis-server of its own (no persistence) runs on a free 127.0.0.1 port and is stopped
+by its PID. Each member is a fresh process (``--member``) that imports everything, says
+it is ready, and starts on a signal, so start-up is not timed; the figure is entries /
+(last member's end - first member's start). Without hiredis means redis-py's
+pure-Python parser (hiredis hidden from the import system). Install hiredis
+(``pip install 'pipeflow[hiredis]'``) to measure both; without it, only the first.
+
+    python benchmarks/bench_redis.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if os.environ.get("BENCH_REDIS_HIREDIS") == "0":
+    sys.modules["hiredis"] = None  # type: ignore[assignment]  # redis-py then parses in Python
+
+from benchmarks._common import Row, bench_main, median, progress
+
+QUICK = {"entries": 3_000, "rounds": 1}
+
+#: The pipelines measured: the identity stage's workers, and the sink's options, one
+#: XADD per entry or a batch of XADDs per round trip.
+STAGE_WORKERS = 8
+SINKS: dict[str, dict[str, Any]] = {
+    "per-entry sink x8": {"workers": 8},
+    "batched sink x2, batch=100": {"workers": 2, "batch": 100, "batch_timeout": 0.02},
+}
+
+
+# -- one member of the fleet (a subprocess) ----------------------------------------------------
+
+
+def member(url: str, consumer: str, shape: str) -> None:
+    """Run the pipeline as ``consumer`` until the stream is drained; print timings."""
+    import redis.utils
+    import trio
+
+    from pipeflow import Pipeline, stage
+    from pipeflow.connectors.redis import Entry, RedisStreamSink, RedisStreamSource
+
+    @stage(workers=STAGE_WORKERS)
+    async def identity(entry: Entry) -> Entry:
+        return entry
+
+    source = RedisStreamSource(
+        url, "jobs", group="bench", consumer=consumer, drain=True, claim_idle=60.0
+    )
+    pipeline = Pipeline(identity | RedisStreamSink(url, "results", **SINKS[shape]))
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go"
+    start = time.time()
+    result = trio.run(pipeline.arun, source)  # type: ignore[arg-type]
+    end = time.time()
+    n = result.stats["identity"].items_in
+    report = {"start": start, "end": end, "entries": n, "hiredis": redis.utils.HIREDIS_AVAILABLE}
+    print(json.dumps(report), flush=True)
+
+
+# -- the orchestration -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Server:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        import redis
+
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", self.dir]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        self.client = redis.Redis(port=self.port, decode_responses=True)
+        for _ in range(500):
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.01)
+
+    def fill(self, entries: int) -> None:
+        self.client.flushall()
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(entries):
+            pipe.xadd("jobs", {"n": str(i), "payload": "x" * 64})
+            if i % 1000 == 999:
+                pipe.execute()
+        pipe.execute()
+
+    def stop(self) -> None:
+        self.client.close()
+        os.kill(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fleet(
+    server: _Server, entries: int, shape: str, processes: int, hiredis: bool
+) -> tuple[float, bool]:
+    """entries/s of ``processes`` members draining ``entries``; whether hiredis was on."""
+    server.fill(entries)
+    env = {**os.environ, "BENCH_REDIS_HIREDIS": "1" if hiredis else "0"}
+    members = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--member", server.url, f"m{i}", shape],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(processes)
+    ]
+    try:
+        for m in members:
+            assert m.stdout is not None
+            if m.stdout.readline().strip() != "ready":
+                raise RuntimeError("a benchmark member did not start")
+        for m in members:
+            assert m.stdin is not None
+            m.stdin.write("go\n")
+            m.stdin.flush()
+        reports = []
+        for m in members:
+            out, _ = m.communicate(timeout=600)
+            if m.returncode != 0:
+                raise RuntimeError(f"a benchmark member failed (exit {m.returncode})")
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for m in members:
+            if m.poll() is None:
+                m.kill()
+                m.wait()
+    done = sum(r["entries"] for r in reports)
+    if done < entries or server.client.xpending("jobs", "bench")["pending"]:
+        raise RuntimeError(f"only {done} of {entries} entries processed")
+    span = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    return entries / span, all(r["hiredis"] for r in reports)
+
+
+def _hiredis_installed() -> bool:
+    try:
+        import hiredis  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure(entries: int = 20_000, rounds: int = 3) -> list[Row]:
+    parsers = [False, True] if _hiredis_installed() else [False]
+    server = _Server()
+    rates: dict[tuple[str, int, bool], list[float]] = {}
+    try:
+        for r in range(rounds):
+            for shape in SINKS:
+                for processes in (1, 2):
+                    for hiredis in parsers if r % 2 == 0 else parsers[::-1]:
+                        progress(
+                            f"redis: round {r + 1}, {shape}, {processes} process(es), "
+                            f"hiredis={hiredis}"
+                        )
+                        rate, on = _fleet(server, entries, shape, processes, hiredis)
+                        if on != hiredis:
+                            raise RuntimeError(f"asked for hiredis={hiredis}, the member had {on}")
+                        rates.setdefault((shape, processes, hiredis), []).append(rate)
+    finally:
+        server.stop()
+
+    def rate(shape: str, processes: int, hiredis: bool) -> float:
+        return median(rates[(shape, processes, hiredis)])
+
+    detail: dict[str, Any] = {"entries": entries, "rounds": rounds, "rates": {}}
+    for (shape, processes, hiredis), values in rates.items():
+        key = f"{shape}, {processes} process(es), {'hiredis' if hiredis else 'Python parser'}"
+        detail["rates"][key] = values
+    best = parsers[-1]
+    label = "hiredis" if best else "Python parser"
+    rows = []
+    for shape in SINKS:
+        for processes in (1, 2):
+            baseline: float | None = None
+            pf, ratio = rate(shape, processes, best), 1.0
+            if best:
+                baseline = rate(shape, processes, False)
+                ratio = pf / baseline
+            rows.append(
+                Row(
+                    benchmark="redis",
+                    workload=f"redis, {shape}, {processes} process"
+                    f"{'es' if processes > 1 else ''}, {label}",
+                    unit="items/s",
+                    pipeflow=pf,
+                    baseline=baseline,
+                    ratio=ratio,
+                    baseline_label="Python parser",
+                    detail=detail,
+                )
+            )
+        one, two = rate(shape, 1, best), rate(shape, 2, best)
+        rows.append(
+            Row(
+                benchmark="redis",
+                workload=f"redis, {shape}, 2 processes vs 1, {label}",
+                unit="items/s",
+                pipeflow=two,
+                baseline=one,
+                ratio=two / one,
+                baseline_label="1 process",
+                detail=detail,
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(__doc__, measure, QUICK, argv)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--member":
+        member(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        sys.exit(main())

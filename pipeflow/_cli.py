@@ -24,6 +24,7 @@ import signal
 import stat
 import sys
 import textwrap
+import threading
 import time
 import traceback
 import urllib.error
@@ -107,31 +108,31 @@ def parse_rate(text: str) -> Fraction:
     return Fraction(cleaned)
 
 
-def _parse_fraction(text: str, what: str, example: str, *, zero_ok: bool) -> Fraction:
-    t = text.strip()
-    pct = t.endswith("%")
-    body = t.removesuffix("%").strip()
+def _parse_share(text: str, what: str, example: str) -> Fraction:
+    """``20%`` or ``0.2`` → 0.2. A bare number above 1 is refused: it is almost surely
+    a percentage without its sign, and 20 would mean 2000%."""
+    body = text.strip().removesuffix("%").strip()
     if re.fullmatch(_NUMBER, body) is None:
         raise argparse.ArgumentTypeError(f"expected {what} like {example}, got {text!r}")
-    value = Fraction(body) / (100 if pct else 1)
-    if not pct and value > 1 and what != "headroom":
-        raise argparse.ArgumentTypeError(f"expected {what} like {example}, got {text!r}")
-    if not pct and value > 1:
+    if text.strip().endswith("%"):
+        return Fraction(body) / 100
+    value = Fraction(body)
+    if value > 1:
         msg = f"{text!r} looks like a percentage: write {body}% or {float(value) / 100:g}"
         raise argparse.ArgumentTypeError(msg)
-    if value < 0 or (value == 0 and not zero_ok):
-        raise argparse.ArgumentTypeError(f"expected {what} like {example}, got {text!r}")
     return value
 
 
 def parse_headroom(text: str) -> Fraction:
     """``20%`` or ``0.2`` → 0.2."""
-    return _parse_fraction(text, "headroom", "20% or 0.2", zero_ok=True)
+    return _parse_share(text, "headroom", "20% or 0.2")
 
 
 def parse_utilisation(text: str) -> Fraction:
     """``70%`` or ``0.7`` → 0.7 (a fraction in (0, 1])."""
-    value = _parse_fraction(text, "a utilisation in (0, 1]", "70% or 0.7", zero_ok=False)
+    value = _parse_share(text, "a utilisation", "70% or 0.7")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a utilisation above 0, got {text!r}")
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a utilisation of at most 100%, got {text!r}")
     return value
@@ -921,7 +922,7 @@ class _RunCommand:
         # Graceful shutdown lives in Pipeline.arun (handle_signals=, grace=) when this
         # version of the core has it; otherwise Ctrl+C interrupts at once.
         self.native_signals = "handle_signals" in params and "grace" in params
-        if self.native_signals and threading_is_main():
+        if self.native_signals and _in_main_thread():
             self.kwargs |= {"handle_signals": True, "grace": args.grace}
         if args.metrics_port is not None:
             self.kwargs["metrics_port"] = args.metrics_port
@@ -1123,9 +1124,8 @@ class _RunCommand:
         return code
 
 
-def threading_is_main() -> bool:
-    import threading
-
+def _in_main_thread() -> bool:
+    # Signal handlers can only be installed from the main thread.
     return threading.current_thread() is threading.main_thread()
 
 

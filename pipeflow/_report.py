@@ -398,6 +398,17 @@ class GraphView:
                 best = (s, capacity)
         return best
 
+    @property
+    def saturated(self) -> bool:
+        """Whether the bottleneck is busy enough (50% or more) to be what limits the
+        throughput; below that, the source does."""
+        b = self.stage(self.bottleneck) if self.bottleneck else None
+        return b is not None and (b.utilisation or 0.0) >= 0.5
+
+    @property
+    def bottleneck_label(self) -> str:
+        return "bottleneck" if self.saturated else "busiest"
+
     def recommendation(self) -> str | None:
         """The bottleneck and its size by Little's Law, in a sentence or two, or None.
 
@@ -416,11 +427,13 @@ class GraphView:
             recommended = max(1, math.ceil(load / target - 1e-9))
         have = f"{n} worker{'s' if n != 1 else ''}" if n else "workers"
         util = f", {fmt_pct(b.utilisation)} utilised" if b.utilisation is not None else ""
+        runs = "workers run" if recommended != 1 else "worker runs"
         text = (
-            f"bottleneck: {b.name} ({have}{util}). Little's Law: L = λW = "
-            f"{fmt_rate(b.throughput)} {TIMES} {fmt_duration(b.duration_mean)} = {load:.2f} busy "
-            f"workers; {recommended} worker{'s' if recommended != 1 else ''} run this rate at "
-            f"{fmt_pct(target)} utilisation"
+            f"{self.bottleneck_label}: {b.name} ({have}{util})"
+            + ("." if self.saturated else "; no stage is saturated: the source limits the rate.")
+            + f" Little's Law: L = λW = {fmt_rate(b.throughput)} {TIMES} "
+            f"{fmt_duration(b.duration_mean)} = {load:.2f} busy workers; {recommended} {runs} "
+            f"this rate at {fmt_pct(target)} utilisation"
         )
         limit = self.next_limit()
         if limit is not None and (b.utilisation or 0.0) >= 0.8 and limit[1] > b.throughput * 1.1:
@@ -807,7 +820,7 @@ def render_text(view: GraphView, *, unicode: bool = True, color: bool = False) -
     """The chain drawn top to bottom: a box per stage, edges labelled with items per
     second (or buffers), the bottleneck marked and sized."""
     ch = _UNICODE if unicode else _ASCII
-    mark = " ◀ bottleneck" if unicode else " <- bottleneck"
+    mark = f" ◀ {view.bottleneck_label}" if unicode else f" <- {view.bottleneck_label}"
     bodies = [_stage_lines(s) for s in view.stages]
     headers = [s.name + (mark if s.name == view.bottleneck else "") for s in view.stages]
     width = max(
@@ -878,7 +891,7 @@ def render_dot(view: GraphView) -> str:
         label = "\n".join([s.name, *_node_summary(s)])
         attrs_ = f"label={_dot_quote(label)}"
         if s.name == view.bottleneck:
-            attrs_ += ', color="#c62828", penwidth=2, xlabel="bottleneck"'
+            attrs_ += f', color="#c62828", penwidth=2, xlabel="{view.bottleneck_label}"'
         out.append(f"  {_dot_quote(s.name)} [{attrs_}];")
     for a, b, label in view.edges():
         qa = a if a in ("source", "outputs") else _dot_quote(a)
@@ -971,7 +984,7 @@ def _svg_graph(view: GraphView) -> str:
         if is_b:
             parts.append(
                 f'<text x="{x + box_w / 2}" y="{top - 8:.0f}" text-anchor="middle" '
-                f'font-size="12" font-weight="600" fill="#c62828">bottleneck</text>'
+                f'font-size="12" font-weight="600" fill="#c62828">{view.bottleneck_label}</text>'
             )
         parts.append("</g>")
         x += box_w

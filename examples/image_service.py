@@ -154,24 +154,25 @@ class Jobs:
         self.status.pop(job_id, None)
 
 
-class Record(Stage[Any, None]):
-    """The last stage: write each job's outcome into the job table."""
+class Record(Stage[Thumbnail, None]):
+    """The last stage: write each finished job into the job table. Its :meth:`failed`
+    is the resize stage's dead-letter sink, so failed jobs are recorded too."""
 
     def __init__(self, jobs: Jobs) -> None:
         super().__init__(name="record")
         self.jobs = jobs
 
-    async def process(self, item: Thumbnail | Failed[Job]) -> None:
-        if isinstance(item, Failed):
-            error = item.error
-            reason = "timed out" if isinstance(error, TimeoutError) else repr(error)
-            self._set(item.item.id, {"status": "failed", "error": reason})
-            return
+    async def process(self, item: Thumbnail) -> None:
         self.jobs.results[item.id] = item
         self._set(
             item.id,
             {"status": "done", "width": item.width, "height": item.height, "seconds": item.seconds},
         )
+
+    def failed(self, failure: Failed[Job]) -> None:
+        error = failure.error
+        reason = "timed out" if isinstance(error, TimeoutError) else repr(error)
+        self._set(failure.item.id, {"status": "failed", "error": reason})
 
     def _set(self, job_id: str, fields: Status) -> None:
         if job_id in self.jobs.status:
@@ -181,15 +182,17 @@ class Record(Stage[Any, None]):
 def build_pipeline(
     jobs: Jobs, *, workers: int, queue: int, job_timeout: float
 ) -> Pipeline[Job, None]:
+    record = Record(jobs)
     resizer = stage(
         name="resize",
         run_in="process",  # CPU-bound: one worker process per CPU
         workers=workers,
         buffer=queue,  # the bounded queue: past it, POST /jobs answers 429
         timeout=job_timeout,  # a hung resize is killed, its worker replaced
-        errors="embed",  # a failure travels on to `record`, which reports it
+        errors="skip",  # a failed job does not stop the service ...
+        dead_letter=record.failed,  # ... and its status says why
     )(resize)
-    return Pipeline(resizer | Record(jobs), name="image_service")
+    return Pipeline(resizer | record, name="image_service")
 
 
 # -- the HTTP side: a raw ASGI app -----------------------------------------------------

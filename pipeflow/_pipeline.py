@@ -269,11 +269,21 @@ class Pipeline(Generic[In, Out]):
         ):
             msg = f"Pipeline dead_letter= must be a callable or a Stage, got {dead_letter!r}"
             raise TypeError(msg)
-        if max_failures is not None and (
-            not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 0
-        ):
-            msg = f"Pipeline max_failures= must be an int >= 0, got {max_failures!r}"
-            raise ValueError(msg)
+        if max_failures is not None:
+            if not isinstance(max_failures, int) or isinstance(max_failures, bool):
+                msg = f"Pipeline max_failures= must be an int >= 0, got {max_failures!r}"
+                raise TypeError(msg)
+            if max_failures < 0:
+                msg = f"Pipeline max_failures= must be an int >= 0, got {max_failures!r}"
+                raise ValueError(msg)
+        for st in chain:
+            sink = st.options.dead_letter if st.options.dead_letter is not None else dead_letter
+            if isinstance(sink, Stage) and sink.name in seen:
+                msg = (
+                    f"pipeline {self.name!r}: the dead-letter stage of {st.name!r} is named "
+                    f"{sink.name!r}, like a stage of the pipeline; give it another name"
+                )
+                raise ValueError(msg)
         self.max_failures = max_failures
         self.stages = chain
         self.dead_letter = dead_letter

@@ -45,6 +45,16 @@ class ProcessPool:
             finally:
                 self.context = None
 
+    async def warm(self) -> None:
+        """Make sure an idle worker process is ready, outside any timeout: starting a
+        process takes a good part of a second, which must not count against an item's
+        ``timeout=`` (nor, after a timeout killed a worker, against the next item's)."""
+        await self.context.run_sync(_ready)
+
+
+def _ready() -> None:
+    """A no-op run in a worker process to start it."""
+
 
 def _import_trio_parallel(stage: str) -> Any:
     try:

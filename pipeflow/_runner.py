@@ -24,7 +24,7 @@ import random
 import signal
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import trio
 
@@ -230,43 +230,43 @@ class StageRun:
 
         return call_thread
 
-    def _make_dead_letter(self) -> Callable[[Failed[Any]], Awaitable[None]] | None:
+    def _make_dead_letter(self) -> Callable[[Failed[Any], Ack | None], Awaitable[bool]] | None:
+        """The stage's dead-letter sink as ``await sink(failed, ack) -> took_ack``.
+
+        A callable (sync or async) is called in the failing worker; a :class:`Stage`
+        runs as a side stage with its own workers, fed through a channel, and takes over
+        the item's ack (it acks once it has handled the item).
+        """
+        if self.index < 0:
+            return None  # a dead-letter stage's own failures follow its errors= policy
         sink = self.opts.dead_letter if self.opts.dead_letter is not None else self.run.dead_letter
         if sink is None:
             return None
         if isinstance(sink, Stage):
-            sink_stage = sink
-            sink_target = sink._target()
-            kind = sink.options.kind
+            dl_run = self.run.dead_letter_run(sink)
 
-            async def to_stage(failed: Failed[Any]) -> None:
-                if kind == "async":
-                    await sink_target(failed)
-                elif kind == "asyncgen":
-                    async with contextlib.aclosing(sink_target(failed)) as agen:
-                        async for _ in agen:
-                            pass
-                elif sink_stage.options.run_in == "task":
-                    result = sink_target(failed)
-                    if kind == "syncgen":
-                        list(result)
-                else:
-                    await trio.to_thread.run_sync(
-                        lambda: (
-                            list(sink_target(failed)) if kind == "syncgen" else sink_target(failed)
-                        )
-                    )
+            async def to_stage(failed: Failed[Any], ack: Ack | None) -> bool:
+                await dl_run.put(failed, ack)
+                return ack is not None
 
             return to_stage
 
         fn = sink
 
-        async def to_callable(failed: Failed[Any]) -> None:
+        async def to_callable(failed: Failed[Any], ack: Ack | None) -> bool:
             result = fn(failed)
             if inspect.isawaitable(result):
                 await result
+            return False
 
         return to_callable
+
+    async def put(self, item: Any, ack: Ack | None) -> None:
+        """Dead-letter stages: take a failed item from another stage's worker."""
+        send = self.run.dead_letter_sends[id(self)]
+        env = Env(item, self.in_seq, self.run.now(), ack)
+        self.in_seq += 1
+        await send.send(env)
 
     def connect(self, nxt: StageRun | None, outlet: Outlet) -> None:
         self.next = nxt
@@ -376,6 +376,9 @@ class StageRun:
             c.worker_time += now()
             if c.workers == 0:
                 self._workers_gone.set()
+                if self is self.run.stages[-1]:
+                    # Every item has left the main stages: no more dead letters.
+                    self.run.close_dead_letters()
 
     async def _work(self, recv: trio.MemoryReceiveChannel[Env], send: Any, res: Any) -> None:
         c = self.c
@@ -389,6 +392,7 @@ class StageRun:
         keyed = self.keyed
         autoscale = self.opts.autoscale
         min_workers = self.opts.min_workers
+        passthrough = self.index >= 0  # a dead-letter stage's input *is* Failed values
         spins = 0
         while True:
             if autoscale and self._retire and c.workers > min_workers:
@@ -424,7 +428,7 @@ class StageRun:
                     await trio.lowlevel.checkpoint()
 
             item = env.item
-            if type(item) is Failed:
+            if type(item) is Failed and passthrough:
                 # An upstream failure travelling as a value: pass it on untouched.
                 c.passed += 1
                 if ordered:
@@ -753,6 +757,8 @@ class StageRun:
                     probe = await breaker.admit()
                 if bucket is not None:
                     await bucket.acquire()
+                if timeout is not None and self.process_pool is not None:
+                    await self.process_pool.warm()
                 if timeout is None:
                     result = await call(item, res)
                 else:
@@ -809,9 +815,12 @@ class StageRun:
             attempts=attempts,
             policy=policy,
         )
+        ack_taken = False
         if self._dead_letter is not None:
+            # The item ends here under collect/skip: the dead-letter sink acks it.
+            handover = env.ack if policy in ("collect", "skip") else None
             try:
-                await self._dead_letter(failed)
+                ack_taken = await self._dead_letter(failed, handover)
             except Exception as sink_error:
                 err = StageError(f"{self.name}.dead_letter", failed, sink_error)
                 self.run.fail(err)
@@ -830,7 +839,7 @@ class StageRun:
             return
         if policy == "collect":
             self.run.errors.append(StageError(self.name, item, error, attempts=attempts))
-        if env.ack is not None:
+        if env.ack is not None and not ack_taken:
             env.ack.done()
         self._check_budget(item, error, attempts, weight)
         if self.ordered:
@@ -926,6 +935,11 @@ class Run:
         self.t_start = 0.0
         self.t_end: float | None = None
         self._breakers: dict[int, BreakerRuntime] = {}
+        self.dead_letter_runs: list[StageRun] = []
+        self.dead_letter_sends: dict[int, trio.MemorySendChannel[Env]] = {}
+        self._dead_letter_recvs: dict[int, trio.MemoryReceiveChannel[Env]] = {}
+        self.dead_letter_scope = trio.CancelScope()
+        self.started = False
         self.stages = [StageRun(self, s, i) for i, s in enumerate(stages)]
         for a, b in zip(self.stages, [*self.stages[1:], None], strict=True):
             a.connect(b, outlet)
@@ -948,6 +962,33 @@ class Run:
             self._breakers[key] = BreakerRuntime(config, on_change)
         return self._breakers[key]
 
+    def dead_letter_run(self, stage: Stage[Any, Any]) -> StageRun:
+        """The side stage for a dead-letter :class:`Stage` (one per stage object)."""
+        for dl in self.dead_letter_runs:
+            if dl.stage is stage:
+                return dl
+        dl = StageRun(self, stage, -1)
+        dl.connect(None, "drop")
+        send, recv = trio.open_memory_channel[Env](stage.options.buffer_size)
+        self.dead_letter_sends[id(dl)] = send
+        self._dead_letter_recvs[id(dl)] = recv
+        self.dead_letter_runs.append(dl)
+        return dl
+
+    def start_dead_letters(self, nursery: trio.Nursery) -> None:
+        for dl in self.dead_letter_runs:
+            dl.launch(nursery, self._dead_letter_recvs.pop(id(dl)), None)
+
+    def close_dead_letters(self) -> None:
+        for send in self.dead_letter_sends.values():
+            send.close()
+
+    async def wait_drained(self) -> None:
+        """Until every item has left the pipeline (main stages, then dead letters)."""
+        await self.stages[-1]._workers_gone.wait()
+        for dl in self.dead_letter_runs:
+            await dl._workers_gone.wait()
+
     def fail(self, error: BaseException) -> None:
         if self.first_failure is None:
             self.first_failure = error
@@ -959,6 +1000,7 @@ class Run:
         clock = trio.lowlevel.current_clock()
         self.now = clock.current_time
         self.t_start = self.now()
+        self.started = True
         self.log.info("run_started", stages=[s.name for s in self.stages])
         first_send, recv = trio.open_memory_channel[Env](self.stages[0].opts.buffer_size)
         self.entry = first_send
@@ -979,41 +1021,54 @@ class Run:
         self.pump_scope.cancel()
         if self.entry is not None:
             self.entry.close()
-        if grace is not None and self.cancel_scope is not None:
-            self.cancel_scope.deadline = min(
-                self.cancel_scope.deadline, trio.current_time() + grace
-            )
+        if grace is not None:
+            deadline = trio.current_time() + grace
+            for scope in (self.cancel_scope, self.dead_letter_scope):
+                if scope is not None:
+                    scope.deadline = min(scope.deadline, deadline)
 
     def cancel(self) -> None:
         """Cancel every worker now."""
         self.pump_scope.cancel()
+        self.dead_letter_scope.cancel()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
     async def pump(self, source: Iterable[Any] | Any) -> None:
         """Feed the source into the first stage, then close it (starting the cascade)."""
-        with self.pump_scope:
-            await self._pump(source)
+        if hasattr(source, "__pipeflow_open__"):
+            # An acking source (Redis Streams): items come with an Ack each, and the
+            # source never holds more un-acked items than the run can hold. It stays open
+            # after its input ends (or is stopped by a signal) until every item in flight
+            # has left the pipeline, so that it can ack them.
+            try:
+                async with source.__pipeflow_open__(capacity=self.capacity()) as entries:
+                    with self.pump_scope:
+                        await self._pump(entries, acking=True)
+                    await self.wait_drained()
+            except Exception as exc:
+                self.fail(exc)
+                raise
+        else:
+            with self.pump_scope:
+                await self._pump(source)
 
-    async def _pump(self, source: Iterable[Any] | Any) -> None:
+    async def _pump(self, source: Iterable[Any] | Any, *, acking: bool = False) -> None:
         assert self.entry is not None
         first = self.stages[0]
         now = self.now
         send = self.entry
         try:
             with send:
-                if hasattr(source, "__pipeflow_open__"):
-                    # An acking source (Redis Streams): items come with an Ack each, and
-                    # the source never holds more un-acked items than the run can hold.
-                    opener = source.__pipeflow_open__(capacity=self.capacity())
-                    async with opener as entries:
-                        async for item, ack in entries:
-                            env = Env(item, first.in_seq, now(), ack)
-                            first.in_seq += 1
-                            try:
-                                send.send_nowait(env)
-                            except trio.WouldBlock:
-                                await send.send(env)
+                if acking:
+                    entries = cast(AsyncIterator[tuple[Any, Ack | None]], source)
+                    async for item, ack in entries:
+                        env = Env(item, first.in_seq, now(), ack)
+                        first.in_seq += 1
+                        try:
+                            send.send_nowait(env)
+                        except trio.WouldBlock:
+                            await send.send(env)
                 elif hasattr(source, "__aiter__"):
                     aiter_ = source.__aiter__()
                     owns = hasattr(aiter_, "aclose") and not isinstance(
@@ -1070,7 +1125,10 @@ class Run:
         now = self.t_end if self.t_end is not None else self.now()
         elapsed = now - self.t_start
         final = self.t_end is not None
-        return {sr.name: sr.stats(now, elapsed, final=final) for sr in self.stages}
+        return {
+            sr.name: sr.stats(now, elapsed, final=final)
+            for sr in (*self.stages, *self.dead_letter_runs)
+        }
 
     def primary_error(self, group: BaseExceptionGroup[Any]) -> BaseException | None:
         """The one exception a user should see for a failed run, or None to re-raise.
@@ -1144,14 +1202,23 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
     """
     failure: BaseException | None = None
     try:
+        # Three nested lifetimes: services (a metrics endpoint) outlive the dead-letter
+        # stages, which outlive the main stages, so failed items still reach their sink
+        # when a fail-fast error stops the main stages.
         async with trio.open_nursery() as service_nursery:
             for service in services:
                 await service_nursery.start(service)
             try:
-                async with trio.open_nursery() as nursery:
-                    run.cancel_scope = nursery.cancel_scope
-                    run.start(nursery)
-                    yield nursery
+                with run.dead_letter_scope:
+                    async with trio.open_nursery() as dead_letter_nursery:
+                        run.start_dead_letters(dead_letter_nursery)
+                        try:
+                            async with trio.open_nursery() as nursery:
+                                run.cancel_scope = nursery.cancel_scope
+                                run.start(nursery)
+                                yield nursery
+                        finally:
+                            run.close_dead_letters()
                 # Every stage has drained: end-of-stream checks (fractional error budgets).
                 for sr in run.stages:
                     sr.finish_budget()
@@ -1162,13 +1229,14 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
         if failure is None:
             raise
     finally:
-        run.t_end = run.now()
-        counts = {sr.name: (sr.c.items_in, sr.c.items_out, sr.c.failed) for sr in run.stages}
-        run.log.info(
-            "run_finished",
-            elapsed=run.t_end - run.t_start,
-            failed=run.first_failure is not None,
-            counts=counts,
-        )
+        if run.started:
+            run.t_end = run.now()
+            counts = {sr.name: (sr.c.items_in, sr.c.items_out, sr.c.failed) for sr in run.stages}
+            run.log.info(
+                "run_finished",
+                elapsed=run.t_end - run.t_start,
+                failed=run.first_failure is not None,
+                counts=counts,
+            )
     if failure is not None:
         raise failure

@@ -504,11 +504,11 @@ class RedisStreamSource:
         consumer = _Consumer(self, conn, capacity=1)
         try:
             await consumer.create_group()
+            consumer.inline_acks = True  # no acker task: acks go out before each read
             async for entry, ack in consumer:
                 yield entry
                 # The loop asked for the next entry: the body is done with this one.
                 ack.done()
-                await consumer.flush()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_ACK_TIMEOUT):
                 await consumer.close()
@@ -596,6 +596,7 @@ class _Consumer:
         self._next_trim = -math.inf
         self._ended = False
         self.joined = False
+        self.inline_acks = False
 
     async def create_group(self) -> None:
         s = self.source
@@ -617,6 +618,8 @@ class _Consumer:
 
     async def __anext__(self) -> tuple[Entry, _EntryAck]:
         while True:
+            if self.inline_acks and self.to_ack:
+                await self.flush()
             if self.buffer:
                 entry = self.buffer.popleft()
                 return entry, _EntryAck(self, entry.id)
@@ -707,8 +710,9 @@ class _Consumer:
             if entry_id in self.held:
                 continue  # already ours and on its way (a reclaim of our own slow entry)
             self.held.add(entry_id)
-            if fields is None:
+            if not fields:
                 # Deleted from the stream while pending (trimmed): nothing left to do.
+                # (Redis answers nil fields; no real entry has none.)
                 self.finished(entry_id)
                 continue
             entries.append(Entry(entry_id, fields))

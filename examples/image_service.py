@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import functools
 import io
 import json
@@ -405,8 +404,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             base = await nursery.start(serve_it)
             print(f"serving on {base} (Ctrl+C to stop)")
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: the service stops cleanly
+    try:
         trio.run(run)
+    except* KeyboardInterrupt:  # Ctrl+C: every task, thread and worker process is stopped
+        print("stopped")
     return None
 
 

@@ -185,8 +185,14 @@ def read_urls(path: Path) -> Iterator[str]:
                 yield url
 
 
-def print_report(result: RunResult[Any], file: Any = None) -> None:
-    """The run report: each stage's figures, the bottleneck, then every failure."""
+def print_report(
+    result: RunResult[Any], pipeline: Pipeline[Any, Any] | None = None, file: Any = None
+) -> None:
+    """The run report: each stage's figures, the bottleneck, then every failure.
+
+    Given the ``pipeline``, a bottleneck that is running at its own ``rate=`` limit is
+    called rate-limited: more workers would not make it faster.
+    """
     out = file if file is not None else sys.stdout
     rows = sum(result.outputs)
     print(f"scraped {rows} pages in {result.elapsed:.2f}s", file=out)
@@ -203,13 +209,26 @@ def print_report(result: RunResult[Any], file: Any = None) -> None:
             file=out,
         )
     if result.bottleneck is not None:
-        s = result.stats[result.bottleneck]
-        print(
-            f"bottleneck: {result.bottleneck} ({s.busy_fraction:.0%} busy, "
-            f"{s.utilisation:.0%} utilised); Little's Law recommends "
-            f"{s.recommended_workers} workers for {s.throughput:.1f} items/s",
-            file=out,
-        )
+        name = result.bottleneck
+        s = result.stats[name]
+        rates = {st.name: st.options.rate for st in pipeline.stages} if pipeline else {}
+        rate = rates.get(name)
+        # Attempts (retries included) per second, against the stage's token bucket.
+        attempts = (s.items_in - s.dropped + s.retried) / result.elapsed if result.elapsed else 0
+        if rate is not None and attempts >= 0.8 * rate:
+            print(
+                f"bottleneck: {name}, held by its rate limit ({attempts:.1f} of {rate:g} "
+                f"requests/s): its workers wait for the token bucket, so more workers "
+                f"would not help; raise rate= if the site allows it",
+                file=out,
+            )
+        else:
+            print(
+                f"bottleneck: {name} ({s.busy_fraction:.0%} busy, "
+                f"{s.utilisation:.0%} utilised); Little's Law recommends "
+                f"{s.recommended_workers} workers for {s.throughput:.1f} items/s",
+                file=out,
+            )
     if result.errors:
         print(f"{len(result.errors)} failed:", file=out)
         for err in result.errors:
@@ -221,11 +240,10 @@ Watch = Callable[[Pipeline[Any, Any]], Awaitable[None]]
 
 
 async def scrape(
-    urls: Any, db: Path, *, request_timeout: float, rate: float, watch: Watch | None = None
+    pipeline: Pipeline[str, int], urls: Any, *, watch: Watch | None = None
 ) -> RunResult[int]:
     """Run the scraper over ``urls``; ``watch(pipeline)``, if given, runs alongside
     (a live progress view reads ``pipeline.current_stats()``) and is cancelled at the end."""
-    pipeline = build_pipeline(db, timeout=request_timeout, rate=rate)
     if watch is None:
         return await pipeline.arun(urls)
     async with trio.open_nursery() as nursery:
@@ -236,33 +254,33 @@ async def scrape(
 
 
 def main(argv: list[str] | None = None, *, watch: Watch | None = None) -> RunResult[int]:
-    """Scrape, print the report, return the :class:`RunResult` (outputs: rows per batch)."""
+    """Scrape, print the report, return the :class:`RunResult` (outputs: rows per batch).
+
+    ``watch``, an async function, is called with the pipeline and runs beside it (a live
+    progress view); it is cancelled when the run ends.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--urls", type=Path, help="file of URLs, one per line (default: local site)"
-    )
+    parser.add_argument("--urls", type=Path, help="file of URLs, one per line")
     parser.add_argument("--pages", type=int, default=120, help="local site pages (default 120)")
     parser.add_argument("--db", type=Path, help="SQLite file to keep (default: a temporary one)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second")
     args = parser.parse_args(argv)
 
-    async def run(db: Path) -> RunResult[int]:
+    async def run(pipeline: Pipeline[str, int]) -> RunResult[int]:
         if args.urls is not None:
-            return await scrape(
-                read_urls(args.urls), db, request_timeout=args.timeout, rate=args.rate, watch=watch
-            )
+            return await scrape(pipeline, read_urls(args.urls), watch=watch)
         async with local_site() as base:
             print(f"serving a local site on {base}")
-            urls = site_urls(base, args.pages)
-            return await scrape(urls, db, request_timeout=args.timeout, rate=args.rate, watch=watch)
+            return await scrape(pipeline, site_urls(base, args.pages), watch=watch)
 
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db if args.db is not None else Path(tmp) / "pages.db"
-        result = trio.run(run, db)
+        pipeline = build_pipeline(db, timeout=args.timeout, rate=args.rate)
+        result = trio.run(run, pipeline)
         with contextlib.closing(sqlite3.connect(db)) as conn:
             (stored,) = conn.execute("SELECT COUNT(*) FROM pages").fetchone()
-    print_report(result)
+    print_report(result, pipeline)
     print(f"{stored} rows in table pages of {db if args.db else 'a temporary database'}")
     return result
 

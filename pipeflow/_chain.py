@@ -38,13 +38,13 @@ class Chain(Generic[In, Out]):
             elif isinstance(side, Chain):
                 parts.extend(side.stages)
             else:
-                other = right if side is left else left
                 hint = ""
                 if callable(side):
                     hint = "; decorate the function with @stage first"
+                where = "left" if side is left else "right"
                 msg = (
-                    f"cannot join {_describe(side)} with {_describe(other)} using |: "
-                    f"both sides must be stages or chains{hint}"
+                    f"cannot join {_describe(left)} | {_describe(right)}: the {where} side "
+                    f"is not a stage or a chain{hint}"
                 )
                 raise TypeError(msg)
         return Chain(tuple(parts))

@@ -21,6 +21,7 @@ import structlog
 LOGGER_NAME = "pipeflow"
 
 _FALLBACK_PROCESSORS: list[Any] = [
+    structlog.stdlib.filter_by_level,  # don't format what the logging level drops
     structlog.processors.format_exc_info,
     structlog.processors.KeyValueRenderer(
         key_order=["event", "pipeline", "stage"], drop_missing=True, sort_keys=False
@@ -28,9 +29,28 @@ _FALLBACK_PROCESSORS: list[Any] = [
 ]
 
 
+def _configured_by_application() -> bool:
+    """Whether the application configured structlog (or a test is capturing logs).
+
+    ``structlog.is_configured()`` stays True after ``capture_logs()`` restores the
+    builtin defaults, which print to stdout; that configuration counts as "not
+    configured", so a test that once captured logs does not make later runs print.
+    """
+    if not structlog.is_configured():
+        return False
+    config = structlog.get_config()
+    processors = list(config["processors"])
+    defaults = (
+        isinstance(config["logger_factory"], structlog.PrintLoggerFactory)
+        and len(processors) == 6
+        and isinstance(processors[-1], structlog.dev.ConsoleRenderer)
+    )
+    return not defaults
+
+
 def get_logger(**context: Any) -> Any:
     """A logger bound with ``context`` (usually ``pipeline=``), decided per run."""
-    if structlog.is_configured():
+    if _configured_by_application():
         return structlog.get_logger(LOGGER_NAME).bind(**context)
     return structlog.wrap_logger(
         logging.getLogger(LOGGER_NAME),

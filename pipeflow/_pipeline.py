@@ -288,6 +288,8 @@ class Pipeline(Generic[In, Out]):
         self.stages = chain
         self.dead_letter = dead_letter
         self._live: list[Run] = []
+        #: ``(host, port)`` of the metrics endpoint while a run serves one, else None.
+        self.metrics_address: tuple[str, int] | None = None
         # Counters of finished runs, added up, so that metrics only ever go up.
         self._totals = {st.name: StageCounters(st.name) for st in chain}
         self.registry = registry

@@ -174,6 +174,7 @@ class StageRun:
             and self._breaker is None
         )
         self._rng = random.Random()
+        self._throttled: dict[trio.lowlevel.Task, float] = {}
         self.process_pool: Any = None
         self._call = self._make_call()
         self._emit: Callable[[Env, Any], Awaitable[None]] = self._emit_collect
@@ -384,7 +385,9 @@ class StageRun:
         c = self.c
         now = self.run.now
         emit = self._emit
-        call = self._call if self._simple else self._call_with_policies
+        simple = self._simple
+        call = self._call if simple else self._call_with_policies
+        task = trio.lowlevel.current_task()
         multi = self.multi
         ordered = self.ordered
         window = self._window if self._workers_take_window else None
@@ -449,26 +452,31 @@ class StageRun:
             t0 = now()
             c.waits.observe(t0 - env.t)
             c.busy_workers += 1
+            error: Exception | None = None
             try:
                 result = await call(item, res)
             except Exception as exc:
-                d = now() - t0
+                error = exc
+            finally:
                 c.busy_workers -= 1
-                c.busy_time += d
-                c.durations.observe(d)
-                if isinstance(exc, _GaveUp):
-                    await self._on_failure(env, exc.error, exc.attempts, send, w)
-                else:
-                    await self._on_failure(env, exc, 1, send, w)
-                continue
             d = now() - t0
-            c.busy_workers -= 1
+            if not simple:
+                # Time spent waiting for a rate-limit token or a held breaker is not
+                # work: it must not make the stage look busy (or name it the bottleneck).
+                d -= self._throttled.pop(task, 0.0)
             c.busy_time += d
             c.durations.observe(d)
+            if error is not None:
+                if isinstance(error, _GaveUp):
+                    await self._on_failure(env, error.error, error.attempts, send, w)
+                else:
+                    await self._on_failure(env, error, 1, send, w)
+                continue
 
             if not multi:
                 c.ok += w
                 c.items_out += 1
+                c.inflight -= w
                 env.item = result
                 if ordered:
                     await self._deposit(env.seq, [env], send)
@@ -478,6 +486,7 @@ class StageRun:
                 n = len(result)
                 if n == 0:
                     c.filtered += w
+                    c.inflight -= w
                     if env.ack is not None:
                         env.ack.done()
                     if ordered:
@@ -485,6 +494,7 @@ class StageRun:
                 else:
                     c.ok += w
                     c.items_out += n
+                    c.inflight -= w
                     ack = env.ack
                     if ack is not None and n > 1:
                         ack.add(n - 1)
@@ -496,7 +506,6 @@ class StageRun:
                     else:
                         for e in envs:
                             await emit(e, send)
-            c.inflight -= w
 
     async def _receive_or_retire(self, recv: trio.MemoryReceiveChannel[Env]) -> Env | None:
         """Autoscaled stages: wait for an item; after a long idle spell, retire (None)."""
@@ -753,10 +762,17 @@ class StageRun:
             attempt += 1
             probe = False
             try:
-                if breaker is not None:
-                    probe = await breaker.admit()
-                if bucket is not None:
-                    await bucket.acquire()
+                if breaker is not None or bucket is not None:
+                    waited_from = self.run.now()
+                    if breaker is not None:
+                        probe = await breaker.admit()
+                    if bucket is not None:
+                        await bucket.acquire()
+                    waited = self.run.now() - waited_from
+                    if waited:
+                        self.c.throttled_time += waited
+                        task = trio.lowlevel.current_task()
+                        self._throttled[task] = self._throttled.get(task, 0.0) + waited
                 if timeout is not None and self.process_pool is not None:
                     await self.process_pool.warm()
                 if timeout is None:

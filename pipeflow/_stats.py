@@ -102,6 +102,7 @@ class StageCounters:
         "ok",
         "passed",
         "retried",
+        "throttled_time",
         "waits",
         "worker_time",
         "workers",
@@ -124,6 +125,7 @@ class StageCounters:
         self.workers_peak = 0
         self.busy_time = 0.0
         self.blocked_time = 0.0
+        self.throttled_time = 0.0  # waiting for a rate-limit token or a held breaker
         # Sum of worker lifetimes: each worker subtracts its start time and adds its end
         # time, so "worker_time + workers * now" is exact at any moment, autoscaling or not.
         self.worker_time = 0.0
@@ -173,6 +175,7 @@ class StageCounters:
             busy_seconds=self.busy_time,
             busy_fraction=busy_fraction,
             blocked_seconds=self.blocked_time,
+            throttled_seconds=self.throttled_time,
             throughput=throughput,
             load=load,
             utilisation=utilisation,
@@ -195,7 +198,10 @@ class StageStats:
     and ``recommended_workers`` = ⌈L / 0.7⌉, the pool size that runs this rate at 70%.
     ``workers`` is the current pool size while running, the largest it reached once the
     run is over. ``blocked_seconds`` is time workers spent waiting to hand outputs downstream:
-    backpressure from a slower stage after this one.
+    backpressure from a slower stage after this one. ``throttled_seconds`` is time
+    spent waiting for a ``rate=`` token or a held circuit breaker; it is not counted as
+    busy time nor in the durations, so a rate-limited stage is not mistaken for the
+    bottleneck.
     """
 
     name: str
@@ -221,6 +227,7 @@ class StageStats:
     busy_seconds: float
     busy_fraction: float
     blocked_seconds: float
+    throttled_seconds: float
     throughput: float
     load: float
     utilisation: float
@@ -239,6 +246,7 @@ def accumulate(totals: StageCounters, run: StageCounters) -> None:
     totals.passed += run.passed
     totals.busy_time += run.busy_time
     totals.blocked_time += run.blocked_time
+    totals.throttled_time += run.throttled_time
     for mine, theirs in ((totals.durations, run.durations), (totals.waits, run.waits)):
         for i, n in enumerate(theirs.counts):
             mine.counts[i] += n
@@ -248,15 +256,23 @@ def accumulate(totals: StageCounters, run: StageCounters) -> None:
         mine.min = min(mine.min, theirs.min)
 
 
-def find_bottleneck(stats: Mapping[str, StageStats]) -> str | None:
-    """The stage that limits throughput: the one whose workers are busiest.
+#: A stage busier than this (share of its worker time spent working) can be the
+#: bottleneck; below it, what limits the pipeline is outside it (the source, a consumer).
+BOTTLENECK_MIN_BUSY = 0.5
 
-    Busy time excludes time spent blocked sending downstream, so a stage held up by a
-    slow successor is not named; the successor is.
+
+def find_bottleneck(stats: Mapping[str, StageStats]) -> str | None:
+    """The stage that limits throughput: the one whose workers are busiest, or None.
+
+    Busy time excludes time blocked sending downstream, so a stage held up by a slow
+    successor is not named; the successor is. A stage counts only if its workers are
+    busy at least half the time and work more than they wait to hand items on; when no
+    stage does, the pipeline is limited by its source or by whoever reads its outputs,
+    and no stage is named.
     """
     best: str | None = None
-    best_util = 0.0
+    best_busy = BOTTLENECK_MIN_BUSY
     for name, s in stats.items():
-        if s.busy_fraction > best_util:
-            best, best_util = name, s.busy_fraction
+        if s.busy_fraction >= best_busy and s.blocked_seconds <= s.busy_seconds:
+            best, best_busy = name, s.busy_fraction
     return best

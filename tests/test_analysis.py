@@ -205,11 +205,6 @@ async def test_queue_wait_and_conservation(autojump_clock):
     assert math.isclose(1.0, e.queue_wait_p99, rel_tol=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="find_bottleneck names the busiest stage even when its workers mostly wait "
-    "to hand outputs to the consumer (_stats.find_bottleneck; see the report)",
-)
 async def test_a_stage_held_up_by_a_slow_consumer_is_not_the_bottleneck(autojump_clock):
     """The consumer of stream() reads one output a second; quick (0.125 s per item)
     spends most of its time blocked sending: it does not limit throughput."""
@@ -227,11 +222,6 @@ async def test_a_stage_held_up_by_a_slow_consumer_is_not_the_bottleneck(autojump
     assert "quick" != outputs.result.bottleneck
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="find_bottleneck names a stage busy 12% of the time when the source limits "
-    "the rate (_stats.find_bottleneck; see the report)",
-)
 async def test_a_slow_source_leaves_no_stage_to_blame(autojump_clock):
     """The source yields one item a second; quick is busy 12% of the time and limits
     nothing."""

@@ -208,7 +208,13 @@ def print_report(
             f"{s.duration_p99 * 1000:>6.0f} ms",
             file=out,
         )
-    if result.bottleneck is not None:
+    if result.bottleneck is None:
+        print(
+            "bottleneck: none (no stage was busy half the time: the pipeline waited for "
+            "its input, or for its slowest pages)",
+            file=out,
+        )
+    else:
         name = result.bottleneck
         s = result.stats[name]
         rates = {st.name: st.options.rate for st in pipeline.stages} if pipeline else {}

@@ -80,7 +80,7 @@ def _result(run: Run) -> RunResult[Any]:
 
 
 def _check_source(source: object) -> None:
-    if hasattr(source, "__aiter__") or hasattr(source, "__iter__"):
+    if any(hasattr(source, a) for a in ("__aiter__", "__iter__", "__pipeflow_open__")):
         return
     msg = (
         f"source must be an iterable, an async iterable or a Trio receive channel, "

@@ -148,7 +148,10 @@ class StageCounters:
         mean = self.durations.mean
         mean_workers = worker_seconds / elapsed if elapsed > 0 else float(self.workers)
         busy_fraction = self.busy_time / worker_seconds if worker_seconds > 0 else 0.0
-        load = throughput * mean  # Little's Law: L = λW busy workers on average
+        # Little's Law: L = λW, the workers busy on average. Measured as busy time over
+        # elapsed time, which is λW counted in calls: right for batches too, whose λ in
+        # items would overstate L by the batch size.
+        load = self.busy_time / elapsed if elapsed > 0 else 0.0
         utilisation = load / mean_workers if mean_workers > 0 else 0.0
         recommended = max(1, math.ceil(load / target_utilisation - 1e-9)) if done else 1
         return StageStats(

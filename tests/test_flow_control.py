@@ -424,3 +424,20 @@ def test_pipeline_error_budget_counts_failures_in_every_stage():
     assert "over its error budget max_failures=7" in "".join(info.value.__notes__)
     with pytest.raises(ValueError, match="max_failures= must be an int >= 0"):
         Pipeline(odd_fails, max_failures=-1)
+
+
+async def test_batched_stage_load_counts_calls_not_items(autojump_clock):
+    """Little's Law for a batched stage: L is workers busy on average (calls), so 2
+    workers each writing a batch of 10 in 1 s, fed at once, are fully used (L = 2),
+    not L = 20 from items/s x seconds per call."""
+
+    @stage(workers=2, batch=10)
+    async def write(rows):
+        await trio.sleep(1)
+
+    result = await Pipeline(write).arun(range(40))
+    stats = result.stats["write"]
+    assert 2.0 == result.elapsed
+    assert 20.0 == stats.throughput
+    assert 2.0 == stats.load
+    assert 1.0 == stats.utilisation

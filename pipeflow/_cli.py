@@ -744,6 +744,11 @@ async def _lines(open_input: Opener, where: str) -> AsyncIterator[str]:
             offset += len(chunk)
             *lines, pending = text.split("\n")
             for line in lines:
+                # A graceful stop cancels the source, then closes its channel. If the
+                # source is between two checkpoints then (it was just woken from a
+                # send), its next send would hit the closed channel: stop here first.
+                # (Cheap: it only yields when cancelled.)
+                await trio.lowlevel.checkpoint_if_cancelled()
                 yield line.removesuffix("\r")
             if not chunk:
                 break
@@ -756,13 +761,16 @@ async def _lines(open_input: Opener, where: str) -> AsyncIterator[str]:
 
 def _file_input(file: IO[bytes]) -> Opener:
     async def open_input() -> tuple[ChunkReader, Closer]:
-        async_file = trio.wrap_file(file)
-
         async def read() -> bytes:
-            data: bytes = await async_file.read(1 << 16)  # type: ignore[misc]
-            return data
+            # A local file's chunk is read in the event loop (microseconds from the page
+            # cache), not in a thread, whose read could not be cancelled.
+            await trio.lowlevel.checkpoint()
+            return file.read(1 << 16)
 
-        return read, async_file.aclose
+        async def close() -> None:
+            file.close()
+
+        return read, close
 
     return open_input
 

@@ -233,6 +233,13 @@ def test_unreachable_metrics_url_is_one_line(capsys):
     assert f"pipeflow: error: cannot reach {url}: Connection refused\n" == capsys.readouterr().err
 
 
+def test_input_that_is_not_text_is_one_line(app, capsys):
+    """Bytes that are not UTF-8 in --input: the byte offset, one line, exit status 2."""
+    (app / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    assert 2 == main(["run", "cliapp:pipeline", "--input", "bad.txt", "-q"])
+    assert "pipeflow: error: bad.txt is not UTF-8 text (byte 3)\n" == capsys.readouterr().err
+
+
 def test_import_errors_say_where(app, capsys):
     """A module that fails to import: its exception and the line, in one line."""
     (app / "broken.py").write_text("x = 1\nraise RuntimeError('no config')\n")

@@ -853,7 +853,7 @@ def render_text(view: GraphView, *, unicode: bool = True, color: bool = False) -
             advice = advice.replace("λ", "lambda*").replace(TIMES, "x")
         out += ["", *textwrap.wrap(advice, 96, subsequent_indent="  ", break_on_hyphens=False)]
     elif view.measured and view.bottleneck is None:
-        out += ["", "no bottleneck: no stage was busy"]
+        out += ["", "no bottleneck: no stage limited the rate (the source did)"]
     return "\n".join(out) + "\n"
 
 

@@ -969,9 +969,10 @@ class _RunCommand:
         return _lines(_file_input(file), args.input)
 
     def _redis_source(self, url: str) -> Any:
-        if not url.startswith("redis://"):
+        if not url.startswith(("redis://", "rediss://", "unix://")):
             raise CliError(
-                f"--source: unsupported URL {url!r} (expected redis://HOST:PORT/DB?stream=...)"
+                f"--source: unsupported URL {url!r} (expected redis://HOST:PORT/DB?stream=..., "
+                f"rediss:// or unix://)"
             )
         try:
             from pipeflow.connectors.redis import RedisStreamSource

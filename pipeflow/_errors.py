@@ -26,8 +26,13 @@ class StageError(Exception):
 
     ``stage`` is the stage's name, ``item`` the input it failed on, ``attempts`` how many
     times the function was called for it; ``__cause__`` is the original exception, with
-    its traceback.
+    its traceback. When ``run``/``arun`` raise it, ``result`` holds the stopped run's
+    :class:`RunResult` (statistics up to the failure).
     """
+
+    #: The :class:`RunResult` of the run this error stopped, when raised by
+    #: ``run``/``arun`` (None for errors collected in ``RunResult.errors``).
+    result: Any = None
 
     def __init__(self, stage: str, item: object, error: BaseException, *, attempts: int = 1):
         self.stage = stage

@@ -386,8 +386,13 @@ class Pipeline(Generic[In, Out]):
         _check_grace(grace)
         run = self._new_run("collect" if collect else "drop")
         services = [signal_service(run, grace)] if handle_signals else []
-        async with self._running(run, metrics_port, services) as nursery:
-            nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
+        try:
+            async with self._running(run, metrics_port, services) as nursery:
+                nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
+        except StageError as failure:
+            # The statistics of a failed run are worth having (the CLI's report).
+            failure.result = _result(run)
+            raise
         result = _result(run)
         if run.interrupted_by is not None:
             raise Interrupted(run.interrupted_by, result)

@@ -8,6 +8,7 @@ session) is refused when the pipeline is built, with the reason.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import pickle
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,16 +16,65 @@ from typing import Any
 import trio
 
 
-def check_picklable(fn: Callable[..., Any], stage: str) -> None:
+class ByName:
+    """A picklable reference to a module-level function, resolved in the worker process.
+
+    ``@stage(run_in="process")`` on a top-level function leaves the module attribute
+    holding the stage, not the function, so pickle cannot send the function by
+    reference; this sends its module and qualified name instead and calls the function
+    behind whatever the name holds there (the stage, or the plain function).
+    """
+
+    __slots__ = ("module", "qualname")
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.module = module
+        self.qualname = qualname
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ByName, (self.module, self.qualname))
+
+    def resolve(self) -> Callable[..., Any]:
+        obj: Any = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        # A FunctionStage keeps the plain function as ``fn``.
+        fn = getattr(obj, "fn", obj)
+        if not callable(fn):
+            raise TypeError(f"{self.module}.{self.qualname} is not callable")
+        return fn  # type: ignore[no-any-return]
+
+    def __call__(self, *args: Any) -> Any:
+        return self.resolve()(*args)
+
+
+def picklable_target(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+    """``fn`` itself if it pickles, else a :class:`ByName` reference to it; raise a
+    TypeError that says why when neither can reach a worker process."""
     try:
         pickle.dumps(fn)
+        return fn
     except Exception as exc:
-        msg = (
-            f"stage {stage!r}: run_in='process' needs a function that pickles (defined at "
-            f"module top level, not a lambda or a closure); pickling "
-            f"{getattr(fn, '__qualname__', fn)!r} failed: {exc}"
-        )
-        raise TypeError(msg) from exc
+        error: Exception = exc
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if module and qualname and "<" not in qualname:
+        ref = ByName(module, qualname)
+        try:
+            if ref.resolve() is fn:
+                return ref
+        except Exception as exc:
+            error = exc
+    msg = (
+        f"stage {stage!r}: run_in='process' needs a function that pickles (defined at "
+        f"module top level, not a lambda or a closure); pickling "
+        f"{qualname or fn!r} failed: {error}"
+    )
+    raise TypeError(msg) from error
+
+
+def check_picklable(fn: Callable[..., Any], stage: str) -> None:
+    picklable_target(fn, stage)
 
 
 class ProcessPool:
@@ -72,7 +122,7 @@ def process_call(
     target: Callable[..., Any], limiter: trio.CapacityLimiter, pool: ProcessPool
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     _import_trio_parallel(pool.stage)
-    check_picklable(target, pool.stage)
+    target = picklable_target(target, pool.stage)
 
     async def call_process(item: Any, _: Any) -> Any:
         # kill_on_cancel: a timeout or a cancelled run kills the worker process rather

@@ -1033,10 +1033,12 @@ class Run:
             recv = next_recv  # type: ignore[assignment]
 
     def stop_input(self, grace: float | None) -> None:
-        """Stop taking input; the items already in finish, for at most ``grace`` seconds."""
+        """Stop taking input; the items already in finish, for at most ``grace`` seconds.
+
+        The source's task closes the first channel as it leaves (starting the cascade);
+        closing it here instead would race with a send it is about to make.
+        """
         self.pump_scope.cancel()
-        if self.entry is not None:
-            self.entry.close()
         if grace is not None:
             deadline = trio.current_time() + grace
             for scope in (self.cancel_scope, self.dead_letter_scope):

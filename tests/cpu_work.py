@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pipeflow import stage
+
 
 def sum_squares(n: int) -> int:
     return sum(i * i for i in range(n))
@@ -17,3 +19,9 @@ def die_on_negative(n: int) -> int:
 
 def worker_pid(_: object) -> int:
     return os.getpid()
+
+
+@stage(workers=2, run_in="process")
+def cube(n: int) -> int:
+    """The contract's main form: a decorated top-level function in worker processes."""
+    return n**3

@@ -441,3 +441,27 @@ async def test_batched_stage_load_counts_calls_not_items(autojump_clock):
     assert 20.0 == stats.throughput
     assert 2.0 == stats.load
     assert 1.0 == stats.utilisation
+
+
+async def test_decorated_top_level_function_runs_in_processes():
+    """@stage(run_in="process") on a module-level function: the module attribute is the
+    stage, and the worker process still finds the function behind it."""
+    result = await Pipeline(cpu_work.cube).arun(range(5))
+    assert [0, 1, 8, 27, 64] == sorted(result.outputs)
+    assert 8 == cpu_work.cube(2)  # still callable as the plain function
+    assert [] == multiprocessing.active_children()
+
+
+async def test_fail_fast_error_carries_the_stopped_runs_result():
+    """A fail-fast StageError from arun has .result with the statistics so far."""
+
+    @stage
+    async def fails_on_three(x):
+        if x == 3:
+            raise ValueError(x)
+        return x
+
+    with pytest.raises(StageError) as info:
+        await Pipeline(fails_on_three).arun(range(10))
+    stats = info.value.result.stats["fails_on_three"]
+    assert (3, 1) == (stats.ok, stats.failed)

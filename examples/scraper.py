@@ -190,8 +190,9 @@ def print_report(
 ) -> None:
     """The run report: each stage's figures, the bottleneck, then every failure.
 
-    Given the ``pipeline``, a bottleneck that is running at its own ``rate=`` limit is
-    called rate-limited: more workers would not make it faster.
+    A stage whose workers spent most of their time waiting for its ``rate=`` token
+    bucket is reported as rate-limited: more workers would not make it faster. Given the
+    ``pipeline``, the report also names the limit.
     """
     out = file if file is not None else sys.stdout
     rows = sum(result.outputs)
@@ -208,33 +209,40 @@ def print_report(
             f"{s.duration_p99 * 1000:>6.0f} ms",
             file=out,
         )
-    if result.bottleneck is None:
+    rates = {st.name: st.options.rate for st in pipeline.stages} if pipeline else {}
+    throttled = [
+        (name, s.throttled_seconds / (s.mean_workers * result.elapsed))
+        for name, s in result.stats.items()
+        if s.mean_workers * result.elapsed > 0
+        and s.throttled_seconds >= 0.5 * s.mean_workers * result.elapsed
+    ]
+    if result.bottleneck is not None:
+        s = result.stats[result.bottleneck]
+        print(
+            f"bottleneck: {result.bottleneck} ({s.busy_fraction:.0%} busy, "
+            f"{s.utilisation:.0%} utilised); Little's Law recommends "
+            f"{s.recommended_workers} workers for {s.throughput:.1f} items/s",
+            file=out,
+        )
+    elif throttled:
+        name, share = max(throttled, key=lambda t: t[1])
+        s = result.stats[name]
+        rate = rates.get(name)
+        # Requests per second, retries included: what the token bucket let through.
+        sent = (s.items_in - s.dropped + s.retried) / result.elapsed
+        limit = f" ({sent:.1f} of {rate:g} requests/s)" if rate else ""
+        print(
+            f"bottleneck: the rate limit of {name}{limit}: its workers spent {share:.0%} "
+            f"of their time waiting for a token, so more workers would not help; "
+            f"raise rate= if the site allows it",
+            file=out,
+        )
+    else:
         print(
             "bottleneck: none (no stage was busy half the time: the pipeline waited for "
             "its input, or for its slowest pages)",
             file=out,
         )
-    else:
-        name = result.bottleneck
-        s = result.stats[name]
-        rates = {st.name: st.options.rate for st in pipeline.stages} if pipeline else {}
-        rate = rates.get(name)
-        # Attempts (retries included) per second, against the stage's token bucket.
-        attempts = (s.items_in - s.dropped + s.retried) / result.elapsed if result.elapsed else 0
-        if rate is not None and attempts >= 0.8 * rate:
-            print(
-                f"bottleneck: {name}, held by its rate limit ({attempts:.1f} of {rate:g} "
-                f"requests/s): its workers wait for the token bucket, so more workers "
-                f"would not help; raise rate= if the site allows it",
-                file=out,
-            )
-        else:
-            print(
-                f"bottleneck: {name} ({s.busy_fraction:.0%} busy, "
-                f"{s.utilisation:.0%} utilised); Little's Law recommends "
-                f"{s.recommended_workers} workers for {s.throughput:.1f} items/s",
-                file=out,
-            )
     if result.errors:
         print(f"{len(result.errors)} failed:", file=out)
         for err in result.errors:

@@ -51,7 +51,7 @@ def test_scraper_scrapes_the_local_site_and_reports_failures(
     assert (23, 3) == (result.stats["fetch"].items_in, result.stats["fetch"].failed)
     out = capsys.readouterr().out
     assert "scraped 20 pages in " in out
-    assert f"bottleneck: {result.bottleneck or 'none'}" in out
+    assert f"bottleneck: {result.bottleneck or 'none'}" in out  # no rate limit to speak of
     assert "3 failed:" in out
     assert "20 rows in table pages" in out
 
@@ -78,9 +78,12 @@ def test_scraper_reads_urls_from_a_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert "0 rows in table pages of " + str(db) in capsys.readouterr().out
 
 
-def test_scraper_watch_sees_the_pipeline_while_it_runs() -> None:
+def test_scraper_watch_sees_the_pipeline_while_it_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """main(argv, watch=...) runs watch(pipeline) beside the run (how `pipeflow demo`
-    shows live progress): it can read live statistics, and is cancelled at the end."""
+    shows live progress): it can read live statistics, and is cancelled at the end.
+    With more URLs than the rate allows, the report names the rate limit."""
     needs("httpx")
     scraper = load("scraper")
     seen: list[int] = []
@@ -92,9 +95,11 @@ def test_scraper_watch_sees_the_pipeline_while_it_runs() -> None:
                 seen.append(stats["fetch"].items_in)
             await trio.sleep(0.05)
 
-    scraper.main(["--pages", "10", "--rate", "40"], watch=watch)
+    result = scraper.main(["--pages", "150", "--rate", "100"], watch=watch)
     assert seen
-    assert max(seen) > 0
+    assert 0 < max(seen) <= 153
+    assert result.bottleneck is None
+    assert "bottleneck: the rate limit of fetch (" in capsys.readouterr().out
 
 
 # -- the batch writer and telemetry -----------------------------------------------------
@@ -103,13 +108,14 @@ def test_scraper_watch_sees_the_pipeline_while_it_runs() -> None:
 def test_batch_writer_writes_every_event_in_few_transactions(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """3,040 events are all stored, in full batches of 1,000 during the burst and small
-    ones flushed by the 100 ms timer during the trickle."""
+    """3,040 events are all stored, in batches of at most 1,000 rows (full ones during
+    the burst, small ones flushed by the 100 ms timer during the trickle): a small
+    fraction of one transaction per row, even on a loaded machine."""
     batch_writer = load("batch_writer")
     result = batch_writer.main(["--events", "3000", "--trickle", "40", "--compare", "20"])
     assert 3040 == sum(result.outputs)
-    assert 1000 == max(result.outputs)
-    assert len(result.outputs) < 3040 / 100
+    assert max(result.outputs) <= 1000
+    assert len(result.outputs) <= 3040 / 20
     out = capsys.readouterr().out
     assert "3,040 rows in table events" in out
     assert "fewer than one per row" in out

@@ -113,6 +113,7 @@ class SQLiteSink(Stage[Row, int]):
         self.on_conflict = on_conflict
         self.tx_timeout = float(tx_timeout)
         self.wal = wal
+        self._setup_lock = trio.Lock()
         names = ", ".join(_quote(c, "a column", stage) for c in self.columns)
         marks = ", ".join("?" for _ in self.columns)
         self.sql = (
@@ -123,7 +124,10 @@ class SQLiteSink(Stage[Row, int]):
 
     async def open_worker(self) -> sqlite3.Connection:
         """This worker's connection, opened (and the schema applied) in a thread."""
-        return await trio.to_thread.run_sync(self._connect, thread_name=self._thread_name)
+        # One worker at a time: SQLite can answer "database is locked" at once, without
+        # waiting, to connections that change the journal mode or the schema together.
+        async with self._setup_lock:
+            return await trio.to_thread.run_sync(self._connect, thread_name=self._thread_name)
 
     async def close_worker(self, resource: sqlite3.Connection) -> None:
         await trio.to_thread.run_sync(resource.close, thread_name=self._thread_name)
@@ -139,15 +143,23 @@ class SQLiteSink(Stage[Row, int]):
         conn = sqlite3.connect(
             self.path, timeout=self.tx_timeout, isolation_level=None, check_same_thread=False
         )
+        deadline = time.monotonic() + self.tx_timeout
         try:
-            if self.wal:
-                conn.execute("PRAGMA journal_mode=WAL")
-            if self.schema:
-                conn.executescript(self.schema)
+            while True:
+                try:
+                    if self.wal:
+                        conn.execute("PRAGMA journal_mode=WAL")
+                    if self.schema:
+                        conn.executescript(self.schema)
+                    return conn
+                except sqlite3.OperationalError as exc:
+                    # Another process doing the same: try again, up to tx_timeout.
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
         except BaseException:
             conn.close()
             raise
-        return conn
 
     # -- per batch ----------------------------------------------------------------------
 

@@ -43,7 +43,11 @@ def _kind_of(fn: Callable[..., Any]) -> Kind:
 
 
 def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    """``RedisStreamSink`` -> ``redis_stream_sink``; a run of capitals is one word
+    (``SQLiteSink`` -> ``sqlite_sink``, ``HTTPFetch`` -> ``http_fetch``)."""
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return name.lower()
 
 
 class Stage(Generic[In, Out]):

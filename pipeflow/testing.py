@@ -1,4 +1,5 @@
-"""Helpers for testing pipelines: what is still running, and proof that nothing is.
+"""Helpers for testing pipelines: run on a mock clock, capture failures and outputs,
+and prove that nothing was left running.
 
 Every task, thread and worker process pipeflow starts carries a name beginning with
 ``pipeflow:``, so a test can check that a run left none behind::
@@ -11,11 +12,27 @@ Every task, thread and worker process pipeflow starts carries a name beginning w
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+from collections.abc import AsyncIterable
+from typing import Any, TypeVar
 
 import trio
+import trio.testing
 
-__all__ = ["assert_nothing_left_running", "running_tasks", "running_threads"]
+from ._errors import Failed
+from ._pipeline import Pipeline, RunResult
+
+T = TypeVar("T")
+
+__all__ = [
+    "FailureRecorder",
+    "assert_nothing_left_running",
+    "collect",
+    "run_on_mock_clock",
+    "running_tasks",
+    "running_threads",
+]
 
 PREFIX = "pipeflow:"
 
@@ -49,3 +66,55 @@ def assert_nothing_left_running() -> None:
     left.extend(running_threads())
     if left:
         raise AssertionError(f"pipeflow left {len(left)} running: {sorted(set(left))}")
+
+
+def run_on_mock_clock(
+    pipeline: Pipeline[Any, T],
+    source: Any,
+    *,
+    autojump_threshold: float = 0.0,
+    **run_options: Any,
+) -> RunResult[T]:
+    """Run ``pipeline`` over ``source`` under ``trio.testing.MockClock``, from a plain
+    (non-async) test: sleeps, timeouts, rate limits and batch timeouts take no real
+    time, and ``result.elapsed`` is exact.
+
+    >>> result = run_on_mock_clock(Pipeline(slow_stage), range(3))   # doctest: +SKIP
+    >>> result.elapsed
+    3.0
+    """
+    clock = trio.testing.MockClock(autojump_threshold=autojump_threshold)
+    run = functools.partial(pipeline.arun, source, **run_options)
+    return trio.run(run, clock=clock)
+
+
+class FailureRecorder:
+    """A dead-letter sink that keeps every :class:`~pipeflow.Failed` it receives::
+
+    failures = FailureRecorder()
+    Pipeline(parse, dead_letter=failures).run(lines)
+    assert failures.items == ["not json"]
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[Failed[Any]] = []
+
+    def __call__(self, failed: Failed[Any]) -> None:
+        self.failures.append(failed)
+
+    @property
+    def items(self) -> list[Any]:
+        """The failed items, in the order they failed."""
+        return [f.item for f in self.failures]
+
+    def by_stage(self) -> dict[str, list[Any]]:
+        """Failed items grouped by the stage they failed in."""
+        grouped: dict[str, list[Any]] = {}
+        for f in self.failures:
+            grouped.setdefault(f.stage, []).append(f.item)
+        return grouped
+
+
+async def collect(outputs: AsyncIterable[T]) -> list[T]:
+    """Read every output of ``Pipeline.stream()`` (or ``open(outputs=True)``) into a list."""
+    return [out async for out in outputs]

@@ -556,3 +556,20 @@ def test_plugins_through_a_subprocess(plugin):
     assert 0 == proc.returncode, proc.stderr
     assert "demo_plugin:Upper" in proc.stdout
     assert "" == proc.stderr
+
+
+def test_demo_scrapes_the_local_site_and_names_the_limit(capsys):
+    """pipeflow demo: the scraper example on its local site, then the bottleneck."""
+    assert 0 == main(["demo", "--pages", "12"])
+    out = capsys.readouterr().out
+    assert "serving a local site on http://127.0.0.1:" in out
+    assert "bottleneck" in out
+    assert "rows in table pages" in out
+
+
+def test_demo_refuses_bad_arguments(capsys):
+    """A bad --pages is one clear line on stderr and exit status 2."""
+    assert 2 == main(["demo", "--pages", "zero"])
+    err = capsys.readouterr().err
+    assert 1 == len(err.strip().splitlines())
+    assert err.startswith("pipeflow: error:")

@@ -240,3 +240,18 @@ def test_pipeline_refuses_what_is_not_a_stage():
     """Pipeline() with a list or a function says what it got."""
     with pytest.raises(TypeError, match=r"got \[.*\] \(list\)"):
         Pipeline([double])
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        ("Upper", "upper"),
+        ("RedisStreamSink", "redis_stream_sink"),
+        ("HTMLParser", "html_parser"),
+        ("HTTPFetch", "http_fetch"),
+    ],
+)
+def test_class_stage_default_name_is_snake_case(cls, name):
+    """A class stage is named after its class in snake_case; a run of capitals is one word."""
+    klass = type(cls, (Stage,), {"process": Upper.process})
+    assert name == klass().name

@@ -129,7 +129,22 @@ class _GaveUp(Exception):
 
 
 class TooManyFailures(StageError):
-    """A stage's error budget (``max_failures=``) ran out: the run stops."""
+    """A stage's or the pipeline's error budget (``max_failures=``) ran out: the run
+    stops. ``item`` is the item whose failure went over the budget (None when a
+    fractional budget is found exceeded at the end of the stream)."""
+
+    def __init__(
+        self,
+        stage: str,
+        item: object,
+        error: BaseException,
+        *,
+        attempts: int = 1,
+        message: str | None = None,
+    ) -> None:
+        super().__init__(stage, item, error, attempts=attempts)
+        if message is not None:
+            self.args = (message,)
 
 
 class StageRun:
@@ -910,8 +925,13 @@ class StageRun:
         limit = self.opts.max_failures
         c = self.c
         if isinstance(limit, float) and c.items_in and c.failed > limit * c.items_in:
+            summary = f"{c.failed} of {c.items_in} items failed"
             err = TooManyFailures(
-                self.name, None, RuntimeError(f"{c.failed} of {c.items_in} items failed")
+                self.name,
+                None,
+                RuntimeError(summary),
+                message=f"stage {self.name!r}: {summary}, over its error budget "
+                f"max_failures={limit!r}",
             )
             err.add_note(f"stage {self.name!r}: over its error budget max_failures={limit!r}")
             self.run.fail(err)
@@ -1249,7 +1269,14 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
     finally:
         if run.started:
             run.t_end = run.now()
-            counts = {sr.name: (sr.c.items_in, sr.c.items_out, sr.c.failed) for sr in run.stages}
+            counts = {
+                sr.name: {
+                    "items_in": sr.c.items_in,
+                    "items_out": sr.c.items_out,
+                    "failed": sr.c.failed,
+                }
+                for sr in run.stages
+            }
             run.log.info(
                 "run_finished",
                 elapsed=run.t_end - run.t_start,

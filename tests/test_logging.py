@@ -60,7 +60,10 @@ async def test_run_started_and_run_finished_with_counts(autojump_clock):
         "pipeline": "etl",
         "elapsed": 2.0,
         "failed": False,
-        "counts": {"halve": (8, 8, 0), "odd_only": (8, 4, 0)},
+        "counts": {
+            "halve": {"items_in": 8, "items_out": 8, "failed": 0},
+            "odd_only": {"items_in": 8, "items_out": 4, "failed": 0},
+        },
     } == logs[1]
 
 

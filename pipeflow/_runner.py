@@ -417,10 +417,7 @@ class StageRun:
                 self._retire -= 1
                 return
             if window is not None:
-                try:
-                    window.acquire_nowait()
-                except trio.WouldBlock:
-                    await window.acquire()
+                await _take_slot(window)
             try:
                 env = recv.receive_nowait()
             except trio.WouldBlock:
@@ -664,10 +661,7 @@ class StageRun:
                 stack.enter_context(s)
             while True:
                 if window is not None:
-                    try:
-                        window.acquire_nowait()
-                    except trio.WouldBlock:
-                        await window.acquire()
+                    await _take_slot(window)
                 try:
                     env = await recv.receive()
                 except trio.EndOfChannel:
@@ -1191,6 +1185,14 @@ class Run:
         if len(real) == 1:
             return real[0]
         return None
+
+
+async def _take_slot(window: trio.Semaphore) -> None:
+    """Take a reorder-window slot, without a scheduler round when one is free."""
+    try:
+        window.acquire_nowait()
+    except trio.WouldBlock:
+        await window.acquire()
 
 
 async def _report_cancellation_first() -> None:

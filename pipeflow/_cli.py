@@ -1267,7 +1267,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             progress.close()
 
-    module.main(["--pages", str(args.pages)], watch=watch)
+    # pipeflow's warnings (the site's 404 and 500 pages) print above the live view.
+    logger = logging.getLogger("pipeflow")
+    handler = _LogHandler(progress)
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        module.main(["--pages", str(args.pages)], watch=watch)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
     return EXIT_OK
 
 

@@ -767,6 +767,7 @@ class StageRun:
         bucket = self._bucket
         breaker = self._breaker
         attempt = 0
+        last_error: Exception | None = None
         while True:
             attempt += 1
             probe = False
@@ -796,6 +797,10 @@ class StageRun:
             except Exception as exc:
                 if breaker is not None and not isinstance(exc, CircuitOpen):
                     breaker.record(False, probe)
+                if isinstance(exc, CircuitOpen) and last_error is not None:
+                    # A retry refused by the breaker: keep what made the item fail.
+                    exc.__cause__ = last_error
+                last_error = exc
                 if (
                     retry is not None
                     and attempt <= retry.attempts

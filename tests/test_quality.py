@@ -40,6 +40,36 @@ def test_public_names_are_complete():
     assert public - modules == set(pipeflow.__all__)
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        "pipeflow.testing",
+        "pipeflow.connectors.redis",
+        "pipeflow.stages",
+        "pipeflow.stages.http",
+        "pipeflow.stages.jsonl",
+        "pipeflow.stages.sqlite",
+    ],
+)
+def test_every_public_module_declares_what_it_exports(module):
+    """Each public module's __all__ lists names that exist, and every public class or
+    function defined in the module itself is in it."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(module)
+    exported = set(mod.__all__)
+    assert [] == [n for n in exported if not hasattr(mod, n)]
+    own = {
+        n
+        for n, obj in vars(mod).items()
+        if not n.startswith("_")
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+        and getattr(obj, "__module__", None) == mod.__name__
+    }
+    assert set() == own - exported
+
+
 @pytest.mark.parametrize("name", ["stage", "Stage", "Pipeline", "RunResult", "StageError"])
 def test_contract_names_exist(name):
     """The contract's core names are importable from pipeflow."""

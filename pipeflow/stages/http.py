@@ -130,7 +130,7 @@ class HttpFetch(Stage[str | Mapping[str, Any], HttpResult]):
         hx = _import_httpx()
         retry: int | Retry = retries
         if isinstance(retries, int) and not isinstance(retries, bool) and retries > 0:
-            retry = Retry(attempts=retries, backoff=backoff, on=retryable_errors(hx))
+            retry = Retry(attempts=retries, backoff=backoff, on=_retryable_errors(hx))
         super().__init__(
             workers=workers,
             buffer=buffer,
@@ -206,7 +206,7 @@ class HttpFetch(Stage[str | Mapping[str, Any], HttpResult]):
         return result
 
 
-def retryable_errors(hx: Any) -> tuple[type[Exception], ...]:
+def _retryable_errors(hx: Any) -> tuple[type[Exception], ...]:
     """What :class:`HttpFetch` retries: network and protocol errors, timeouts, 5xx.
 
     Not retried: a URL httpx cannot handle (``httpx.UnsupportedProtocol``), proxy

@@ -108,17 +108,22 @@ class Outputs(Generic[Out]):
     def __init__(self, run: Run) -> None:
         self._run = run
         assert run.out_recv is not None
-        self._recv: trio.MemoryReceiveChannel[Out] = run.out_recv
+        self._recv: trio.MemoryReceiveChannel[Env] = run.out_recv
         self.ended = False
         self.result: RunResult[Out] | None = None
 
     async def receive(self) -> Out:
         """The next output; raises ``trio.EndOfChannel`` once the run has finished."""
         try:
-            return await self._recv.receive()
+            env = await self._recv.receive()
         except trio.EndOfChannel:
             self.ended = True
             raise
+        # The item has left the pipeline only now that someone has it: ack it now, so
+        # outputs left unread in a buffer by a reader that stopped are not acked.
+        if env.ack is not None:
+            env.ack.done()
+        return env.item  # type: ignore[no-any-return]
 
     def __aiter__(self) -> Outputs[Out]:
         return self
@@ -149,23 +154,31 @@ class Flow(Generic[In, Out]):
         assert run.entry is not None
         self._send = run.entry
         self._first = run.stages[0]
+        self._sending = trio.StrictFIFOLock()
         self.outputs: Outputs[Out] | None = Outputs(run) if run.out_recv is not None else None
         self.result: RunResult[Out] | None = None
 
-    def _env(self, item: In) -> Env:
-        first = self._first
-        env = Env(item, first.in_seq, self._run.now(), None)
-        first.in_seq += 1
-        return env
-
     async def send(self, item: In) -> None:
         """Put an item in, waiting while the pipeline is full (backpressure)."""
-        await self._send.send(self._env(item))
+        # One blocking sender at a time, first come first served, and the item's
+        # sequence number is only spent once it is in: a send cancelled while it
+        # waits leaves no gap for an ordered first stage to wait on forever.
+        async with self._sending:
+            first = self._first
+            await self._send.send(Env(item, first.in_seq, self._run.now(), None))
+            first.in_seq += 1
+
+    def _full(self) -> bool:
+        # A blocking sender is waiting, or its item has just gone in and it has not yet
+        # taken its sequence number: either way the pipeline counts as full.
+        return self._sending.locked()
 
     def send_nowait(self, item: In) -> None:
         """Put an item in or raise :class:`PipelineFull` at once (answer 429)."""
         first = self._first
         try:
+            if self._full():
+                raise trio.WouldBlock
             self._send.send_nowait(Env(item, first.in_seq, self._run.now(), None))
         except trio.WouldBlock:
             cap = first.opts.buffer_size
@@ -180,6 +193,8 @@ class Flow(Generic[In, Out]):
         """Put an item in if there is room; otherwise drop it, count it, return False."""
         first = self._first
         try:
+            if self._full():
+                raise trio.WouldBlock
             self._send.send_nowait(Env(item, first.in_seq, self._run.now(), None))
         except trio.WouldBlock:
             first.c.items_in += 1
@@ -421,7 +436,7 @@ class Pipeline(Generic[In, Out]):
                 yield outputs
             finally:
                 if not outputs.ended:
-                    nursery.cancel_scope.cancel()
+                    run.cancel()  # the main stages and any dead-letter stage
         outputs.result = _result(run)
 
     @contextlib.asynccontextmanager

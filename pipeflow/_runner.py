@@ -321,18 +321,17 @@ class StageRun:
         if env.ack is not None:
             env.ack.done()
 
-    async def _emit_user(self, env: Env, send: trio.MemorySendChannel[Any]) -> None:
+    async def _emit_user(self, env: Env, send: trio.MemorySendChannel[Env]) -> None:
+        # The reader (Outputs.receive) acks the item when it takes it.
         try:
-            send.send_nowait(env.item)
+            send.send_nowait(env)
         except trio.WouldBlock:
             t = self.run.now()
-            await send.send(env.item)
+            await send.send(env)
             self.c.blocked_time += self.run.now() - t
         except trio.BrokenResourceError:
             await _report_cancellation_first()
             raise
-        if env.ack is not None:
-            env.ack.done()
 
     async def _deposit(self, seq: int, envs: list[Env], send: Any) -> None:
         """Ordered stages: park outputs until every earlier item has left, then emit.
@@ -362,16 +361,28 @@ class StageRun:
 
     @contextlib.asynccontextmanager
     async def _resource(self) -> AsyncIterator[Any]:
+        """A worker's resource, closed on every exit path. The close runs shielded from
+        the run's cancellation (a connection is closed properly even when the run is
+        cancelled), but for at most ``_TEARDOWN_LIMIT`` seconds."""
         if self.stage._has_worker_hooks:
             res = await self.stage.open_worker()
             try:
                 yield res
             finally:
-                with trio.CancelScope(shield=True):
+                with _teardown_scope():
                     await self.stage.close_worker(res)
         elif self.opts.resource is not None:
-            async with self.opts.resource() as res:
+            manager = self.opts.resource()
+            res = await manager.__aenter__()
+            try:
                 yield res
+            except BaseException as exc:
+                with _teardown_scope():
+                    await manager.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            else:
+                with _teardown_scope():
+                    await manager.__aexit__(None, None, None)
         else:
             yield None
 
@@ -632,7 +643,9 @@ class StageRun:
                         env = await recv.receive()
                 except trio.EndOfChannel:
                     break
-                if type(env.item) is Failed:
+                if type(env.item) is Failed and self.index >= 0:
+                    # Failures from upstream pass a main stage unbatched; a dead-letter
+                    # stage's input is all Failed values, and those it batches.
                     env.seq = seq
                     seq += 1
                     await send.send(env)
@@ -852,14 +865,15 @@ class StageRun:
             try:
                 ack_taken = await self._dead_letter(failed, handover)
             except Exception as sink_error:
+                c.inflight -= weight
                 err = StageError(f"{self.name}.dead_letter", failed, sink_error)
                 self.run.fail(err)
                 raise err from sink_error
+        c.inflight -= weight
         if policy == "fail_fast":
             err = StageError(self.name, item, error, attempts=attempts)
             self.run.fail(err)
             raise err
-        c.inflight -= weight
         if policy == "embed":
             env.item = failed
             if self.ordered:
@@ -1144,13 +1158,18 @@ class Run:
     def capacity(self) -> int:
         """How many items this run can hold at once: in workers, buffers and windows."""
         total = 0
+        batches = 1
         for sr in self.stages:
             o = sr.opts
             total += o.max_workers + o.buffer_size
             total += sr.window_size
             if o.batch is not None:
-                total += o.batch * (o.max_workers + 1)
-        return total
+                # A batch stage holds up to a batch per worker plus the one filling;
+                # batch stages in a row multiply (each batch of the second needs
+                # batches of the first), so a source that keeps this many items un-acked
+                # never waits for acks that cannot come.
+                batches *= o.batch * (o.max_workers + 1)
+        return total + (batches if batches > 1 else 0)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -1189,7 +1208,24 @@ class Run:
             return first
         if len(real) == 1:
             return real[0]
+        if real:
+            # Several workers failed outside an item (a resource that cannot open):
+            # the first error, with the others noted, rather than a nested group.
+            first_real = real[0]
+            first_real.add_note(
+                f"{len(real) - 1} more error(s) in the same run: "
+                + "; ".join(f"{type(e).__name__}: {e}" for e in real[1:6])
+            )
+            return first_real
         return None
+
+
+#: How long a worker's resource may take to close once the run is cancelled.
+_TEARDOWN_LIMIT = 10.0
+
+
+def _teardown_scope() -> trio.CancelScope:
+    return trio.CancelScope(shield=True, deadline=trio.current_time() + _TEARDOWN_LIMIT)
 
 
 async def _take_slot(window: trio.Semaphore) -> None:

@@ -1,6 +1,6 @@
 """Review of the runner and Pipeline against DESIGN.md's "Semantics users rely on".
 
-Tests marked ``xfail(strict=True)`` show a real bug (the reason says what goes wrong);
+Each test below first showed a real bug (as a strict xfail) and now guards its fix;
 the others pin down combinations that turned out right and were not covered elsewhere.
 """
 
@@ -64,12 +64,6 @@ class AckingSource:
 # -- bugs --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_runner.StageRun._batcher forwards Failed items unbatched, and a dead-letter "
-    "stage's input is all Failed: _work then calls len(Failed) and the run dies with a "
-    "raw TypeError",
-)
 async def test_batched_dead_letter_stage_gets_lists_of_failed_items(autojump_clock):
     """A dead-letter stage with batch= receives lists of Failed values, like any batch."""
     batches: list[list[Failed[int]]] = []
@@ -88,12 +82,6 @@ async def test_batched_dead_letter_stage_gets_lists_of_failed_items(autojump_clo
     assert [[0, 1, 2], [3, 4]] == [[f.item for f in b] for b in batches]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_pipeline.Flow.send takes the sequence number before awaiting the send; a "
-    "send cancelled by the caller's timeout leaves a gap, and the ordered stage parks "
-    "every later output forever (item 3 silently lost; hangs once the window fills)",
-)
 async def test_cancelled_flow_send_does_not_stall_an_ordered_stage(autojump_clock):
     """A send given up on (a timeout on backpressure) leaves later items unharmed."""
 
@@ -120,12 +108,6 @@ async def test_cancelled_flow_send_does_not_stall_an_ordered_stage(autojump_cloc
     assert [0, 1, 3] == got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_runner.Run.capacity() adds batch stages' sizes, but two batch stages in a row "
-    "need batch*batch un-acked source items to emit anything: an acking source capped "
-    "at capacity (44 here) deadlocks",
-)
 async def test_acking_source_with_two_batch_stages_in_a_row_finishes(autojump_clock):
     """An acking source feeding batch=10 | batch=10 gets every item acked."""
 
@@ -144,12 +126,6 @@ async def test_acking_source_with_two_batch_stages_in_a_row_finishes(autojump_cl
     assert list(range(200)) == sorted(source.acked)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_pipeline.Pipeline.stream cancels only the main stages' nursery on early exit; "
-    "the dead-letter stage keeps draining its queue, so leaving the block waits for it "
-    "(120 s here, forever for a stuck sink)",
-)
 async def test_leaving_stream_early_does_not_wait_for_dead_letters(autojump_clock):
     """Leaving stream() early cancels every worker, dead-letter stage included."""
 
@@ -172,11 +148,6 @@ async def test_leaving_stream_early_does_not_wait_for_dead_letters(autojump_cloc
     assert trio.current_time() - t0 < 60
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_runner.StageRun._on_failure adds the item to failed but, under fail_fast, "
-    "raises without taking it out of inflight: the item is counted twice",
-)
 async def test_fail_fast_statistics_keep_conservation():
     """After a fail-fast stop, items_in = ok + filtered + failed + dropped + inflight."""
 
@@ -191,12 +162,6 @@ async def test_fail_fast_statistics_keep_conservation():
     assert s.items_in == s.ok + s.filtered + s.failed + s.dropped + s.inflight
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_runner.Run.primary_error returns None when several workers raise outside the "
-    "item path (resource setup), so the user gets a triply nested bare ExceptionGroup "
-    "of identical ConnectionErrors",
-)
 async def test_resource_that_cannot_open_raises_its_error_not_a_group():
     """Every worker failing to open its resource surfaces that error, once."""
 
@@ -213,11 +178,6 @@ async def test_resource_that_cannot_open_raises_its_error_not_a_group():
         await Pipeline(use).arun([1, 2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_runner.StageRun._resource shields close_worker hooks but not resource= "
-    "context managers: on a fail-fast cancel, a teardown that awaits is cut short",
-)
 async def test_resource_teardown_runs_to_the_end_on_cancellation(autojump_clock):
     """A resource's async teardown completes in every worker when the run is cancelled."""
     closed: list[int] = []
@@ -242,11 +202,6 @@ async def test_resource_teardown_runs_to_the_end_on_cancellation(autojump_clock)
     assert [1, 1] == closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_runner.StageRun._emit_user acks an output once it is in stream()'s buffer, "
-    "not once the reader took it: leaving early loses acked outputs (at-least-once broken)",
-)
 async def test_stream_buffer_does_not_ack_outputs_nobody_read(autojump_clock):
     """With stream(buffer=N), only outputs the reader received are acked."""
 

@@ -453,7 +453,8 @@ class Pipeline(Generic[In, Out]):
         Leaving the block ends the input and waits until every accepted item has left
         the pipeline. The last stage's outputs are discarded unless ``outputs=True``;
         then ``flow.outputs`` must be read (in another task) as they come, with
-        backpressure: an unread output holds up the pipeline.
+        backpressure: an unread output holds up the pipeline (and leaving the block
+        waits for it), so a reader that stops early should cancel the block instead.
         """
         run = self._new_run("channel" if outputs else "drop", outlet_buffer=output_buffer)
         async with self._running(run, metrics_port):

@@ -15,6 +15,7 @@ metric                                    type       the seed's name
 ``pipeflow_stage_duration_seconds``       histogram  pool.duration_seconds
 ``pipeflow_stage_queue_wait_seconds``     histogram  pool.queue_wait_seconds
 ``pipeflow_stage_blocked_seconds_total``  counter    (time blocked sending downstream)
+``pipeflow_stage_throttled_seconds_total`` counter   (waits for a rate token or a breaker)
 ``pipeflow_stage_breaker_state``          gauge      (0 closed, 1 half-open, 2 open)
 ========================================  =========  ===========================
 
@@ -91,6 +92,7 @@ class _Stage:
         "durations",
         "inflight",
         "items",
+        "throttled",
         "wait_sum",
         "waits",
         "workers",
@@ -99,6 +101,7 @@ class _Stage:
     def __init__(self, totals: StageCounters) -> None:
         self.items = [totals.ok, totals.failed, totals.retried, totals.dropped, totals.filtered]
         self.blocked = totals.blocked_time
+        self.throttled = totals.throttled_time
         self.durations = list(totals.durations.counts)
         self.duration_sum = totals.durations.sum
         self.waits = list(totals.waits.counts)
@@ -117,6 +120,7 @@ class _Stage:
         items[3] += c.dropped
         items[4] += c.filtered
         self.blocked += c.blocked_time
+        self.throttled += c.throttled_time
         for mine, theirs in ((self.durations, c.durations.counts), (self.waits, c.waits.counts)):
             for i, n in enumerate(theirs):
                 if n:
@@ -136,6 +140,7 @@ class _Stage:
         return _Counters(
             items=tuple(self.items),
             blocked=self.blocked,
+            throttled=self.throttled,
             durations=_cumulative(self.durations),
             duration_sum=self.duration_sum,
             waits=_cumulative(self.waits),
@@ -147,6 +152,7 @@ class _Stage:
 class _Counters:
     items: tuple[int, ...]
     blocked: float
+    throttled: float
     durations: tuple[int, ...]  # cumulative at BUCKETS, then +Inf
     duration_sum: float
     waits: tuple[int, ...]
@@ -163,6 +169,7 @@ class _Counters:
         return _Counters(
             items=up(self.items, last.items),
             blocked=max(self.blocked, last.blocked),
+            throttled=max(self.throttled, last.throttled),
             durations=up(self.durations, last.durations),
             duration_sum=max(self.duration_sum, last.duration_sum),
             waits=up(self.waits, last.waits),
@@ -233,6 +240,12 @@ class _Families:
             "(backpressure from a slower stage after it).",
             labels=_LABELS,
         )
+        self.throttled = CounterMetricFamily(
+            "pipeflow_stage_throttled_seconds_total",
+            "Seconds a stage's workers spent waiting for a rate-limit token or a held "
+            "circuit breaker (not counted as busy time).",
+            labels=_LABELS,
+        )
         self.breaker = GaugeMetricFamily(
             "pipeflow_stage_breaker_state",
             "State of a stage's circuit breaker: 0 closed, 1 half-open, 2 open.",
@@ -250,6 +263,7 @@ class _Families:
                 self.duration,
                 self.queue_wait,
                 self.blocked,
+                self.throttled,
                 self.breaker,
             )
         )
@@ -272,6 +286,7 @@ class _Families:
             labels, list(zip(_BUCKET_LABELS, c.waits, strict=True)), c.wait_sum
         )
         self.blocked.add_metric(labels, c.blocked)
+        self.throttled.add_metric(labels, c.throttled)
         if breaker:
             self.breaker.add_metric(labels, st.breaker)
 

@@ -23,6 +23,7 @@ METRICS = {
     "pipeflow_stage_duration_seconds": "histogram",
     "pipeflow_stage_queue_wait_seconds": "histogram",
     "pipeflow_stage_blocked_seconds": "counter",
+    "pipeflow_stage_throttled_seconds": "counter",  # beyond the contract's eight
     "pipeflow_stage_breaker_state": "gauge",
 }
 BUCKETS = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5"]
@@ -424,4 +425,23 @@ def test_bad_metrics_port(port, error):
     assert (
         f"pipeline 'p': metrics_port= must be an int from 0 to 65535 (0 picks a free port), got {port!r}"
         == str(info.value)
+    )
+
+
+async def test_throttled_seconds_are_exported(autojump_clock):
+    """Waiting for a rate-limit token is exported as throttled time, not busy time."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+
+    @stage(workers=4, rate=10)
+    async def limited(x):
+        return x
+
+    await Pipeline(limited, name="throttle", registry=registry).arun(range(5))
+    # Calls start at 0, 0.1, 0.2, 0.3, 0.4: the waits add up to 1.0 s.
+    assert 1.0 == pytest.approx(
+        registry.get_sample_value(
+            "pipeflow_stage_throttled_seconds_total", {"pipeline": "throttle", "stage": "limited"}
+        )
     )

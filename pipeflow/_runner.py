@@ -259,11 +259,25 @@ class StageRun:
         if sink is None:
             return None
         if isinstance(sink, Stage):
-            dl_run = self.run.dead_letter_run(sink)
+            run = self.run
+            dl_run = run.dead_letter_run(sink)
 
             async def to_stage(failed: Failed[Any], ack: Ack | None) -> bool:
-                await dl_run.put(failed, ack)
-                return ack is not None
+                # A fail-fast stop elsewhere must not cancel this hand-over, or the item
+                # would be lost: it is shielded, and bounded once the run has failed.
+                with trio.CancelScope(shield=True) as scope:
+                    run.handovers.add(scope)
+                    if run.first_failure is not None:
+                        scope.deadline = trio.current_time() + _TEARDOWN_LIMIT
+                    try:
+                        await dl_run.put(failed, ack)
+                        return ack is not None
+                    except trio.BrokenResourceError:
+                        pass  # the dead-letter stage is gone: the run is being cancelled
+                    finally:
+                        run.handovers.discard(scope)
+                await _report_cancellation_first()
+                raise trio.BrokenResourceError("the dead-letter stage stopped first")
 
             return to_stage
 
@@ -988,6 +1002,7 @@ class Run:
         self.dead_letter_sends: dict[int, trio.MemorySendChannel[Env]] = {}
         self._dead_letter_recvs: dict[int, trio.MemoryReceiveChannel[Env]] = {}
         self.dead_letter_scope = trio.CancelScope()
+        self.handovers: set[trio.CancelScope] = set()  # items on their way to dead letters
         self.started = False
         self.stages = [StageRun(self, s, i) for i, s in enumerate(stages)]
         for a, b in zip(self.stages, [*self.stages[1:], None], strict=True):
@@ -1041,6 +1056,10 @@ class Run:
     def fail(self, error: BaseException) -> None:
         if self.first_failure is None:
             self.first_failure = error
+            # Hand-overs to dead-letter stages may finish, but not for ever.
+            deadline = trio.current_time() + _TEARDOWN_LIMIT
+            for scope in self.handovers:
+                scope.deadline = min(scope.deadline, deadline)
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -1082,6 +1101,8 @@ class Run:
         """Cancel every worker now."""
         self.pump_scope.cancel()
         self.dead_letter_scope.cancel()
+        for scope in self.handovers:
+            scope.cancel()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
@@ -1290,6 +1311,7 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
             for service in services:
                 await service_nursery.start(service)
             try:
+                stopped: BaseException | None = None
                 with run.dead_letter_scope:
                     async with trio.open_nursery() as dead_letter_nursery:
                         run.start_dead_letters(dead_letter_nursery)
@@ -1298,8 +1320,14 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
                                 run.cancel_scope = nursery.cancel_scope
                                 run.start(nursery)
                                 yield nursery
+                        except BaseException as exc:
+                            # Held until the dead-letter stages have taken what they
+                            # were given: raised here, it would cancel them at once.
+                            stopped = exc
                         finally:
                             run.close_dead_letters()
+                if stopped is not None:
+                    raise stopped
                 # Every stage has drained: end-of-stream checks (fractional error budgets).
                 for sr in run.stages:
                     sr.finish_budget()

@@ -1122,3 +1122,26 @@ def test_every_public_error_name_is_exported():
         "Retry",
     ):
         assert name in pipeflow.__all__
+
+
+async def test_dead_letter_stage_gets_every_failure_when_fail_fast_stops(autojump_clock):
+    """Three items fail at once under fail-fast with a slow dead-letter stage: the run
+    stops, but each failed item still reaches the dead-letter stage (their hand-overs
+    are not cancelled by the stop, and the dead-letter stage drains before the error
+    is raised)."""
+    got = []
+
+    @stage(workers=1, buffer=0)
+    async def sink(failed):
+        await trio.sleep(1)
+        got.append(failed.item)
+
+    @stage(workers=3, dead_letter=sink)
+    async def boom(x):
+        await trio.sleep(1)
+        raise ValueError(x)
+
+    with pytest.raises(StageError):
+        await Pipeline(boom).arun(range(3))
+    assert [0, 1, 2] == sorted(got)
+    assert 4.0 == trio.current_time()  # fail at 1, then three 1 s dead letters

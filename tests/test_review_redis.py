@@ -1,0 +1,337 @@
+"""Review of the Redis Streams connector and the runner's acking protocol.
+
+Bugs found in review are strict xfails (each says what should happen); the other tests
+pin down behaviour worth keeping. Everything runs against a real redis-server on
+127.0.0.1, on the real clock, each test bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from pipeflow import Failed, Pipeline, StageError, stage
+from pipeflow.testing import assert_nothing_left_running
+
+redis = pytest.importorskip("redis", reason="the redis client is not installed")
+
+from pipeflow.connectors.redis import (  # noqa: E402 - after the importorskip
+    Entry,
+    RedisStreamSource,
+)
+from tests.redis_server import BINARY, RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if BINARY is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    srv = RedisServer(tmp_path_factory.mktemp("review-redis"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def r(server: RedisServer) -> Iterator[Any]:
+    """A plain client on an empty database."""
+    with server.client() as client:
+        client.flushall()
+        yield client
+
+
+@pytest.fixture
+def url(server: RedisServer) -> str:
+    return server.url
+
+
+def add_jobs(client: Any, n: int, stream: str = "jobs") -> list[str]:
+    pipe = client.pipeline()
+    for i in range(n):
+        pipe.xadd(stream, {"n": str(i)})
+    return list(pipe.execute())
+
+
+def pending_ids(client: Any, stream: str = "jobs", group: str = "workers") -> set[str]:
+    return {p["message_id"] for p in client.xpending_range(stream, group, "-", "+", 10_000)}
+
+
+def source(url: str, **options: Any) -> RedisStreamSource:
+    options = {"group": "workers", "consumer": "a", "drain": True, **options}
+    return RedisStreamSource(url, "jobs", **options)
+
+
+# -- bugs (strict xfails), most severe first ------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Run.capacity() ignores dead-letter stages: a batched one waits for a batch that the source, held at capacity, never lets in (hang at drain=True)",
+)
+async def test_dead_letter_batch_stage_does_not_hang(r, url):
+    """A batched dead-letter stage holds failed items (and their acks) until its batch
+    fills: the source must be allowed enough un-acked entries for that."""
+    add_jobs(r, 12)
+    letters: list[Any] = []
+
+    @stage
+    async def write_letters(batch: list[Failed[Entry]]) -> None:
+        letters.extend(batch)
+
+    @stage(workers=2, errors="skip", dead_letter=write_letters.with_options(batch=10))
+    async def always_fails(entry: Entry) -> Entry:
+        raise ValueError(entry.id)
+
+    with trio.fail_after(2):
+        await Pipeline(always_fails).arun(source(url))
+    assert 12 == len(letters)
+    assert set() == pending_ids(r)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Run.pump runs in the main nursery: a fail-fast error closes the source (releasing the entry) before the dead-letter stage that took over its ack is done; the ack is dropped",
+)
+async def test_an_item_dead_lettered_as_a_fail_fast_run_stops_is_acked(r, url):
+    """A dead-letter stage outlives the main stages so that failed items still reach it
+    when a fail-fast error stops the run; having taken over the item's ack, it must
+    still be able to ack it."""
+    ids = add_jobs(r, 2)
+    letters: list[str] = []
+    failing = trio.Event()
+
+    @stage
+    async def slow_letters(failed: Failed[Entry]) -> None:
+        await failing.wait()
+        await trio.sleep(0.2)  # the fail-fast error stops the main stages meanwhile
+        letters.append(failed.item.id)
+
+    @stage(workers=2, errors="skip", dead_letter=slow_letters)
+    async def skip_first(entry: Entry) -> Entry:
+        if entry.id == ids[0]:
+            raise ValueError("to the dead letters")
+        return entry
+
+    @stage
+    async def fail_second(entry: Entry) -> Entry:
+        await trio.sleep(0.05)
+        failing.set()
+        raise RuntimeError("fail fast")
+
+    with trio.fail_after(5), pytest.raises(StageError):
+        await Pipeline(skip_first | fail_second).arun(source(url))
+    assert [ids[0]] == letters
+    assert ids[0] not in pending_ids(r)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the default consumer name is hostname-pid, shared by every source in a process: one re-reads and acks the other's in-flight entries",
+)
+async def test_two_sources_in_one_process_do_not_share_a_consumer_name(r, url):
+    """Two pipelines in one process over one group, each with the default consumer
+    name: each entry is processed once (the second source must not take the first
+    one's in-flight entries for its own pending ones)."""
+    add_jobs(r, 4)
+    release = trio.Event()
+    seen: list[str] = []
+    all_held = trio.Event()
+
+    @stage(workers=4)
+    async def held(entry: Entry) -> Entry:
+        seen.append(entry.id)
+        if len(seen) == 4:
+            all_held.set()
+        await release.wait()
+        return entry
+
+    @stage(workers=4)
+    async def record(entry: Entry) -> Entry:
+        seen.append(entry.id)
+        return entry
+
+    def default_consumer() -> RedisStreamSource:
+        return RedisStreamSource(url, "jobs", group="workers", drain=True)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Pipeline(held).arun, default_consumer())
+            await all_held.wait()
+            with trio.move_on_after(1.0):
+                await Pipeline(record).arun(default_consumer())
+            release.set()
+    assert 4 == len(seen), seen
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_redact only hides the netloc password; ?password= shows in repr() and in error messages",
+)
+def test_a_password_given_as_a_query_parameter_is_not_shown():
+    """from_url documents `password` as a query parameter: it must be redacted like the
+    one in the netloc, in repr() and in error messages."""
+    good = "redis://127.0.0.1:6379/0?stream=s&group=g&password=hunter2"
+    assert "hunter2" not in repr(RedisStreamSource.from_url(good))
+    with pytest.raises(ValueError, match="drain='maybe'") as info:
+        RedisStreamSource.from_url(good + "&drain=maybe")
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_Conn.call runs commands in threads that cannot be abandoned: cancellation waits for the socket timeout (block + 10 s) while Redis hangs",
+)
+async def test_cancelling_a_run_is_prompt_while_redis_does_not_answer(tmp_path):
+    """The module says reads block for at most `block` seconds, so that cancelling a
+    run is prompt; that must hold too when Redis hangs (SIGSTOP: a frozen server, or a
+    network partition) rather than refusing connections."""
+    if BINARY is None:
+        pytest.skip("redis-server is not installed")
+    frozen = RedisServer(tmp_path)
+    assert frozen.proc is not None
+    pid = frozen.proc.pid
+    # Thawed by an OS timer, so that the test ends even if the run cannot be cancelled.
+    thaw = threading.Timer(2.0, os.kill, (pid, signal.SIGCONT))
+    try:
+
+        @stage
+        async def same(entry: Entry) -> Entry:
+            return entry
+
+        run_source = RedisStreamSource(frozen.url, "jobs", group="workers", consumer="a", block=0.1)
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(Pipeline(same).arun, run_source)
+                await trio.sleep(0.3)  # reading, one short block after another
+                os.kill(pid, signal.SIGSTOP)
+                thaw.start()
+                await trio.sleep(0.3)
+                t0 = trio.current_time()
+                nursery.cancel_scope.cancel()
+        elapsed = trio.current_time() - t0
+    finally:
+        thaw.cancel()
+        os.kill(pid, signal.SIGCONT)
+        frozen.stop()
+    assert elapsed < 0.5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RedisStreamSource._iterate runs no heartbeat: an entry held by the loop body longer than claim_idle is taken over and processed again",
+)
+async def test_an_entry_held_by_a_direct_iteration_is_kept_fresh(r, url):
+    """`async for entry in source`: while the loop body works on an entry for longer
+    than claim_idle, the consumer is alive and keeps it; another consumer must not take
+    it over and process it a second time."""
+    add_jobs(r, 1)
+    taken = trio.Event()
+    by_b: list[str] = []
+
+    @stage
+    async def record(entry: Entry) -> Entry:
+        by_b.append(entry.id)
+        return entry
+
+    async def iterate_slowly() -> None:
+        async with contextlib.aclosing(source(url, claim_idle=0.2).__aiter__()) as entries:
+            async for _entry in entries:
+                taken.set()
+                await trio.sleep(1.0)  # working on it, five times claim_idle
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(iterate_slowly)
+            await taken.wait()
+            other = source(url, consumer="b", claim_idle=0.2)
+            await Pipeline(record).arun(other)
+    assert [] == by_b
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="from_url checks neither the port, the database nor unknown query parameters; the run fails later (or uses db 0)",
+)
+@pytest.mark.parametrize(
+    ("query", "word"),
+    [
+        ("redis://127.0.0.1:6379/0?stream=s&group=g&claimidle=5", "claimidle"),
+        ("redis://127.0.0.1:99999/0?stream=s&group=g", "99999"),
+        ("redis://127.0.0.1:6379/zero?stream=s&group=g", "zero"),
+    ],
+)
+def test_from_url_rejects_a_url_the_run_cannot_use(query, word):
+    """A --source URL with a misspelt option, a port out of range or a database that is
+    not a number fails in from_url with a message naming it (the CLI shows it as
+    "--source: ..."), not later, at the first command, with a redis-py TypeError, a
+    bare "Port out of range 0-65535", or silently on database 0."""
+    with pytest.raises(ValueError, match=word):
+        RedisStreamSource.from_url(query)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the consumer name becomes the CLIENT SETNAME, which Redis refuses for non-ASCII: ResponseError at the first command",
+)
+async def test_a_consumer_name_redis_accepts_does_not_fail_the_run(r, url):
+    """Any non-empty str is a valid consumer name for XREADGROUP; the connection's
+    CLIENT SETNAME (which refuses non-ASCII) must not make the run fail."""
+    (entry_id,) = add_jobs(r, 1)
+
+    @stage
+    async def same(entry: Entry) -> Entry:
+        return entry
+
+    with trio.fail_after(5):
+        result = await Pipeline(same).arun(source(url, consumer="worker-jörg"))
+    assert [entry_id] == [entry.id for entry in result.outputs]
+    assert set() == pending_ids(r)
+
+
+# -- behaviour worth keeping ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("buffer", [0, 10])
+async def test_outputs_read_from_a_stream_are_all_acked(r, url, buffer):
+    """pipeline.stream(source) with a reader slower than the pipeline: each output is
+    acked when the reader takes it, the last ones included."""
+    ids = add_jobs(r, 20)
+
+    @stage
+    async def same(entry: Entry) -> Entry:
+        return entry
+
+    seen: list[str] = []
+    with trio.fail_after(5):
+        async with Pipeline(same).stream(source(url), buffer=buffer) as outputs:
+            async for entry in outputs:
+                seen.append(entry.id)
+                await trio.sleep(0.01)  # a reader slower than the pipeline
+    assert ids == seen
+    assert set() == pending_ids(r)
+
+
+async def test_nothing_left_running_after_a_cancelled_endless_source(r, url):
+    """A drain=False source cancelled while its read blocks: the run ends within about
+    `block`, and no pipeflow task or thread is left behind."""
+    add_jobs(r, 3)
+
+    @stage
+    async def same(entry: Entry) -> Entry:
+        return entry
+
+    with trio.fail_after(5):
+        t0 = trio.current_time()
+        with trio.move_on_after(0.3):
+            await Pipeline(same).arun(source(url, drain=False, block=0.2))
+    assert trio.current_time() - t0 < 0.3 + 0.2 + 0.2  # the cancel waits one read at most
+    assert set() == pending_ids(r)
+    assert_nothing_left_running()

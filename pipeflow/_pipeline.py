@@ -403,7 +403,7 @@ class Pipeline(Generic[In, Out]):
         services = [signal_service(run, grace)] if handle_signals else []
         try:
             async with self._running(run, metrics_port, services) as nursery:
-                nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
+                run.start_source(nursery, source)
         except StageError as failure:
             # The statistics of a failed run are worth having (the CLI's report).
             failure.result = _result(run)
@@ -430,7 +430,7 @@ class Pipeline(Generic[In, Out]):
         _check_source(source)
         run = self._new_run("channel", outlet_buffer=buffer)
         async with self._running(run, metrics_port) as nursery:
-            nursery.start_soon(run.pump, source, name=f"pipeflow:{self.name}:source")
+            run.start_source(nursery, source)
             outputs: Outputs[Out] = Outputs(run)
             try:
                 yield outputs

@@ -1003,6 +1003,7 @@ class Run:
         self._dead_letter_recvs: dict[int, trio.MemoryReceiveChannel[Env]] = {}
         self.dead_letter_scope = trio.CancelScope()
         self.handovers: set[trio.CancelScope] = set()  # items on their way to dead letters
+        self.dead_letter_nursery: trio.Nursery | None = None
         self.started = False
         self.stages = [StageRun(self, s, i) for i, s in enumerate(stages)]
         for a, b in zip(self.stages, [*self.stages[1:], None], strict=True):
@@ -1056,6 +1057,7 @@ class Run:
     def fail(self, error: BaseException) -> None:
         if self.first_failure is None:
             self.first_failure = error
+            self.pump_scope.cancel()  # take no more input
             # Hand-overs to dead-letter stages may finish, but not for ever.
             deadline = trio.current_time() + _TEARDOWN_LIMIT
             for scope in self.handovers:
@@ -1116,7 +1118,13 @@ class Run:
             try:
                 async with source.__pipeflow_open__(capacity=self.capacity()) as entries:
                     with self.pump_scope:
-                        await self._pump(entries, acking=True)
+                        try:
+                            await self._pump(entries, acking=True)
+                        except trio.BrokenResourceError:
+                            if self.first_failure is None:
+                                raise
+                            # The main stages stopped on a failure: read no more, but
+                            # stay open so dead-letter stages can ack what they took.
                     await self.wait_drained()
             except Exception as exc:
                 self.fail(exc)
@@ -1124,6 +1132,14 @@ class Run:
         else:
             with self.pump_scope:
                 await self._pump(source)
+
+    def start_source(self, nursery: trio.Nursery, source: Iterable[Any] | Any) -> None:
+        """Start the task that feeds ``source`` in. An acking source's task lives beside
+        the dead-letter stages, not the main ones, so that a fail-fast stop does not
+        close the source before the items the dead-letter stages took are acked."""
+        if hasattr(source, "__pipeflow_open__") and self.dead_letter_nursery is not None:
+            nursery = self.dead_letter_nursery
+        nursery.start_soon(self.pump, source, name=f"pipeflow:{self.pipeline}:source")
 
     async def _pump(self, source: Iterable[Any] | Any, *, acking: bool = False) -> None:
         assert self.entry is not None
@@ -1190,6 +1206,12 @@ class Run:
                 # batches of the first), so a source that keeps this many items un-acked
                 # never waits for acks that cannot come.
                 batches *= o.batch * (o.max_workers + 1)
+        # Dead-letter stages hold failed items (and their acks) too.
+        for dl in self.dead_letter_runs:
+            o = dl.opts
+            total += o.max_workers + o.buffer_size
+            if o.batch is not None:
+                total += o.batch * (o.max_workers + 1)
         return total + (batches if batches > 1 else 0)
 
     # -- reading -----------------------------------------------------------------------------
@@ -1314,6 +1336,7 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
                 stopped: BaseException | None = None
                 with run.dead_letter_scope:
                     async with trio.open_nursery() as dead_letter_nursery:
+                        run.dead_letter_nursery = dead_letter_nursery
                         run.start_dead_letters(dead_letter_nursery)
                         try:
                             async with trio.open_nursery() as nursery:

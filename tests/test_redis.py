@@ -598,7 +598,8 @@ def test_from_url_reads_the_cli_form():
     assert "pw" not in repr(source)
     default = RedisStreamSource.from_url("redis://h/0?stream=s&group=g")
     assert (30.0, False) == (default.claim_idle, default.drain)
-    assert default.consumer.endswith(f"-{os.getpid()}")
+    # host-pid, with a -N suffix for the N-th source of this process
+    assert re.fullmatch(rf".+-{os.getpid()}(-\d+)?", default.consumer)
 
 
 @pytest.mark.parametrize(

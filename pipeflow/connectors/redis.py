@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -133,15 +134,21 @@ class Entry:
 
 
 def _redact(url: str) -> str:
-    """The URL without its password, fit for messages and logs."""
+    """The URL without its password (in the netloc or as ``?password=``), fit for
+    messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
+    if "@" in parts.netloc:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        if ":" in userinfo:
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        query = [
+            (k, "***" if k.lower() == "password" else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def _check_url(url: object, who: str) -> str:
@@ -250,8 +257,21 @@ class _Conn:
         self.client.close()
 
 
+def _client_name(consumer: str) -> str:
+    """CLIENT SETNAME takes printable ASCII without spaces; a consumer name may be any
+    string, so anything else becomes ``_``."""
+    return "pipeflow:" + "".join(ch if 33 <= ord(ch) <= 126 else "_" for ch in consumer)
+
+
+_sources_in_process = itertools.count(1)
+
+
 def _consumer_default() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``host-pid``, and ``host-pid-N`` for the N-th source of one process, so that two
+    sources in one process never take each other's entries for their own."""
+    n = next(_sources_in_process)
+    base = f"{socket.gethostname()}-{os.getpid()}"
+    return base if n == 1 else f"{base}-{n}"
 
 
 def _stream_id(value: str) -> tuple[int, int]:
@@ -411,13 +431,28 @@ class RedisStreamSource:
         who = "RedisStreamSource.from_url"
         _check_url(url, who)
         parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port <= 65535:
+            msg = f"{who}: the port in {_redact(url)!r} must be 1..65535"
+            raise ValueError(msg)
+        database = parts.path.strip("/")
+        if parts.scheme != "unix" and database and not database.isdigit():
+            msg = f"{who}: the database in {_redact(url)!r} must be a number, like /0"
+            raise ValueError(msg)
         ours: dict[str, str] = {}
         rest: list[tuple[str, str]] = []
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key in _URL_OPTIONS:
                 ours[key] = value
-            else:
+            elif key in _REDIS_URL_OPTIONS:
                 rest.append((key, value))
+            else:
+                known = ", ".join(sorted({*_URL_OPTIONS, *_REDIS_URL_OPTIONS}))
+                msg = f"{who}: unknown option {key!r} in {_redact(url)!r} (known: {known})"
+                raise ValueError(msg)
         missing = [k for k in ("stream", "group") if not ours.get(k)]
         if missing:
             msg = (
@@ -460,7 +495,7 @@ class RedisStreamSource:
             threads=threads,
             retry_for=self.retry_for,
             block=self.block,
-            client_name="pipeflow:" + "_".join(self.consumer.split()),
+            client_name=_client_name(self.consumer),
             log=log,
         )
 
@@ -536,6 +571,31 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "start_id": str,
     "retry_for": float,
 }
+
+
+#: Query parameters redis-py itself takes in a URL (``redis.connection.URL_QUERY_ARGUMENT_PARSERS``
+#: and the few it reads directly).
+_REDIS_URL_OPTIONS = frozenset(
+    {
+        "db",
+        "username",
+        "password",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "max_connections",
+        "health_check_interval",
+        "ssl_check_hostname",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "timeout",
+        "client_name",
+        "protocol",
+    }
+)
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import http.client
 import importlib
 import importlib.util
 import inspect
@@ -90,13 +91,23 @@ _UNITS = {"": Fraction(1), "s": Fraction(1), "ms": Fraction(1, 1000)}
 _UNITS |= {"us": Fraction(1, 10**6), "µs": Fraction(1, 10**6)}
 
 
+def _fits_float(value: Fraction, text: str) -> Fraction:
+    """``value``, refused when it is too large for a float (``1e999``): the figures are
+    printed, and JSON written, as floats."""
+    try:
+        float(value)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large a number") from None
+    return value
+
+
 def parse_latency(text: str) -> Fraction:
     """``80ms``, ``0.08s`` or ``0.08`` (seconds) → seconds, exactly."""
     m = re.fullmatch(rf"\s*({_NUMBER})\s*(s|ms|us|µs)?\s*", text)
     if m is None or Fraction(m[1]) <= 0:
         msg = f"expected a duration > 0 like 80ms, 0.08s or 0.08 (seconds), got {text!r}"
         raise argparse.ArgumentTypeError(msg)
-    return Fraction(m[1]) * _UNITS[m[2] or ""]
+    return _fits_float(Fraction(m[1]) * _UNITS[m[2] or ""], text)
 
 
 def parse_rate(text: str) -> Fraction:
@@ -105,7 +116,7 @@ def parse_rate(text: str) -> Fraction:
     if re.fullmatch(_NUMBER, cleaned) is None or Fraction(cleaned) <= 0:
         msg = f"expected a number of items per second > 0 like 5000, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
-    return Fraction(cleaned)
+    return _fits_float(Fraction(cleaned), text)
 
 
 def _parse_share(text: str, what: str, example: str) -> Fraction:
@@ -115,8 +126,8 @@ def _parse_share(text: str, what: str, example: str) -> Fraction:
     if re.fullmatch(_NUMBER, body) is None:
         raise argparse.ArgumentTypeError(f"expected {what} like {example}, got {text!r}")
     if text.strip().endswith("%"):
-        return Fraction(body) / 100
-    value = Fraction(body)
+        return _fits_float(Fraction(body) / 100, text)
+    value = _fits_float(Fraction(body), text)
     if value > 1:
         msg = f"{text!r} looks like a percentage: write {body}% or {float(value) / 100:g}"
         raise argparse.ArgumentTypeError(msg)
@@ -153,13 +164,17 @@ def _seconds(text: str) -> float:
     if m is None:
         msg = f"expected a number of seconds like 10, 10s or 500ms, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
-    return float(Fraction(m[1]) * _UNITS[m[2] or ""])
+    return float(_fits_float(Fraction(m[1]) * _UNITS[m[2] or ""], text))
 
 
 def _interval(text: str) -> float:
     value = _seconds(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    # time.sleep() overflows beyond this (about 292 years).
+    if value > threading.TIMEOUT_MAX:
+        msg = f"expected at most {threading.TIMEOUT_MAX:.0f} seconds, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
     return value
 
 
@@ -342,8 +357,8 @@ def _error(message: str) -> None:
 
 def _where(exc: BaseException) -> str:
     """`` (app.py, line 3)``: where in the user's code an import failed."""
-    if isinstance(exc, SyntaxError) and exc.filename:
-        return f" ({Path(exc.filename).name}, line {exc.lineno})"
+    if isinstance(exc, SyntaxError):
+        return ""  # str(SyntaxError) already ends with "(app.py, line 3)"
     frames = traceback.extract_tb(exc.__traceback__)
     if frames:
         last = frames[-1]
@@ -368,7 +383,9 @@ def _import(module: str) -> Any:
         sys.modules[name] = mod
         try:
             spec.loader.exec_module(mod)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # SystemExit too: a script that parses its own arguments on import. (Not
+            # KeyboardInterrupt: Ctrl+C during the import still stops the command.)
             del sys.modules[name]
             raise CliError(
                 f"cannot import {module}: {type(exc).__name__}: {exc}{_where(exc)}"
@@ -389,7 +406,7 @@ def _import(module: str) -> Any:
         raise CliError(
             f"cannot import module {module!r}: {type(exc).__name__}: {exc}{_where(exc)}"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: see above
         raise CliError(
             f"cannot import module {module!r}: {type(exc).__name__}: {exc}{_where(exc)}"
         ) from None
@@ -510,6 +527,15 @@ def cmd_size(args: argparse.Namespace) -> int:
         headroom=args.headroom,
         target_utilisation=args.target_utilisation,
     )
+    try:
+        # Each number fits a float, but their products may not (--rate 1e308 --latency 10).
+        for value in (s.in_flight, s.per_instance_exact, s.total):
+            float(value)
+    except OverflowError:
+        raise CliError(
+            "size: the numbers are too large: the workers needed (rate "
+            f"{TIMES} latency) are beyond what a float holds"
+        ) from None
     if args.format == "json":
         data = {
             "rate": float(s.rate),
@@ -575,7 +601,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name, ep in discover_stages().items():
         try:
             text = summary(ep.load())
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # one broken plugin must not hide the others
             text = f"(cannot load: {type(exc).__name__}: {_one_line(str(exc))})"
         dist = ep.dist
         package = f"{dist.name} {dist.version}" if dist is not None else ""
@@ -630,6 +656,13 @@ def _scrape(url: str) -> Scrape:
         reason = getattr(exc, "reason", exc)
         text = getattr(reason, "strerror", None) or str(reason)
         raise CliError(f"cannot reach {url}: {text}") from None
+    except (http.client.InvalidURL, ValueError) as exc:
+        raise CliError(f"invalid URL {url}: {exc}") from None
+    except http.client.HTTPException as exc:
+        # Not an HTTP server (an SSH or Redis port), or one that hung up mid-answer.
+        raise CliError(
+            f"no valid HTTP answer from {url}: {type(exc).__name__}: {exc!s:.80}"
+        ) from None
     try:
         return parse_exposition(body)
     except ReportError as exc:
@@ -744,14 +777,17 @@ async def _lines(open_input: Opener, where: str) -> AsyncIterator[str]:
     read, close = await open_input()
     decoder = codecs.getincrementaldecoder("utf-8")()
     pending = ""
-    offset = 0
+    offset = 0  # bytes read so far
     try:
         while True:
             chunk = await read()
+            # The decoder holds back the bytes of an incomplete character; an error's
+            # start counts from the first of them, which ``offset`` already passed.
+            held = len(decoder.getstate()[0])
             try:
                 text = pending + decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:
-                msg = f"{where} is not UTF-8 text (byte {offset + exc.start})"
+                msg = f"{where} is not UTF-8 text (byte {offset - held + exc.start})"
                 raise InputError(msg) from None
             offset += len(chunk)
             *lines, pending = text.split("\n")
@@ -946,11 +982,10 @@ class _RunCommand:
             self.kwargs |= {"handle_signals": True, "grace": args.grace}
         if args.metrics_port is not None:
             self.kwargs["metrics_port"] = args.metrics_port
-        self.source = self._source()
         if args.report:
-            parent = Path(args.report).resolve().parent
-            if not parent.is_dir():
-                raise CliError(f"cannot write report {args.report}: no such directory {parent}")
+            _check_report_path(args.report)
+        # Last: the source may print a notice, which must not precede an error line.
+        self.source = self._source()
         self.series = Series(interval=1.0)
         mode = "off" if args.quiet else ("live" if sys.stdout.isatty() else "lines")
         self.progress = _Progress(sys.stdout, mode=mode, title=f"pipeflow run {self.target}")
@@ -1094,6 +1129,9 @@ class _RunCommand:
             raise CliError(str(err))
         elif isinstance(err, StageError):
             status, failure, code = "failed", str(err), EXIT_FAILED
+            # The core attaches the stopped run's result (its final statistics) to a
+            # fail-fast error; without it, the last sample is all there is.
+            result = err.result
         elif err is not None:
             status, failure, code = "failed", f"{type(err).__name__}: {err}", EXIT_FAILED
         stats_at: float | None = None
@@ -1143,6 +1181,16 @@ class _RunCommand:
             name = signal.Signals(signum).name if signum else "signal"
             print(f"pipeflow: stopped by {name}", file=sys.stderr)
         return code
+
+
+def _check_report_path(report: str) -> None:
+    """Refuse a --report path that cannot be written, before the run rather than after."""
+    path = Path(report)
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"cannot write report {report}: no such directory {parent}")
+    if path.is_dir():
+        raise CliError(f"cannot write report {report}: it is a directory")
 
 
 def _in_main_thread() -> bool:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._errors import short_repr
 from ._stats import TARGET_UTILISATION, StageCounters, StageStats
 
 if TYPE_CHECKING:
@@ -486,24 +487,117 @@ def view_from_pipeline(pipeline: Pipeline[Any, Any], target: str) -> GraphView:
     return GraphView(pipeline=pipeline.name, origin="pipeline", target=target, stages=stages)
 
 
-def _num(d: Mapping[str, Any], key: str) -> float | None:
-    v = d.get(key)
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        return float(v)
-    return None
+def _invalid(where: str, what: str) -> ReportError:
+    return ReportError(f"{where} is not a valid pipeflow run report: {what}")
 
 
-def _int(d: Mapping[str, Any], key: str) -> int | None:
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _num(d: Mapping[str, Any], key: str, where: str, context: str = "") -> float | None:
+    """``d[key]`` as a float, None when absent or null; ReportError when it is not a
+    finite number."""
     v = d.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    if v is None:
+        return None
+    if not _is_number(v):
+        raise _invalid(where, f"{context}{key} is {short_repr(v)}, not a number")
+    return float(v)
+
+
+def _int(d: Mapping[str, Any], key: str, where: str, context: str = "") -> int | None:
+    """``d[key]`` as an int (``3.0`` too), None when absent or null; else ReportError."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if not (_is_number(v) and float(v).is_integer()):
+        raise _invalid(where, f"{context}{key} is {short_repr(v)}, not a whole number")
+    return int(v)
+
+
+def _check_structure(d: Mapping[str, Any], where: str) -> None:
+    """A report's stage structure holds what :func:`_structure_fields` and
+    :func:`options_text` can read."""
+    context = f"structure of stage {short_repr(d.get('name'))}: "
+    workers = d.get("workers")
+    if not (
+        workers is None
+        or (isinstance(workers, int) and not isinstance(workers, bool))
+        or (
+            isinstance(workers, list)
+            and len(workers) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in workers)
+        )
+    ):
+        raise _invalid(where, f"{context}workers is {short_repr(workers)}, not N or [MIN, MAX]")
+    _int(d, "buffer", where, context)
+    options = d.get("options")
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise _invalid(where, f"{context}options is {short_repr(options)}, not a mapping")
+    for key in ("timeout", "batch_timeout", "rate"):
+        if options.get(key, True) is not True:
+            _num(options, key, where, f"{context}option ")
+
+
+def _check_series(series: Mapping[str, Any], where: str) -> None:
+    """A report's time series holds lists of numbers: times, and columns per stage."""
+    t = series.get("t")
+    if t is not None and not (isinstance(t, list) and all(_is_number(x) for x in t)):
+        raise _invalid(where, f"series t is {short_repr(t)}, not a list of numbers")
+    stages = series.get("stages")
+    if stages is None:
+        return
+    if not isinstance(stages, Mapping):
+        raise _invalid(where, f"series stages is {short_repr(stages)}, not a mapping")
+    for name, columns in stages.items():
+        if not isinstance(columns, Mapping):
+            raise _invalid(
+                where, f"series of stage {name!r} is {short_repr(columns)}, not a mapping"
+            )
+        for field, column in columns.items():
+            # null entries are tolerated: a writer may store a non-finite sample as null.
+            if not (isinstance(column, list) and all(v is None or _is_number(v) for v in column)):
+                raise _invalid(
+                    where,
+                    f"series {field} of stage {name!r} is {short_repr(column)}, "
+                    "not a list of numbers",
+                )
+
+
+def _check_figures(view: GraphView, where: str) -> GraphView:
+    """``view``, once what is derived from its figures is known to be finite (each
+    figure is, but L = λW or N/W may not be: 1e200 times 1e200)."""
+    try:
+        view.recommendation()
+        derived = [(s.name, s.load, s.rate_in, s.rate_out) for s in view.stages]
+    except (ArithmeticError, ValueError):
+        raise _invalid(where, "its figures are too large to compute with") from None
+    for name, *values in derived:
+        if any(v is not None and not math.isfinite(v) for v in values):
+            raise _invalid(where, f"stage {name!r}: its figures are too large to compute with")
+    return view
 
 
 def load_report(text: str, where: str) -> dict[str, Any]:
     """Parse a run report (or a bare ``RunResult.to_dict()``); ReportError if it is not."""
+
+    def not_finite(token: str) -> float:
+        raise _invalid(where, f"it holds {token}, not a number")
+
+    def finite(token: str) -> float:
+        value = float(token)
+        return value if math.isfinite(value) else not_finite(token)
+
     try:
-        data: Any = json.loads(text)
+        # Python's json reads NaN, Infinity and 1e999; a report never holds them.
+        data: Any = json.loads(text, parse_constant=not_finite, parse_float=finite)
     except json.JSONDecodeError as exc:
         raise ReportError(f"{where} is not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ReportError(f"{where} is not a pipeflow run report (nested too deeply)") from None
     stages = data.get("stages") if isinstance(data, dict) else None
     if not (
         isinstance(stages, list)
@@ -516,8 +610,12 @@ def load_report(text: str, where: str) -> dict[str, Any]:
 
 
 def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
-    """What a saved run did, stage by stage, with its bottleneck."""
-    elapsed = _num(report, "elapsed") or 0.0
+    """What a saved run did, stage by stage, with its bottleneck.
+
+    Raises ReportError when a field it reads is not of its type (a figure that is not a
+    finite number, a time series that is not lists of numbers)."""
+    where = target
+    elapsed = _num(report, "elapsed", where) or 0.0
     structure = report.get("structure")
     configured: dict[str, Mapping[str, Any]] = {}
     if isinstance(structure, Mapping) and isinstance(structure.get("stages"), list):
@@ -526,41 +624,46 @@ def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
             for s in structure["stages"]
             if isinstance(s, Mapping) and isinstance(s.get("name"), str)
         }
+    for s in configured.values():
+        _check_structure(s, where)
+    series = report.get("series")
+    if isinstance(series, Mapping):
+        _check_series(series, where)
     stages: list[StageView] = []
     for d in report["stages"]:
         name = d["name"]
+        context = f"stage {name!r}: "
         fields = _structure_fields(configured.get(name, {}))
-        mean_workers = _num(d, "mean_workers")
-        blocked = _num(d, "blocked_seconds")
+        mean_workers = _num(d, "mean_workers", where, context)
+        blocked = _num(d, "blocked_seconds", where, context)
         worker_seconds = (mean_workers or 0.0) * elapsed
-        items_in = _int(d, "items_in")
-        items_out = _int(d, "items_out")
+        items_in = _int(d, "items_in", where, context)
+        items_out = _int(d, "items_out", where, context)
         stages.append(
             StageView(
                 name=name,
                 **fields,
                 measured=True,
-                workers_now=_num(d, "workers"),
+                workers_now=_num(d, "workers", where, context),
                 items_in=items_in,
                 items_out=items_out,
-                failed=_int(d, "failed"),
+                failed=_int(d, "failed", where, context),
                 rate_in=items_in / elapsed if elapsed > 0 and items_in is not None else None,
-                throughput=_num(d, "throughput"),
+                throughput=_num(d, "throughput", where, context),
                 rate_out=items_out / elapsed if elapsed > 0 and items_out is not None else None,
-                duration_mean=_num(d, "duration_mean"),
-                duration_p99=_num(d, "duration_p99"),
-                queue_wait_mean=_num(d, "queue_wait_mean"),
-                utilisation=_num(d, "utilisation"),
+                duration_mean=_num(d, "duration_mean", where, context),
+                duration_p99=_num(d, "duration_p99", where, context),
+                queue_wait_mean=_num(d, "queue_wait_mean", where, context),
+                utilisation=_num(d, "utilisation", where, context),
                 blocked_seconds=blocked,
                 blocked_fraction=(blocked / worker_seconds)
                 if blocked is not None and worker_seconds > 0
                 else None,
-                recommended_workers=_int(d, "recommended_workers"),
+                recommended_workers=_int(d, "recommended_workers", where, context),
             )
         )
-    series = report.get("series")
     bottleneck = report.get("bottleneck")
-    return GraphView(
+    view = GraphView(
         pipeline=str(report.get("pipeline", "pipeline")),
         origin="report",
         target=target,
@@ -571,6 +674,7 @@ def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
         failure=report.get("failure") if isinstance(report.get("failure"), str) else None,
         series=series if isinstance(series, Mapping) else None,
     )
+    return _check_figures(view, where)
 
 
 # -- live metrics -------------------------------------------------------------------------

@@ -573,3 +573,26 @@ def test_demo_refuses_bad_arguments(capsys):
     err = capsys.readouterr().err
     assert 1 == len(err.strip().splitlines())
     assert err.startswith("pipeflow: error:")
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"throughput": "fast"}, "stage 'a': throughput is 'fast', not a number"),
+        ({"items_in": 1.5}, "stage 'a': items_in is 1.5, not a whole number"),
+        (
+            {"throughput": 1e200, "duration_mean": 1e200},
+            "its figures are too large to compute with",
+        ),
+    ],
+    ids=["a string", "a fraction of an item", "L = 1e200 x 1e200"],
+)
+def test_a_report_with_a_malformed_figure_is_one_line(app, capsys, stage, message):
+    """A report figure of the wrong type, or too large to compute with: one line, 2."""
+    report = {"stages": [{"name": "a", **stage}], "elapsed": 1, "bottleneck": "a"}
+    (app / "r.json").write_text(json.dumps(report))
+    assert 2 == main(["graph", "r.json"])
+    assert (
+        f"pipeflow: error: r.json is not a valid pipeflow run report: {message}\n"
+        == capsys.readouterr().err
+    )

@@ -209,11 +209,6 @@ def test_a_web_page_or_foreign_metrics_are_not_pipeflow_metrics(capsys, canned):
 # -- bugs: tracebacks instead of one line -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli.parse_rate/parse_latency/_parse_share accept numbers that overflow a "
-    "float; cmd_size's float() then raises OverflowError: a traceback, exit 1",
-)
 @pytest.mark.parametrize(
     "extra",
     [
@@ -229,11 +224,6 @@ def test_size_with_an_overflowing_number_is_one_line(capsys, extra):
     one_error_line(capsys, ["size", *extra])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli._seconds: float(Fraction('1e999')) raises OverflowError, which argparse "
-    "does not turn into a usage error; --interval 1e308 reaches time.sleep and overflows",
-)
 @pytest.mark.parametrize(
     "argv",
     [
@@ -249,12 +239,6 @@ def test_huge_seconds_are_one_line(app, capsys, canned, argv):
     one_error_line(capsys, [server.url if a == "URL" else a for a in argv])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli._scrape catches URLError/OSError only: http.client.BadStatusLine, "
-    "IncompleteRead and InvalidURL, and urllib's ValueError for a bad URL, escape as "
-    "tracebacks",
-)
 @pytest.mark.parametrize(
     "reply",
     [
@@ -272,11 +256,6 @@ def test_a_url_that_is_not_a_metrics_endpoint_is_one_line(capsys, canned, reply)
     one_error_line(capsys, ["graph", url, "--interval", "0.01"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli._scrape: http.client.BadStatusLine escapes main(): the real command "
-    "prints a traceback and exits 1",
-)
 def test_graph_of_a_non_http_port_through_a_subprocess(tmp_path, canned):
     """The command a user types, pointed at an SSH port by mistake: one line, status 2."""
     server = canned(b"SSH-2.0-OpenSSH_9.0\r\n")
@@ -327,12 +306,6 @@ WRONG_SHAPES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_report.view_from_report/_structure_fields/options_text/_charts and the "
-    "formatters trust the report's field types: ValueError, OverflowError, TypeError or "
-    "AttributeError escape from `graph REPORT`",
-)
 @pytest.mark.parametrize("shape", list(WRONG_SHAPES))
 def test_a_report_of_the_wrong_shape_is_one_line(app, capsys, shape):
     """A hand-edited or foreign report (json.loads also accepts NaN and Infinity):
@@ -342,22 +315,12 @@ def test_a_report_of_the_wrong_shape_is_one_line(app, capsys, shape):
     one_error_line(capsys, ["graph", "r.json", "--format", fmt, "--output", "out"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_report.load_report catches JSONDecodeError only: a deeply nested file "
-    "raises RecursionError",
-)
 def test_a_deeply_nested_report_is_one_line(app, capsys):
     """A JSON file nested deeper than the parser's recursion limit is unreadable."""
     (app / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     one_error_line(capsys, ["graph", "deep.json"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli._import catches Exception only: SystemExit raised while importing the "
-    "user's module escapes main() (the process exits with the module's code, silently)",
-)
 def test_a_module_that_exits_on_import_is_one_line(app, capsys):
     """A module that calls sys.exit() at import (a script that parses its own
     arguments): one line naming the module, exit status 2."""
@@ -369,11 +332,6 @@ def test_a_module_that_exits_on_import_is_one_line(app, capsys):
     assert "cannot import module 'exits'" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli.cmd_plugins catches Exception only: a plugin that raises SystemExit on "
-    "import ends `pipeflow plugins` with no listing at all",
-)
 def test_a_plugin_that_exits_on_import_is_listed_as_broken(tmp_path):
     """One broken plugin must not hide the others: it is listed as cannot-load."""
     (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit('nope')\n")
@@ -390,11 +348,6 @@ def test_a_plugin_that_exits_on_import_is_listed_as_broken(tmp_path):
 # -- bugs: what a run reports ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_RunCommand._finish ignores StageError.result (the core attaches the failed "
-    "run's result): the report of a fail-fast run shows zero items and zero failures",
-)
 def test_the_report_of_a_failed_run_counts_the_failure(app, capsys):
     """A fail-fast run exits 1, and its report says which stage failed on how many
     items, from the run's final statistics."""
@@ -408,12 +361,6 @@ def test_the_report_of_a_failed_run_counts_the_failure(app, capsys):
     assert "before its statistics were first sampled" not in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_RunCommand checks that --report's directory exists, but not that the path "
-    "itself is writable: a directory is found only after the whole run, which then "
-    "exits 2 with its report lost",
-)
 def test_a_report_path_that_is_a_directory_is_refused_before_the_run(app, capsys):
     """`--report adir`: bad input, refused before any item is processed."""
     (app / "adir").mkdir()
@@ -424,23 +371,12 @@ def test_a_report_path_that_is_a_directory_is_refused_before_the_run(app, capsys
     assert [] == sys.modules["revapp"].seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_RunCommand._source prints its 'no --input given' notice before the other "
-    "arguments are checked: a bad --report then gives two lines on stderr",
-)
 def test_bad_input_without_input_is_still_one_line(app, capsys):
     """No --input and a report in a missing directory: just the error line."""
     line = one_error_line(capsys, ["run", "revapp:recording", "--report", "nodir/r.json"])
     assert "no such directory" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli._lines reports offset + exc.start, but at end of file the decoder's "
-    "pending bytes were already counted in offset: a truncated character at byte 3 is "
-    "reported at byte 5",
-)
 def test_a_truncated_character_at_the_end_names_its_byte(app, capsys):
     """The byte offset of bad UTF-8 is where the bad bytes start, at the end too."""
     (app / "cut.txt").write_bytes(b"ok\n\xe2\x82")
@@ -448,11 +384,6 @@ def test_a_truncated_character_at_the_end_names_its_byte(app, capsys):
     assert "pipeflow: error: cut.txt is not UTF-8 text (byte 3)" == line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli._where appends (file, line) to str(SyntaxError), which already ends "
-    "with it: the location is printed twice",
-)
 def test_a_syntax_error_names_its_line_once(app, capsys):
     """A module with a syntax error: its message and its line, once."""
     (app / "syntaxerr.py").write_text("x = (\n")

@@ -120,6 +120,10 @@ class Env:
         self.ack = ack
 
 
+class _RunFailed(Exception):
+    """Raised into an acking source's context when the run failed (see Run.pump)."""
+
+
 class _GaveUp(Exception):
     """An item's last attempt failed; carries the attempt count to the failure path."""
 
@@ -1126,6 +1130,12 @@ class Run:
                             # The main stages stopped on a failure: read no more, but
                             # stay open so dead-letter stages can ack what they took.
                     await self.wait_drained()
+                    if self.first_failure is not None:
+                        # Tell the source the run failed: some items will never be
+                        # acked, so it must not wait for them (it releases them).
+                        raise _RunFailed
+            except _RunFailed:
+                pass
             except Exception as exc:
                 self.fail(exc)
                 raise

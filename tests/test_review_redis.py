@@ -72,10 +72,24 @@ def source(url: str, **options: Any) -> RedisStreamSource:
 # -- bugs (strict xfails), most severe first ------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: with drain=True the source ends only once its own entries are acked, so a batch stage without batch_timeout (here a dead-letter stage) waits for a batch that never fills; docs/distributed.md says to give batch stages a batch_timeout",
-)
+async def test_batch_sink_without_timeout_drains(r, url):
+    """drain=True with a batch stage that flushes only at the end of the stream (no
+    batch_timeout): the source ends once nothing else is left, the last partial batch
+    flushes, and every entry is acked."""
+    add_jobs(r, 25)
+    written: list[int] = []
+
+    @stage(batch=10)
+    async def write(rows: list[Entry]) -> int:
+        written.append(len(rows))
+        return len(rows)
+
+    with trio.fail_after(5):
+        await Pipeline(write).arun(source(url))
+    assert [10, 10, 5] == written
+    assert set() == pending_ids(r)
+
+
 async def test_dead_letter_batch_stage_does_not_hang(r, url):
     """A batched dead-letter stage holds failed items (and their acks) until its batch
     fills: the source must be allowed enough un-acked entries for that."""

@@ -514,6 +514,9 @@ class RedisStreamSource:
                     nursery.start_soon(consumer.heartbeat, name=f"{conn.thread_name}:heartbeat")
                     try:
                         yield consumer
+                        # The run ended well: wait for the acks of its last items (a
+                        # stream's reader acks outputs as it takes them).
+                        await consumer.settle()
                     finally:
                         nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
@@ -696,13 +699,11 @@ class _Consumer:
                 continue
             if not self.source.drain:
                 continue  # that read waited up to `block` for news: cancellation point
-            # Draining, and nothing new: wait for our own entries to finish, then for
-            # the group's (another consumer's, or reclaimed from a dead one).
-            if self.held:
-                self._room = trio.Event()
-                with trio.move_on_after(self.source.block):
-                    await self._room.wait()
-            elif await self._group_is_empty():
+            # Draining, and nothing new: end once no other consumer holds entries (or
+            # they were reclaimed from a dead one). Our own are in flight in this run,
+            # which keeps the source open until they are acked (see _open); waiting
+            # for them here would deadlock a batch stage that flushes at the end.
+            if await self._nothing_left_to_take():
                 self._ended = True
                 raise StopAsyncIteration
             else:
@@ -718,12 +719,17 @@ class _Consumer:
             # in our own pending list rather than wait claim_idle for them.
             self._reconnects = self.conn.reconnects
             self._own_cursor = "0"
-        if self._own_cursor is not None:
+        while self._own_cursor is not None:
             raw = await self._read(self._own_cursor, n, block=None)
-            if raw:
-                self._own_cursor = raw[-1][0]
-                return self._accept(raw)
-            self._own_cursor = None
+            if not raw:
+                self._own_cursor = None
+                break
+            self._own_cursor = raw[-1][0]
+            accepted = self._accept(raw)
+            if accepted:
+                return accepted
+            # Every entry of this page is already in flight here: read on, rather than
+            # report "nothing new" (which would end a draining source early).
         now = trio.current_time()
         if now >= self._next_claim:
             reply: Any = await self.conn.call(
@@ -778,10 +784,32 @@ class _Consumer:
             entries.append(Entry(entry_id, fields))
         return entries
 
-    async def _group_is_empty(self) -> bool:
+    async def _nothing_left_to_take(self) -> bool:
+        """No entry of the group is pending with another consumer, and every entry
+        pending with us is one this run holds (in flight, to be acked)."""
         s = self.source
         summary: Any = await self.conn.call("XPENDING", self.client.xpending, s.stream, s.group)
-        return bool(summary["pending"] == 0)
+        own = others = 0
+        for c in summary.get("consumers") or ():
+            if c["name"] == s.consumer:
+                own += int(c["pending"])
+            else:
+                others += int(c["pending"])
+        if others:
+            return False
+        if own > len(self.held):
+            # Entries were delivered to us by a read whose answer was lost: take them.
+            self._own_cursor = "0"
+            return False
+        return True
+
+    async def settle(self) -> None:
+        """Until every entry this consumer took is acked in Redis (the run ended well,
+        and the last items' acks are on their way)."""
+        while self.held:
+            self._room = trio.Event()
+            with trio.move_on_after(self.source.block):
+                await self._room.wait()
 
     # -- acknowledging -----------------------------------------------------------------------
 

@@ -10,10 +10,24 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
 BINARY = shutil.which("redis-server")
+
+
+def add_jobs(client: Any, n: int, stream: str = "jobs") -> list[str]:
+    """Append ``n`` entries ``{"n": i}`` to ``stream``; return their ids."""
+    pipe = client.pipeline()
+    for i in range(n):
+        pipe.xadd(stream, {"n": str(i)})
+    return list(pipe.execute())
+
+
+def pending_ids(client: Any, stream: str = "jobs", group: str = "workers") -> set[str]:
+    """The ids of the group's pending (delivered, not acked) entries."""
+    return {p["message_id"] for p in client.xpending_range(stream, group, "-", "+", 10_000)}
 
 
 def free_port() -> int:

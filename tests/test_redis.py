@@ -34,7 +34,13 @@ from pipeflow.connectors.redis import (  # noqa: E402 - after the importorskip
     RedisStreamSource,
     RedisUnavailable,
 )
-from tests.redis_server import BINARY, RedisServer, free_port  # noqa: E402
+from tests.redis_server import (  # noqa: E402
+    BINARY,
+    RedisServer,
+    add_jobs,
+    free_port,
+    pending_ids,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,19 +69,8 @@ def url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-def add_jobs(client: Any, n: int, stream: str = "jobs") -> list[str]:
-    pipe = client.pipeline()
-    for i in range(n):
-        pipe.xadd(stream, {"n": str(i)})
-    return list(pipe.execute())
-
-
 def source_ids(client: Any, stream: str = "results") -> list[str]:
     return [fields["source_id"] for _, fields in client.xrange(stream)]
-
-
-def pending_ids(client: Any, stream: str = "jobs", group: str = "workers") -> set[str]:
-    return {p["message_id"] for p in client.xpending_range(stream, group, "-", "+", 10_000)}
 
 
 async def eventually(check: Callable[[], bool]) -> None:

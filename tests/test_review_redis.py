@@ -26,7 +26,12 @@ from pipeflow.connectors.redis import (  # noqa: E402 - after the importorskip
     Entry,
     RedisStreamSource,
 )
-from tests.redis_server import BINARY, RedisServer  # noqa: E402
+from tests.redis_server import (  # noqa: E402
+    BINARY,
+    RedisServer,
+    add_jobs,
+    pending_ids,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +56,6 @@ def r(server: RedisServer) -> Iterator[Any]:
 @pytest.fixture
 def url(server: RedisServer) -> str:
     return server.url
-
-
-def add_jobs(client: Any, n: int, stream: str = "jobs") -> list[str]:
-    pipe = client.pipeline()
-    for i in range(n):
-        pipe.xadd(stream, {"n": str(i)})
-    return list(pipe.execute())
-
-
-def pending_ids(client: Any, stream: str = "jobs", group: str = "workers") -> set[str]:
-    return {p["message_id"] for p in client.xpending_range(stream, group, "-", "+", 10_000)}
 
 
 def source(url: str, **options: Any) -> RedisStreamSource:

@@ -17,15 +17,15 @@ from collections.abc import Mapping
 
 import attrs
 
+from .sizing import TARGET_UTILISATION, workers_needed
+from .sizing import utilisation as _utilisation
+
 _MANTISSAS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 7.5, 8.0, 9.0)
 #: Upper bounds (inclusive) of the histogram buckets; a last bucket takes the rest.
 BOUNDS: tuple[float, ...] = (
     *(float(f"{m}e{e}") for e in range(-6, 3) for m in _MANTISSAS),
     1000.0,
 )
-
-#: The default target utilisation for sizing: the seed's "plan for ~70%".
-TARGET_UTILISATION = 0.7
 
 
 class Histogram:
@@ -152,8 +152,8 @@ class StageCounters:
         # elapsed time, which is λW counted in calls: right for batches too, whose λ in
         # items would overstate L by the batch size.
         load = self.busy_time / elapsed if elapsed > 0 else 0.0
-        utilisation = load / mean_workers if mean_workers > 0 else 0.0
-        recommended = max(1, math.ceil(load / target_utilisation - 1e-9)) if done else 1
+        utilisation = _utilisation(load, mean_workers)
+        recommended = workers_needed(load, target_utilisation) if done else 1
         return StageStats(
             name=self.name,
             items_in=self.items_in,

@@ -44,6 +44,7 @@ def test_public_names_are_complete():
     "module",
     [
         "pipeflow.testing",
+        "pipeflow.sizing",
         "pipeflow.connectors.redis",
         "pipeflow.stages",
         "pipeflow.stages.http",

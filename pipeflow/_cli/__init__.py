@@ -1,0 +1,16 @@
+"""The ``pipeflow`` command: ``run``, ``graph``, ``size``, ``plugins`` and ``demo``.
+
+One module per command (``run.py``, ``graph.py``, ``size.py``, ``plugins.py``,
+``demo.py``); ``main.py`` holds the parser, ``args.py`` the number parsers,
+``errors.py`` the one-line errors, ``progress.py`` and ``summary.py`` what ``run`` and
+``demo`` share.
+
+Exit statuses: 0 success; 1 the run failed (or items failed under ``errors="collect"``);
+2 bad input (an unknown module, a file that cannot be read, a bad number, an unreachable
+URL): one line on stderr, ``pipeflow: error: ...``, never a traceback; 128 + the signal
+number (130 for SIGINT, 143 for SIGTERM) for a run stopped by a signal after draining.
+"""
+
+from .main import main as main
+
+__all__ = ["main"]

@@ -1,0 +1,367 @@
+"""``pipeflow run``: a pipeline over the lines of a file, with a live view and a report."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import inspect
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+import trio
+
+from .._errors import StageError
+from .._report import Series, build_report, describe_pipeline, result_dict_from_stats
+from .._stats import StageStats, find_bottleneck
+from .errors import EXIT_FAILED, EXIT_OK, CliError, one_line
+from .loading import load_pipeline
+from .progress import LogHandler, Progress
+from .summary import summary
+
+
+class InputError(Exception):
+    """The input could not be read as text lines."""
+
+
+ChunkReader = Callable[[], Awaitable[bytes]]
+Closer = Callable[[], Awaitable[None]]
+#: Opens the input inside Trio: returns "read a chunk (b'' at the end)" and "close".
+Opener = Callable[[], Awaitable[tuple[ChunkReader, Closer]]]
+
+
+async def _lines(open_input: Opener, where: str) -> AsyncIterator[str]:
+    """Lines of UTF-8 text, the newline (and a carriage return before it) stripped."""
+    read, close = await open_input()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending = ""
+    offset = 0  # bytes read so far
+    try:
+        while True:
+            chunk = await read()
+            # The decoder holds back the bytes of an incomplete character; an error's
+            # start counts from the first of them, which ``offset`` already passed.
+            held = len(decoder.getstate()[0])
+            try:
+                text = pending + decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                msg = f"{where} is not UTF-8 text (byte {offset - held + exc.start})"
+                raise InputError(msg) from None
+            offset += len(chunk)
+            *lines, pending = text.split("\n")
+            for line in lines:
+                # A graceful stop cancels the source, then closes its channel. If the
+                # source is between two checkpoints then (it was just woken from a
+                # send), its next send would hit the closed channel: stop here first.
+                # (Cheap: it only yields when cancelled.)
+                await trio.lowlevel.checkpoint_if_cancelled()
+                yield line.removesuffix("\r")
+            if not chunk:
+                break
+        if pending:
+            yield pending.removesuffix("\r")
+    finally:
+        with trio.CancelScope(shield=True):
+            await close()
+
+
+def _file_input(file: IO[bytes]) -> Opener:
+    async def open_input() -> tuple[ChunkReader, Closer]:
+        async def read() -> bytes:
+            # A local file's chunk is read in the event loop (microseconds from the page
+            # cache), not in a thread, whose read could not be cancelled.
+            await trio.lowlevel.checkpoint()
+            return file.read(1 << 16)
+
+        async def close() -> None:
+            file.close()
+
+        return read, close
+
+    return open_input
+
+
+def _stdin_input() -> Opener:
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        raise CliError("--input -: there is no stdin to read") from None
+    if os.name != "posix" or stat.S_ISREG(mode):
+        # A regular file cannot be waited on (epoll refuses it): read it in a thread.
+        return _file_input(os.fdopen(os.dup(0), "rb"))
+
+    async def open_input() -> tuple[ChunkReader, Closer]:
+        # A pipe or a terminal: an async stream, so that Ctrl+C and cancellation are
+        # not stuck behind a blocking read.
+        stream = trio.lowlevel.FdStream(os.dup(0))
+
+        async def read() -> bytes:
+            return await stream.receive_some(1 << 16)
+
+        return read, stream.aclose
+
+    return open_input
+
+
+@attrs.define
+class _Outcome:
+    result: Any = None
+    error: BaseException | None = None
+    stats: Mapping[str, StageStats] | None = None
+    stats_at: float = 0.0  # when ``stats`` was sampled
+    elapsed: float = 0.0
+    signal: int | None = None
+
+
+class _RunCommand:
+    """``pipeflow run``: the run, its progress view, its time series and report."""
+
+    TICK_LIVE = 0.25
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.target: str = args.target
+        self.pipeline = load_pipeline(args.target)
+        self.kwargs: dict[str, Any] = {"collect": False}
+        params = inspect.signature(self.pipeline.arun).parameters
+        # Graceful shutdown lives in Pipeline.arun (handle_signals=, grace=) when this
+        # version of the core has it; otherwise Ctrl+C interrupts at once.
+        self.native_signals = "handle_signals" in params and "grace" in params
+        if self.native_signals and _in_main_thread():
+            self.kwargs |= {"handle_signals": True, "grace": args.grace}
+        if args.metrics_port is not None:
+            self.kwargs["metrics_port"] = args.metrics_port
+        if args.report:
+            _check_report_path(args.report)
+        # Last: the source may print a notice, which must not precede an error line.
+        self.source = self._source()
+        self.series = Series(interval=1.0)
+        mode = "off" if args.quiet else ("live" if sys.stdout.isatty() else "lines")
+        self.progress = Progress(sys.stdout, mode=mode, title=f"pipeflow run {self.target}")
+        self.outcome = _Outcome()
+        self.t0 = 0.0
+        self.metrics_url: str | None = None
+
+    def _source(self) -> Any:
+        args = self.args
+        if args.source is not None:
+            return self._redis_source(args.source)
+        if args.input is None:
+            print(
+                "pipeflow: no --input given: running with no items "
+                "(--input FILE reads a file, --input - reads stdin)",
+                file=sys.stderr,
+            )
+            return []
+        if args.input == "-":
+            return _lines(_stdin_input(), "stdin")
+        try:
+            file = open(args.input, "rb")  # noqa: SIM115 - closed by the line reader
+        except OSError as exc:
+            raise CliError(f"cannot read --input {args.input}: {exc.strerror or exc}") from None
+        if Path(args.input).is_dir():
+            file.close()
+            raise CliError(f"cannot read --input {args.input}: it is a directory")
+        return _lines(_file_input(file), args.input)
+
+    def _redis_source(self, url: str) -> Any:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise CliError(
+                f"--source: unsupported URL {url!r} (expected redis://HOST:PORT/DB?stream=..., "
+                f"rediss:// or unix://)"
+            )
+        try:
+            from pipeflow.connectors.redis import RedisStreamSource
+        except ImportError as exc:
+            raise CliError(
+                f"--source redis:// needs pipeflow.connectors.redis and the redis client "
+                f"(pip install 'pipeflow[redis]'): {exc}"
+            ) from None
+        try:
+            return RedisStreamSource.from_url(url)
+        except (ValueError, TypeError) as exc:
+            raise CliError(f"--source: {exc}") from None
+
+    # -- inside trio.run --
+
+    async def execute(self) -> None:
+        self.t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            try:
+                self.outcome.result = await self.pipeline.arun(self.source, **self.kwargs)
+            except (Exception, KeyboardInterrupt) as exc:
+                # A KeyboardInterrupt here is pipeflow.Interrupted: the run drained after
+                # a signal and carries its partial result.
+                self.outcome.error = exc
+            finally:
+                self.outcome.elapsed = trio.current_time() - self.t0
+                nursery.cancel_scope.cancel()
+
+    async def _watch(self) -> None:
+        tick = self.TICK_LIVE if self.progress.mode == "live" else 1.0
+        if "metrics_port" in self.kwargs:
+            # Say where the metrics are as soon as the endpoint listens.
+            while self.metrics_url is None:
+                await trio.sleep(0.01)
+                self._announce_metrics()
+        next_sample = 1.0
+        k = 0
+        while True:
+            k += 1
+            await trio.sleep_until(self.t0 + k * tick)
+            self._announce_metrics()
+            stats = self.pipeline.current_stats()
+            if stats is None:
+                continue
+            t = trio.current_time() - self.t0
+            self.outcome.stats, self.outcome.stats_at = stats, t
+            if t >= next_sample - 1e-9:
+                self.series.sample(t, stats)
+                next_sample += 1.0
+            self.progress.update(t, stats, self.series)
+
+    def _announce_metrics(self) -> None:
+        if "metrics_port" not in self.kwargs or self.metrics_url is not None:
+            return
+        # The metrics service sets this once it listens (the port is known then, even
+        # for --metrics-port 0).
+        address = getattr(self.pipeline, "metrics_address", None)
+        if address:
+            host, port = address
+            self.metrics_url = f"http://{host}:{port}/metrics"
+            self.progress.clear()
+            print(f"pipeflow: serving metrics at {self.metrics_url}", file=sys.stderr, flush=True)
+            self.progress.redraw()
+
+    # -- after --
+
+    def __call__(self) -> int:
+        logger = logging.getLogger("pipeflow")
+        handler = LogHandler(self.progress)
+        saved = (logger.level, logger.propagate)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if self.args.verbose else logging.WARNING)
+        logger.propagate = False
+        try:
+            try:
+                trio.run(self.execute)
+            except BaseException as exc:
+                # Without graceful shutdown in the core, Ctrl+C arrives as a bare
+                # KeyboardInterrupt (possibly inside an exception group).
+                if not _contains(exc, KeyboardInterrupt):
+                    raise
+                self.outcome.error = KeyboardInterrupt()
+                self.outcome.signal = signal.SIGINT
+        finally:
+            self.progress.close()
+            logger.removeHandler(handler)
+            logger.setLevel(saved[0])
+            logger.propagate = saved[1]
+        return self._finish()
+
+    def _finish(self) -> int:
+        o = self.outcome
+        err = o.error
+        status, failure, code, signum = "completed", None, EXIT_OK, None
+        result = o.result
+        if isinstance(err, KeyboardInterrupt):
+            signum = getattr(err, "signal", None) or o.signal or signal.SIGINT
+            status, code = "interrupted", 128 + int(signum)
+            result = getattr(err, "result", None)
+        elif isinstance(err, NotImplementedError) and "metrics_port" in self.kwargs:
+            raise CliError(f"--metrics-port: {err}")
+        elif isinstance(err, OSError) and "metrics_port" in self.kwargs and not self.metrics_url:
+            # The endpoint could not listen (the port is taken): nothing ran.
+            raise CliError(f"--metrics-port {self.args.metrics_port}: {err}")
+        elif isinstance(err, InputError):
+            raise CliError(str(err))
+        elif isinstance(err, StageError):
+            status, failure, code = "failed", str(err), EXIT_FAILED
+            # The core attaches the stopped run's result (its final statistics) to a
+            # fail-fast error; without it, the last sample is all there is.
+            result = err.result
+        elif err is not None:
+            status, failure, code = "failed", f"{type(err).__name__}: {err}", EXIT_FAILED
+        stats_at: float | None = None
+        if result is not None:
+            data = result.to_dict()
+            t_end = result.elapsed
+        else:
+            stats_at = o.stats_at
+            stats = o.stats or {}
+            data = result_dict_from_stats(
+                self.pipeline.name,
+                stats,
+                o.elapsed,
+                find_bottleneck(stats),
+                [st.name for st in self.pipeline.stages],
+            )
+            t_end = o.elapsed
+        if result is not None and t_end > (self.series.t[-1] if self.series.t else 0) + 1e-6:
+            self.series.sample(t_end, result.stats)
+        if status == "completed" and data.get("errors"):
+            n = len(data["errors"])
+            failure = f"{n} item{'s' if n != 1 else ''} failed; first: {data['errors'][0]}"
+            code = EXIT_FAILED
+        report = build_report(
+            target=self.target,
+            status=status,
+            result=data,
+            structure=describe_pipeline(self.pipeline),
+            series=self.series,
+            failure=failure,
+            signal=signal.Signals(signum).name if signum else None,
+            stats_at=stats_at,
+        )
+        if self.args.report:
+            try:
+                Path(self.args.report).write_text(
+                    json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+                )
+            except OSError as exc:
+                raise CliError(f"cannot write report {self.args.report}: {exc.strerror}") from None
+        if not self.args.quiet:
+            print(summary(report, self.args.report))
+        if failure is not None:
+            label = "run failed" if status == "failed" else "items failed"
+            print(f"pipeflow: {label}: {one_line(failure)}", file=sys.stderr)
+        elif status == "interrupted":
+            name = signal.Signals(signum).name if signum else "signal"
+            print(f"pipeflow: stopped by {name}", file=sys.stderr)
+        return code
+
+
+def _check_report_path(report: str) -> None:
+    """Refuse a --report path that cannot be written, before the run rather than after."""
+    path = Path(report)
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"cannot write report {report}: no such directory {parent}")
+    if path.is_dir():
+        raise CliError(f"cannot write report {report}: it is a directory")
+
+
+def _in_main_thread() -> bool:
+    # Signal handlers can only be installed from the main thread.
+    return threading.current_thread() is threading.main_thread()
+
+
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    if isinstance(exc, kind):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_contains(e, kind) for e in exc.exceptions)
+    return False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _RunCommand(args)()

@@ -1,0 +1,109 @@
+"""The terminal drawing of a :class:`GraphView`."""
+
+from __future__ import annotations
+
+import textwrap
+
+from .format import TIMES, fmt_count, fmt_duration, fmt_pct, fmt_rate, options_text
+from .view import GraphView, StageView
+
+_UNICODE = {"h": "─", "v": "│", "tl": "┌", "tr": "┐", "bl": "└", "br": "┘", "arrow": "▼"}
+_ASCII = {"h": "-", "v": "|", "tl": "+", "tr": "+", "bl": "+", "br": "+", "arrow": "v"}
+
+
+def _stage_lines(s: StageView) -> list[str]:
+    head = [s.workers_label()]
+    if s.buffer is not None and s.measured:  # a structure view shows it on the edge
+        head.append(f"buffer {s.buffer}")
+    lines = [" · ".join(head + options_text(s.options))]
+    if s.measured:
+        counts = []
+        if s.items_in is not None:
+            counts.append(f"in {fmt_count(s.items_in)}")
+        if s.items_out is not None:
+            counts.append(f"out {fmt_count(s.items_out)}")
+        if s.failed:
+            counts.append(f"failed {fmt_count(s.failed)}")
+        if counts:
+            lines.append(" · ".join(counts))
+        perf = []
+        if s.throughput is not None:
+            perf.append(fmt_rate(s.throughput))
+        if s.utilisation is not None:
+            perf.append(f"util {fmt_pct(s.utilisation)}")
+        if s.duration_mean is not None:
+            perf.append(f"mean {fmt_duration(s.duration_mean)}")
+        if s.duration_p99 is not None:
+            perf.append(f"p99 {fmt_duration(s.duration_p99)}")
+        if perf:
+            lines.append(" · ".join(perf))
+        extra = []
+        if s.queue_wait_mean is not None:
+            extra.append(f"queue wait {fmt_duration(s.queue_wait_mean)}")
+        if s.blocked_fraction is not None:
+            extra.append(f"blocked {fmt_pct(s.blocked_fraction)}")
+        if s.queue_depth is not None and s.busy_workers is not None:
+            extra.append(f"now {s.busy_workers:.0f} busy, {s.queue_depth:.0f} queued")
+        if extra:
+            lines.append(" · ".join(extra))
+    return lines
+
+
+def _title(view: GraphView) -> str:
+    parts = [f"pipeline {view.pipeline!r}"]
+    if view.origin == "pipeline":
+        parts.append(f"structure of {view.target}")
+    elif view.origin == "report":
+        done = view.stages[-1].items_out if view.stages else None
+        status = view.status or "finished"
+        parts.append(f"report {view.target}")
+        if view.elapsed is not None:
+            parts.append(f"{status} in {fmt_duration(view.elapsed)}")
+        if done is not None:
+            parts.append(f"{fmt_count(done)} outputs")
+    else:
+        parts.append(f"live from {view.target}")
+        if view.elapsed is not None:
+            parts.append(f"rates over {fmt_duration(view.elapsed)}")
+    return " · ".join(parts)
+
+
+def render_text(view: GraphView, *, unicode: bool = True, color: bool = False) -> str:
+    """The chain drawn top to bottom: a box per stage, edges labelled with items per
+    second (or buffers), the bottleneck marked and sized."""
+    ch = _UNICODE if unicode else _ASCII
+    mark = f" ◀ {view.bottleneck_label}" if unicode else f" <- {view.bottleneck_label}"
+    bodies = [_stage_lines(s) for s in view.stages]
+    headers = [s.name + (mark if s.name == view.bottleneck else "") for s in view.stages]
+    width = max(
+        [len(line) for body in bodies for line in body] + [len(h) + 2 for h in headers] + [20]
+    )
+    red, reset = ("\x1b[1;31m", "\x1b[0m") if color else ("", "")
+    out = [_title(view), ""]
+    if view.failure:
+        out[-1:] = [f"run failed: {view.failure}", ""]
+    edges = view.edges()
+
+    def edge(label: str) -> None:
+        out.append(f"    {ch['v']}  {label}".rstrip())
+        out.append(f"    {ch['arrow']}")
+
+    out.append("  source")
+    for i, (s, body, header) in enumerate(zip(view.stages, bodies, headers, strict=True)):
+        edge(edges[i][2])
+        hi, lo = (red, reset) if s.name == view.bottleneck else ("", "")
+        top = f"{ch['tl']}{ch['h']} {header} "
+        out.append(f"  {hi}{top}{ch['h'] * (width + 3 - len(top))}{ch['tr']}{lo}")
+        for line in body:
+            out.append(f"  {hi}{ch['v']}{lo} {line:<{width}} {hi}{ch['v']}{lo}")
+        out.append(f"  {hi}{ch['bl']}{ch['h'] * (width + 2)}{ch['br']}{lo}")
+    edge(edges[-1][2])
+    out.append("  outputs")
+    advice = view.recommendation()
+    if advice:
+        if not unicode:
+            advice = advice.replace("λ", "lambda*").replace(TIMES, "x")
+        out += ["", *textwrap.wrap(advice, 96, subsequent_indent="  ", break_on_hyphens=False)]
+    elif view.measured and view.bottleneck is None:
+        out += ["", "no bottleneck: no stage limited the rate (the source did)"]
+    return "\n".join(out) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -101,6 +102,37 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def timed_clocks(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (``time.process_time()``: every thread of the process)
+    of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def interleaved_clocks(
+    cases: Mapping[str, Callable[[], object]], rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """As :func:`interleaved`, timing each call on both clocks: ``{case: {"wall": [...],
+    "cpu": [...]}}``. CPU time is the fair clock for a single-threaded workload on a
+    shared machine: a neighbour's load slows the wall clock, not the CPU seconds spent."""
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in cases}
+    order = list(cases)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else reversed(order):
+            wall, cpu = timed_clocks(cases[name])
+            times[name]["wall"].append(wall)
+            times[name]["cpu"].append(cpu)
+    return times
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1
+    return ordered[rank]
+
+
 # -- results -----------------------------------------------------------------------------------
 
 
@@ -179,6 +211,8 @@ def _fmt(value: float | None, unit: str, note: str = "") -> str:
         return "-"
     if unit == "items/s":
         text = f"{value:,.0f}/s" if value >= 100 else f"{value:,.1f}/s"
+    elif unit == "ms":  # a latency, not a growth
+        text = f"{value:,.3f} ms"
     else:
         text = f"{value:+,.1f} {unit}"
     return f"{text} {note}" if note else text

@@ -22,7 +22,7 @@ from types import ModuleType
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_io, bench_memory, bench_overhead, bench_process
+from benchmarks import bench_io, bench_memory, bench_overhead, bench_process, bench_stream
 from benchmarks._common import Row, exit_code, progress, report
 
 BENCHMARKS: dict[str, ModuleType] = {
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "io": bench_io,
     "memory": bench_memory,
     "process": bench_process,
+    "stream": bench_stream,
 }
 
 #: Benchmarks found but not importable (a missing extra, say): name -> traceback.

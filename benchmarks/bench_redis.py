@@ -1,12 +1,11 @@
 """Redis Streams: entries/s through ``RedisStreamSource -> identity -> RedisStreamSink``,
-in one process and in two (a fleet sharing one consumer group), with and without hiredis.
+in one process and in two (a fleet sharing one consumer group), per sink shape.
 
 A redis-server of its own (no persistence) runs on a free 127.0.0.1 port and is stopped
 by its PID. Each member is a fresh process (``--member``) that imports everything, says
 it is ready, and starts on a signal, so start-up is not timed; the figure is entries /
-(last member's end - first member's start). Without hiredis means redis-py's
-pure-Python parser (hiredis hidden from the import system). Install hiredis
-(``pip install 'pipeflow[hiredis]'``) to measure both; without it, only the first.
+(last member's end - first member's start). ``benchmarks/bench_fleet.py`` compares a
+fleet with a hand-written consumer.
 
     python benchmarks/bench_redis.py [--quick] [--json FILE]
 """
@@ -28,9 +27,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-if os.environ.get("BENCH_REDIS_HIREDIS") == "0":
-    sys.modules["hiredis"] = None  # type: ignore[assignment]  # redis-py then parses in Python
-
 from benchmarks._common import Row, bench_main, median, progress
 
 QUICK = {"entries": 3_000, "rounds": 1}
@@ -49,7 +45,6 @@ SINKS: dict[str, dict[str, Any]] = {
 
 def member(url: str, consumer: str, shape: str) -> None:
     """Run the pipeline as ``consumer`` until the stream is drained; print timings."""
-    import redis.utils
     import trio
 
     from pipeflow import Pipeline, stage
@@ -69,7 +64,7 @@ def member(url: str, consumer: str, shape: str) -> None:
     result = trio.run(pipeline.arun, source)  # type: ignore[arg-type]
     end = time.time()
     n = result.stats["identity"].items_in
-    report = {"start": start, "end": end, "entries": n, "hiredis": redis.utils.HIREDIS_AVAILABLE}
+    report = {"start": start, "end": end, "entries": n}
     print(json.dumps(report), flush=True)
 
 
@@ -119,19 +114,15 @@ class _Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _fleet(
-    server: _Server, entries: int, shape: str, processes: int, hiredis: bool
-) -> tuple[float, bool]:
-    """entries/s of ``processes`` members draining ``entries``; whether hiredis was on."""
+def _fleet(server: _Server, entries: int, shape: str, processes: int) -> float:
+    """entries/s of ``processes`` members draining ``entries``."""
     server.fill(entries)
-    env = {**os.environ, "BENCH_REDIS_HIREDIS": "1" if hiredis else "0"}
     members = [
         subprocess.Popen(
             [sys.executable, __file__, "--member", server.url, f"m{i}", shape],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=env,
         )
         for i in range(processes)
     ]
@@ -159,72 +150,45 @@ def _fleet(
     if done < entries or server.client.xpending("jobs", "bench")["pending"]:
         raise RuntimeError(f"only {done} of {entries} entries processed")
     span = max(r["end"] for r in reports) - min(r["start"] for r in reports)
-    return entries / span, all(r["hiredis"] for r in reports)
-
-
-def _hiredis_installed() -> bool:
-    try:
-        import hiredis  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return entries / span
 
 
 def measure(entries: int = 20_000, rounds: int = 3) -> list[Row]:
-    parsers = [False, True] if _hiredis_installed() else [False]
     server = _Server()
-    rates: dict[tuple[str, int, bool], list[float]] = {}
+    rates: dict[tuple[str, int], list[float]] = {}
     try:
         for r in range(rounds):
             for shape in SINKS:
-                for processes in (1, 2):
-                    for hiredis in parsers if r % 2 == 0 else parsers[::-1]:
-                        progress(
-                            f"redis: round {r + 1}, {shape}, {processes} process(es), "
-                            f"hiredis={hiredis}"
-                        )
-                        rate, on = _fleet(server, entries, shape, processes, hiredis)
-                        if on != hiredis:
-                            raise RuntimeError(f"asked for hiredis={hiredis}, the member had {on}")
-                        rates.setdefault((shape, processes, hiredis), []).append(rate)
+                for processes in (1, 2) if r % 2 == 0 else (2, 1):
+                    progress(f"redis: round {r + 1}, {shape}, {processes} process(es)")
+                    rate = _fleet(server, entries, shape, processes)
+                    rates.setdefault((shape, processes), []).append(rate)
     finally:
         server.stop()
 
-    def rate(shape: str, processes: int, hiredis: bool) -> float:
-        return median(rates[(shape, processes, hiredis)])
-
     detail: dict[str, Any] = {"entries": entries, "rounds": rounds, "rates": {}}
-    for (shape, processes, hiredis), values in rates.items():
-        key = f"{shape}, {processes} process(es), {'hiredis' if hiredis else 'Python parser'}"
-        detail["rates"][key] = values
-    best = parsers[-1]
-    label = "hiredis" if best else "Python parser"
+    for (shape, processes), values in rates.items():
+        detail["rates"][f"{shape}, {processes} process(es)"] = values
     rows = []
     for shape in SINKS:
-        for processes in (1, 2):
-            baseline: float | None = None
-            pf, ratio = rate(shape, processes, best), 1.0
-            if best:
-                baseline = rate(shape, processes, False)
-                ratio = pf / baseline
+        one, two = median(rates[(shape, 1)]), median(rates[(shape, 2)])
+        for processes, pf in ((1, one), (2, two)):
             rows.append(
                 Row(
                     benchmark="redis",
-                    workload=f"redis, {shape}, {processes} process"
-                    f"{'es' if processes > 1 else ''}, {label}",
+                    workload=f"redis, {shape}, {processes} process{'es' if processes > 1 else ''}",
                     unit="items/s",
                     pipeflow=pf,
-                    baseline=baseline,
-                    ratio=ratio,
-                    baseline_label="Python parser",
+                    baseline=None,
+                    ratio=1.0,
+                    baseline_label="",
                     detail=detail,
                 )
             )
-        one, two = rate(shape, 1, best), rate(shape, 2, best)
         rows.append(
             Row(
                 benchmark="redis",
-                workload=f"redis, {shape}, 2 processes vs 1, {label}",
+                workload=f"redis, {shape}, 2 processes vs 1",
                 unit="items/s",
                 pipeflow=two,
                 baseline=one,

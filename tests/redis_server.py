@@ -38,12 +38,23 @@ def free_port() -> int:
 
 class RedisServer:
     """One redis-server process. ``durable=True`` turns on the append-only file with an
-    fsync per write, as docs/distributed.md recommends, so a crash loses nothing."""
+    fsync per write, as docs/distributed.md recommends, so a crash loses nothing.
+    ``extra`` arguments go last (``{port}`` in one is the server's port), and
+    ``client_options`` to the tests' own redis-py client (a password, TLS)."""
 
-    def __init__(self, directory: Path, *, durable: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        durable: bool = False,
+        extra: tuple[str, ...] = (),
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         assert BINARY is not None
         self.directory = directory
         self.port = free_port()
+        #: How the tests' own client reaches it (a password, TLS).
+        self.client_options = client_options or {}
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else []
         persistence = persistence or ["--appendonly", "no"]
         self.argv = [
@@ -57,6 +68,7 @@ class RedisServer:
             *persistence,
             "--dir",
             str(directory),
+            *(arg.replace("{port}", str(self.port)) for arg in extra),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -66,7 +78,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True)
+        options = {"host": "127.0.0.1", "port": self.port, "decode_responses": True}
+        return redis.Redis(**{**options, **self.client_options})
 
     def start(self, timeout: float = 10.0) -> None:
         log = (self.directory / "redis.log").open("ab")

@@ -354,10 +354,17 @@ async def test_a_slow_but_live_consumer_keeps_its_entries(r, url):
     assert set() == pending_ids(r)
 
 
-def start_member(redis_server: RedisServer, name: str, log: Path) -> subprocess.Popen[bytes]:
+def start_member(
+    redis_server: RedisServer,
+    name: str,
+    log: Path,
+    *,
+    query: str = "claim_idle=1&drain=1",
+    options: tuple[str, ...] = (),
+) -> subprocess.Popen[bytes]:
     """One member of the fleet, started as a user would: the same CLI command each time."""
-    query = f"stream=jobs&group=workers&consumer={name}&claim_idle=1&drain=1"
-    command = [sys.executable, "-m", "pipeflow", "run", "tests.fleet_app:pipeline", "-q"]
+    query = f"stream=jobs&group=workers&consumer={name}&{query}"
+    command = [sys.executable, "-m", "pipeflow", "run", "tests.fleet_app:pipeline", "-q", *options]
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -423,6 +430,57 @@ async def test_a_fleet_member_stopped_by_sigterm_acks_what_it_finished(r, redis_
 
 
 # -- Redis going away ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of the test's own, to freeze (SIGSTOP) or crash."""
+    if BINARY is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        assert server.proc is not None
+        if server.proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+async def test_ctrl_c_is_prompt_while_redis_is_frozen(own_server, tmp_path, signals):
+    """Redis stops answering (SIGSTOP: a frozen server, a partition) mid-run: Ctrl+C on
+    `pipeflow run --grace 1` still exits within 2 s (the grace period, then a prompt
+    cancel), and a second Ctrl+C at once."""
+    with own_server.client() as client:
+        add_jobs(client, 300)
+        member = start_member(
+            own_server, "m", tmp_path / "m.log", query="block=0.1", options=("--grace", "1")
+        )
+        try:
+            with trio.fail_after(30):
+                await eventually(lambda: client.xlen("results") >= 20)
+            assert own_server.proc is not None
+            os.kill(own_server.proc.pid, signal.SIGSTOP)
+            await trio.sleep(0.3)  # reads and writes now hang
+            member.send_signal(signal.SIGINT)
+            t0 = trio.current_time()
+            if signals == 2:
+                await trio.sleep(0.1)
+                member.send_signal(signal.SIGINT)
+                t0 = trio.current_time()
+            with trio.move_on_after(10):
+                await eventually(lambda: member.poll() is not None)
+            elapsed = trio.current_time() - t0
+        finally:
+            if member.poll() is None:
+                member.kill()
+            member.wait()
+    log = (tmp_path / "m.log").read_text()
+    assert elapsed < (2.0 if signals == 1 else 1.0), log
+    assert 130 == member.returncode, log  # 128 + SIGINT, as a shell reports it
+    assert "pipeflow: stopped by SIGINT" in log
+    assert "Traceback" not in log
 
 
 @pytest.fixture

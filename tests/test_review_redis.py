@@ -181,10 +181,6 @@ def test_a_password_given_as_a_query_parameter_is_not_shown():
     assert "hunter2" not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Conn.call runs commands in threads that cannot be abandoned: cancellation waits for the socket timeout (block + 10 s) while Redis hangs",
-)
 async def test_cancelling_a_run_is_prompt_while_redis_does_not_answer(tmp_path):
     """The module says reads block for at most `block` seconds, so that cancelling a
     run is prompt; that must hold too when Redis hangs (SIGSTOP: a frozen server, or a

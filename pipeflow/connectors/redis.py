@@ -19,11 +19,12 @@ came from (``source_id``) so that whoever reads the results can drop duplicates:
     source = RedisStreamSource("redis://127.0.0.1:6379/0", "jobs", group="workers")
     Pipeline(work | RedisStreamSink("redis://127.0.0.1:6379/0", "results")).run(source)
 
-The official ``redis`` client runs its blocking API in worker threads (its asyncio API
-does not run on Trio), with a ``CapacityLimiter`` of its own. Reads block for at most
-``block`` seconds at a time, so cancelling a run is prompt. Connection errors (a Redis
-restart) are retried with exponential backoff for up to ``retry_for`` seconds, logged
-(``redis_unavailable``, ``redis_reconnected``), then raised as :class:`RedisUnavailable`.
+The connector talks to Redis over native Trio I/O (a small client with the ``hiredis``
+reply parser), so cancelling a run takes effect at once, even while Redis does not
+answer: a command cancelled half-way drops its connection. Reads block for at most
+``block`` seconds at a time. Connection errors (a Redis restart) are retried with
+exponential backoff for up to ``retry_for`` seconds, logged (``redis_unavailable``,
+``redis_reconnected``), then raised as :class:`RedisUnavailable`.
 
 Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
 ``redis_unavailable``, ``redis_reconnected``, ``redis_ack_failed``.
@@ -32,28 +33,25 @@ Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import math
 import os
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
 import trio
 
 try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
+    from ._resp import URL_OPTIONS, Client, RedisConnectionError, RedisError, parse_url
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "pipeflow.connectors.redis needs the redis client: pip install 'pipeflow[redis]' "
-        "(and 'pipeflow[hiredis]' for its faster parser)"
+        "pipeflow.connectors.redis needs hiredis (the Redis reply parser): "
+        "pip install 'pipeflow[redis]'"
     ) from exc
 
 from .._errors import short_repr
@@ -66,9 +64,8 @@ __all__ = [
     "Entry",
     "RedisUnavailable",
     "ConsumerGroupLost",
+    "RedisError",
 ]
-
-T = TypeVar("T")
 
 #: Ids per XACK / XCLAIM command: big enough to amortise a round trip, small enough
 #: not to stall Redis (each is O(n)).
@@ -77,6 +74,9 @@ _CHUNK = 1000
 _TRIM_EVERY = 1.0
 #: On leaving, the source spends at most this long acking what it finished.
 _FINAL_ACK_TIMEOUT = 5.0
+#: ... and at most this long when the run was cancelled: the user asked for a prompt
+#: stop, and a Redis that answers at all answers well within it.
+_CANCELLED_CLOSE_TIMEOUT = 0.25
 #: How often a draining source checks whether other consumers have finished.
 _DRAIN_POLL = 0.05
 #: How long the source, on leaving, retries its last acks if Redis is unreachable.
@@ -151,28 +151,41 @@ def _redact(url: str) -> str:
     return urlunsplit(parts)
 
 
-def _check_url(url: object, who: str) -> str:
+def _check_url(url: object, who: str, *, whole: bool = True) -> str:
     if not isinstance(url, str):
         raise TypeError(f"{who}: url must be a str such as 'redis://127.0.0.1:6379/0', got {url!r}")
     if urlsplit(url).scheme not in _SCHEMES:
         msg = f"{who}: url must start with redis://, rediss:// or unix://, got {_redact(url)!r}"
         raise ValueError(msg)
+    try:
+        if whole:
+            parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc} in {_redact(url)!r}") from None
     return url
 
 
+#: Commands whose second word says what they do.
+_CONTAINERS = frozenset({"XGROUP", "XINFO", "CLIENT"})
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
+    """``[k1, v1, k2, v2, ...]`` (a RESP2 map) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class _Conn:
-    """A redis-py client used from Trio: each command runs in a worker thread (at most
-    ``threads`` at once), and connection errors are retried with exponential backoff for
-    up to ``retry_for`` seconds before :class:`RedisUnavailable` is raised."""
+    """Commands to one Redis from Trio, retried while Redis is unreachable: connection
+    errors are retried with exponential backoff for up to ``retry_for`` seconds before
+    :class:`RedisUnavailable` is raised. Several tasks may run commands at once (each on
+    a connection of its own); a cancelled command drops its connection at once."""
 
     def __init__(
         self,
         url: str,
         *,
         stream: str,
-        threads: int,
         retry_for: float,
-        block: float = 0.0,
         client_name: str | None = None,
         log: Any,
     ) -> None:
@@ -180,43 +193,53 @@ class _Conn:
         self.stream = stream
         self.retry_for = retry_for
         self.log = log
-        self.limiter = trio.CapacityLimiter(threads)
         #: How many times Redis came back after being unreachable.
         self.reconnects = 0
-        self.thread_name = f"pipeflow:redis:{stream}"
-        self.client: redis.Redis = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            # A blocked read answers within `block`; anything much slower is a dead peer.
-            socket_timeout=block + 10.0,
-            socket_connect_timeout=5.0,
-            # redis-py's own retries would sleep inside a thread, where a cancelled run
-            # cannot interrupt them: retries happen here, on Trio's clock, instead.
-            retry=Retry(NoBackoff(), 0),
-            client_name=client_name,
-        )
+        params = parse_url(url)
+        if client_name is not None and params.client_name is None:
+            params = attrs.evolve(params, client_name=client_name)
+        self.client = Client(params)
 
     async def call(
         self,
-        what: str,
-        fn: Callable[..., T],
-        *args: Any,
+        *command: Any,
         patience: float | None = None,
-        **kwargs: Any,
-    ) -> T:
-        """``fn(*args, **kwargs)`` in a worker thread, retried while Redis is unreachable
-        (for ``retry_for`` seconds, or ``patience`` if given)."""
-        job = functools.partial(fn, *args, **kwargs)
+        blocks_for: float = 0.0,
+        what: str | None = None,
+    ) -> Any:
+        """The reply to ``command``, retried while Redis is unreachable (for
+        ``retry_for`` seconds, or ``patience`` if given). ``what`` names it in messages
+        (by default its first word, two for a container command like ``XGROUP CREATE``)."""
+        if what is None:
+            what = command[0] if command[0] not in _CONTAINERS else " ".join(command[:2])
+        return await self._retrying(
+            what, patience, self.client.execute, *command, blocks_for=blocks_for
+        )
+
+    async def call_many(
+        self, what: str, commands: Sequence[Sequence[Any]], *, patience: float | None = None
+    ) -> list[Any]:
+        """The replies to ``commands``, sent in one round trip, retried as a whole while
+        Redis is unreachable; an error reply raises the first one."""
+        replies: list[Any] = await self._retrying(
+            what, patience, self.client.execute_many, commands
+        )
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise self._translate(reply)
+        return replies
+
+    async def _retrying(
+        self, what: str, patience: float | None, fn: Callable[..., Any], *args: Any, **kw: Any
+    ) -> Any:
         retry_for = self.retry_for if patience is None else patience
         deadline: float | None = None
         attempt = 0
         delay = _BACKOFF_FIRST
         while True:
             try:
-                result = await trio.to_thread.run_sync(
-                    job, limiter=self.limiter, thread_name=self.thread_name
-                )
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                result = await fn(*args, **kw)
+            except RedisConnectionError as exc:
                 attempt += 1
                 now = trio.current_time()
                 if deadline is None:
@@ -225,7 +248,7 @@ class _Conn:
                     msg = (
                         f"Redis at {_redact(self.url)} did not answer for "
                         f"{retry_for:g}s ({attempt} attempts) during {what} on stream "
-                        f"{self.stream!r}: {type(exc).__name__}: {exc}"
+                        f"{self.stream!r}: {exc}"
                     )
                     raise RedisUnavailable(msg) from exc
                 self.log.warning(
@@ -233,28 +256,33 @@ class _Conn:
                     command=what,
                     attempt=attempt,
                     retry_in=round(delay, 3),
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=str(exc),
                 )
                 await trio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
-            except redis.ResponseError as exc:
-                if str(exc).startswith("NOGROUP"):
-                    msg = (
-                        f"stream {self.stream!r} or its consumer group is gone from Redis at "
-                        f"{_redact(self.url)} ({exc}); its pending entries went with it. "
-                        f"Was Redis restarted without persistence? See docs/distributed.md."
-                    )
-                    raise ConsumerGroupLost(msg) from exc
-                raise
+            except RedisError as exc:
+                raise self._translate(exc) from None
             if attempt:
                 self.reconnects += 1
                 self.log.info("redis_reconnected", command=what, attempts=attempt + 1)
             return result
 
-    def close(self) -> None:
-        # Closing sockets does not block: fine on the event loop, even when cancelled.
-        self.client.close()
+    def _translate(self, exc: RedisError) -> Exception:
+        if str(exc).startswith("NOGROUP"):
+            msg = (
+                f"stream {self.stream!r} or its consumer group is gone from Redis at "
+                f"{_redact(self.url)} ({exc}); its pending entries went with it. "
+                f"Was Redis restarted without persistence? See docs/distributed.md."
+            )
+            lost = ConsumerGroupLost(msg)
+            lost.__cause__ = exc
+            return lost
+        return exc
+
+    async def aclose(self) -> None:
+        """Close the connections at once (fine when cancelled)."""
+        await self.client.aclose()
 
 
 def _client_name(consumer: str) -> str:
@@ -279,39 +307,62 @@ def _stream_id(value: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _trim_finished(client: redis.Redis, stream: str, maxlen: int) -> int:
+async def _trim_finished(conn: _Conn, stream: str, maxlen: int, patience: float | None) -> int:
     """Trim ``stream`` towards ``maxlen`` entries, deleting only entries that every
     consumer group of the stream has already acknowledged. Returns how many went."""
-    length: int = client.xlen(stream)
+    length: int = await conn.call("XLEN", stream, patience=patience)
     excess = length - maxlen
     if excess <= 0:
         return 0
-    oldest: Any = client.xrange(stream, "-", "+", count=min(excess, 10 * _CHUNK))
+    count = min(excess, 10 * _CHUNK)
+    oldest: Any = await conn.call("XRANGE", stream, "-", "+", "COUNT", count, patience=patience)
     if not oldest:
         return 0
     ms, seq = _stream_id(oldest[-1][0])
     cut = (ms, seq + 1)  # XTRIM MINID keeps ids >= cut
-    groups: list[dict[str, Any]] = client.xinfo_groups(stream)
-    for group in groups:
+    groups: Any = await conn.call("XINFO", "GROUPS", stream, patience=patience)
+    for flat in groups:
+        group = _pairs(flat)
         # Not yet delivered to this group: everything after its last-delivered id.
         ms, seq = _stream_id(group["last-delivered-id"])
         cut = min(cut, (ms, seq + 1))
         if group["pending"]:
-            summary: dict[str, Any] = client.xpending(stream, group["name"])
-            if summary["min"] is not None:
-                cut = min(cut, _stream_id(summary["min"]))
+            summary: Any = await conn.call("XPENDING", stream, group["name"], patience=patience)
+            if summary[1] is not None:
+                cut = min(cut, _stream_id(summary[1]))
     if cut <= (0, 0):
         return 0
-    trimmed: int = client.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=False)
+    trimmed: int = await conn.call(
+        "XTRIM", stream, "MINID", f"{cut[0]}-{cut[1]}", patience=patience
+    )
     return trimmed
 
 
-def _leave_group(client: redis.Redis, stream: str, group: str, consumer: str) -> None:
-    """Delete ``consumer`` from ``group`` if it has no pending entry (deleting it would
-    drop them)."""
-    mine: Any = client.xpending_range(stream, group, "-", "+", 1, consumername=consumer)
-    if not mine:
-        client.xgroup_delconsumer(stream, group, consumer)
+#: Delete a consumer from a group only if it has no pending entry (deleting it would
+#: drop them), in one step: an entry delivered to it meanwhile cannot be lost.
+_DELETE_IF_IDLE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+    return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+async def _leave_group(
+    conn: _Conn, stream: str, group: str, consumer: str, patience: float | None
+) -> bool:
+    """Delete ``consumer`` from ``group`` if it has no pending entry; whether it went."""
+    gone: int = await conn.call(
+        "EVAL",
+        _DELETE_IF_IDLE,
+        1,
+        stream,
+        group,
+        consumer,
+        patience=patience,
+        what="XGROUP DELCONSUMER",
+    )
+    return gone >= 0
 
 
 # -- the source ----------------------------------------------------------------------------
@@ -425,11 +476,11 @@ class RedisStreamSource:
 
         ``stream`` and ``group`` are required; ``consumer``, ``claim_idle``, ``drain``,
         ``block``, ``count``, ``maxlen``, ``start_id`` and ``retry_for`` are optional, as
-        in the constructor. Other query parameters are redis-py's own (``password``,
-        ``socket_timeout``, …).
+        in the constructor. Other query parameters are the connection's, with the names
+        redis-py gives them (``password``, ``socket_timeout``, ``ssl_ca_certs``, …).
         """
         who = "RedisStreamSource.from_url"
-        _check_url(url, who)
+        _check_url(url, who, whole=False)
         parts = urlsplit(url)
         try:
             port = parts.port
@@ -447,10 +498,10 @@ class RedisStreamSource:
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key in _URL_OPTIONS:
                 ours[key] = value
-            elif key in _REDIS_URL_OPTIONS:
+            elif key in URL_OPTIONS:
                 rest.append((key, value))
             else:
-                known = ", ".join(sorted({*_URL_OPTIONS, *_REDIS_URL_OPTIONS}))
+                known = ", ".join(sorted({*_URL_OPTIONS, *URL_OPTIONS}))
                 msg = f"{who}: unknown option {key!r} in {_redact(url)!r} (known: {known})"
                 raise ValueError(msg)
         missing = [k for k in ("stream", "group") if not ours.get(k)]
@@ -487,14 +538,12 @@ class RedisStreamSource:
         """Called by the runner: (entry, ack) pairs, at most ``capacity`` un-acked."""
         return self._open(capacity)
 
-    def _connect(self, threads: int) -> _Conn:
+    def _connect(self) -> _Conn:
         log = get_logger(stream=self.stream, group=self.group, consumer=self.consumer)
         return _Conn(
             self.url,
             stream=self.stream,
-            threads=threads,
             retry_for=self.retry_for,
-            block=self.block,
             client_name=_client_name(self.consumer),
             log=log,
         )
@@ -503,15 +552,17 @@ class RedisStreamSource:
     async def _open(self, capacity: int) -> AsyncIterator[AsyncIterator[tuple[Entry, _EntryAck]]]:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"{self!r}: capacity must be an int >= 1, got {capacity!r}")
-        # A reader, an acker and a heartbeat may each be in a command at once.
-        conn = self._connect(threads=3)
+        # A reader, an acker and a heartbeat may each be in a command at once (each on
+        # a connection of its own).
+        conn = self._connect()
         consumer = _Consumer(self, conn, capacity)
+        task = f"pipeflow:redis:{self.stream}"
         try:
             await consumer.create_group()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(consumer.acker, name=f"{conn.thread_name}:ack")
-                    nursery.start_soon(consumer.heartbeat, name=f"{conn.thread_name}:heartbeat")
+                    nursery.start_soon(consumer.acker, name=f"{task}:ack")
+                    nursery.start_soon(consumer.heartbeat, name=f"{task}:heartbeat")
                     try:
                         yield consumer
                         # The run ended well: wait for the acks of its last items (a
@@ -528,9 +579,7 @@ class RedisStreamSource:
                 raise
         finally:
             # Whatever ends the run, ack what did finish: those entries are done.
-            with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_ACK_TIMEOUT):
-                await consumer.close()
-            conn.close()
+            await _close(consumer)
 
     # -- direct iteration ------------------------------------------------------------------
 
@@ -538,7 +587,7 @@ class RedisStreamSource:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Entry]:
-        conn = self._connect(threads=1)
+        conn = self._connect()
         consumer = _Consumer(self, conn, capacity=1)
         try:
             await consumer.create_group()
@@ -548,9 +597,28 @@ class RedisStreamSource:
                 # The loop asked for the next entry: the body is done with this one.
                 ack.done()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_ACK_TIMEOUT):
+            await _close(consumer)
+
+
+async def _close(consumer: _Consumer) -> None:
+    """Ack what finished, hand back what did not, leave the group, close the connections.
+
+    A run that ends on its own (or on a signal, in its grace period) takes up to
+    ``_FINAL_ACK_TIMEOUT`` for that, and a cancellation meanwhile (the grace period
+    running out, a second Ctrl+C) stops it at once. A run that was cancelled gets
+    ``_CANCELLED_CLOSE_TIMEOUT``: plenty for a Redis that answers, and a prompt stop
+    for one that does not (a frozen server, a partition).
+    """
+    try:
+        if trio.current_effective_deadline() == -math.inf:  # cancelled
+            with trio.CancelScope(shield=True), trio.move_on_after(_CANCELLED_CLOSE_TIMEOUT):
                 await consumer.close()
-            conn.close()
+        else:
+            with trio.move_on_after(_FINAL_ACK_TIMEOUT):
+                await consumer.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await consumer.conn.aclose()
 
 
 def _parse_bool(value: str) -> bool:
@@ -574,31 +642,6 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "start_id": str,
     "retry_for": float,
 }
-
-
-#: Query parameters redis-py itself takes in a URL (``redis.connection.URL_QUERY_ARGUMENT_PARSERS``
-#: and the few it reads directly).
-_REDIS_URL_OPTIONS = frozenset(
-    {
-        "db",
-        "username",
-        "password",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "socket_keepalive",
-        "retry_on_timeout",
-        "max_connections",
-        "health_check_interval",
-        "ssl_check_hostname",
-        "ssl_cert_reqs",
-        "ssl_ca_certs",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "timeout",
-        "client_name",
-        "protocol",
-    }
-)
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
@@ -641,7 +684,6 @@ class _Consumer:
     def __init__(self, source: RedisStreamSource, conn: _Conn, capacity: int) -> None:
         self.source = source
         self.conn = conn
-        self.client = conn.client
         self.capacity = capacity
         self.log = conn.log
         self.held: set[str] = set()
@@ -657,6 +699,7 @@ class _Consumer:
         self._claim_idle_ms = max(1, round(source.claim_idle * 1000))
         self._block_ms = max(1, round(source.block * 1000))  # BLOCK 0 would wait forever
         self._next_trim = -math.inf
+        self._trimmed = True  # nothing acked, nothing to trim
         self._ended = False
         self.joined = False
         self.inline_acks = False
@@ -664,10 +707,8 @@ class _Consumer:
     async def create_group(self) -> None:
         s = self.source
         try:
-            await self.conn.call(
-                "XGROUP CREATE", self.client.xgroup_create, s.stream, s.group, s.start_id, True
-            )
-        except redis.ResponseError as exc:
+            await self.conn.call("XGROUP", "CREATE", s.stream, s.group, s.start_id, "MKSTREAM")
+        except RedisError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
         else:
@@ -734,13 +775,13 @@ class _Consumer:
         if now >= self._next_claim:
             reply: Any = await self.conn.call(
                 "XAUTOCLAIM",
-                self.client.xautoclaim,
                 s.stream,
                 s.group,
                 s.consumer,
                 self._claim_idle_ms,
                 self._claim_cursor,
-                count=n,
+                "COUNT",
+                n,
             )
             cursor, raw = reply[0], reply[1]  # (and the ids deleted meanwhile: gone)
             self._claim_cursor = cursor
@@ -756,15 +797,25 @@ class _Consumer:
 
     async def _read(self, start: str, n: int, *, block: int | None) -> list[Any]:
         s = self.source
-        reply: Any = await self.conn.call(
-            "XREADGROUP",
-            self.client.xreadgroup,
-            s.group,
-            s.consumer,
-            {s.stream: start},
-            count=n,
-            block=block,
-        )
+        if block is None:
+            reply: Any = await self.conn.call(
+                "XREADGROUP", "GROUP", s.group, s.consumer, "COUNT", n, "STREAMS", s.stream, start
+            )
+        else:
+            reply = await self.conn.call(
+                "XREADGROUP",
+                "GROUP",
+                s.group,
+                s.consumer,
+                "COUNT",
+                n,
+                "BLOCK",
+                block,
+                "STREAMS",
+                s.stream,
+                start,
+                blocks_for=block / 1000,
+            )
         if not reply:
             return []
         entries: list[Any] = reply[0][1]
@@ -781,20 +832,20 @@ class _Consumer:
                 # (Redis answers nil fields; no real entry has none.)
                 self.finished(entry_id)
                 continue
-            entries.append(Entry(entry_id, fields))
+            entries.append(Entry(entry_id, dict(zip(fields[::2], fields[1::2], strict=True))))
         return entries
 
     async def _nothing_left_to_take(self) -> bool:
         """No entry of the group is pending with another consumer, and every entry
         pending with us is one this run holds (in flight, to be acked)."""
         s = self.source
-        summary: Any = await self.conn.call("XPENDING", self.client.xpending, s.stream, s.group)
+        summary: Any = await self.conn.call("XPENDING", s.stream, s.group)
         own = others = 0
-        for c in summary.get("consumers") or ():
-            if c["name"] == s.consumer:
-                own += int(c["pending"])
+        for name, pending in summary[3] or ():
+            if name == s.consumer:
+                own += int(pending)
             else:
-                others += int(c["pending"])
+                others += int(pending)
         if others:
             return False
         if own > len(self.held):
@@ -806,7 +857,9 @@ class _Consumer:
     async def settle(self) -> None:
         """Until every entry this consumer took is acked in Redis (the run ended well,
         and the last items' acks are on their way)."""
-        while self.held:
+        # (Entries read but never sent in, when a signal stopped the input, will not
+        # be: close() hands them back.)
+        while len(self.held) > len(self.buffer):
             self._room = trio.Event()
             with trio.move_on_after(self.source.block):
                 await self._room.wait()
@@ -829,18 +882,22 @@ class _Consumer:
         s = self.source
         while self.to_ack:
             ids = self.to_ack[:_CHUNK]
-            await self.conn.call(
-                "XACK", self.client.xack, s.stream, s.group, *ids, patience=patience
-            )
+            await self.conn.call("XACK", s.stream, s.group, *ids, patience=patience)
             # Entries finished meanwhile were appended after these.
             del self.to_ack[: len(ids)]
             self.held.difference_update(ids)
+            self._trimmed = False
             self._room.set()
         if s.maxlen is not None and trio.current_time() >= self._next_trim:
-            self._next_trim = trio.current_time() + _TRIM_EVERY
-            await self.conn.call(
-                "XTRIM", _trim_finished, self.client, s.stream, s.maxlen, patience=patience
-            )
+            await self.trim(patience)
+
+    async def trim(self, patience: float | None) -> None:
+        s = self.source
+        assert s.maxlen is not None
+        self._next_trim = trio.current_time() + _TRIM_EVERY
+        self._trimmed = False
+        await _trim_finished(self.conn, s.stream, s.maxlen, patience)
+        self._trimmed = True
 
     async def close(self) -> None:
         """On the way out: ack what did finish, and leave the group if nothing of ours is
@@ -848,20 +905,16 @@ class _Consumer:
         try:
             if self.to_ack:
                 await self.flush(patience=_CLOSE_PATIENCE)
+            if self.source.maxlen is not None and not self._trimmed:
+                # The last trim was cut short (the run ended meanwhile), or acks came
+                # after it: trim once more, so a batch job leaves its stream trimmed.
+                await self.trim(_CLOSE_PATIENCE)
             if self.held and self.joined:
                 await self._release(sorted(self.held))
             if self.joined and not self.held:
                 s = self.source
-                await self.conn.call(
-                    "XGROUP DELCONSUMER",
-                    _leave_group,
-                    self.client,
-                    s.stream,
-                    s.group,
-                    s.consumer,
-                    patience=_CLOSE_PATIENCE,
-                )
-        except (RedisUnavailable, redis.RedisError) as exc:
+                await _leave_group(self.conn, s.stream, s.group, s.consumer, _CLOSE_PATIENCE)
+        except (RedisUnavailable, RedisError) as exc:
             # Unacked entries stay pending and will be delivered again: at-least-once.
             self.log.warning("redis_ack_failed", entries=len(self.to_ack), error=repr(exc))
 
@@ -873,14 +926,14 @@ class _Consumer:
         for i in range(0, len(ids), _CHUNK):
             await self.conn.call(
                 "XCLAIM",
-                self.client.xclaim,
                 s.stream,
                 s.group,
                 s.consumer,
                 0,
-                ids[i : i + _CHUNK],
-                idle=self._claim_idle_ms,
-                justid=True,
+                *ids[i : i + _CHUNK],
+                "IDLE",
+                self._claim_idle_ms,
+                "JUSTID",
                 patience=_CLOSE_PATIENCE,
             )
         self.log.info("redis_entries_released", count=len(ids), first=ids[0])
@@ -895,14 +948,7 @@ class _Consumer:
             held = list(self.held)
             for i in range(0, len(held), _CHUNK):
                 await self.conn.call(
-                    "XCLAIM",
-                    self.client.xclaim,
-                    s.stream,
-                    s.group,
-                    s.consumer,
-                    0,
-                    held[i : i + _CHUNK],
-                    justid=True,
+                    "XCLAIM", s.stream, s.group, s.consumer, 0, *held[i : i + _CHUNK], "JUSTID"
                 )
 
 
@@ -971,7 +1017,6 @@ class RedisStreamSink(Stage[Any, Any]):
         return _Conn(
             self.url,
             stream=self.stream,
-            threads=1,
             retry_for=self.retry_for,
             log=get_logger(stage=self.name, stream=self.stream),
         )
@@ -981,7 +1026,7 @@ class RedisStreamSink(Stage[Any, Any]):
         return self._connect()
 
     async def close_worker(self, resource: Any) -> None:
-        resource.close()
+        await resource.aclose()
 
     async def process(self, item: Any, resource: Any = None) -> Any:
         """Append ``item`` to the stream; return the new entry's id (with ``batch=``, a
@@ -990,19 +1035,21 @@ class RedisStreamSink(Stage[Any, Any]):
         rows = [_fields_of(x) for x in item] if batched else [_fields_of(item)]
         conn: _Conn = resource if resource is not None else self._connect()
         try:
-            ids = await conn.call("XADD", self._append, conn.client, rows)
+            if len(rows) == 1:
+                ids = [await conn.call(*self._xadd(rows[0]))]
+            else:
+                ids = await conn.call_many("XADD", [self._xadd(fields) for fields in rows])
         finally:
             if resource is None:
-                conn.close()
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
         return ids if batched else ids[0]
 
-    def _append(self, client: redis.Redis, rows: list[dict[Any, Any]]) -> list[str]:
-        if len(rows) == 1:
-            new_id: Any = client.xadd(
-                self.stream, rows[0], maxlen=self.maxlen, approximate=self.approximate
-            )
-            return [str(new_id)]
-        pipe = client.pipeline(transaction=False)
-        for fields in rows:
-            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=self.approximate)
-        return [str(i) for i in pipe.execute()]
+    def _xadd(self, fields: dict[str, str]) -> list[Any]:
+        command: list[Any] = ["XADD", self.stream]
+        if self.maxlen is not None:
+            command += ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
+        command.append("*")
+        for pair in fields.items():
+            command += pair
+        return command

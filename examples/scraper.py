@@ -214,7 +214,7 @@ def print_report(
         (name, s.throttled_seconds / (s.mean_workers * result.elapsed))
         for name, s in result.stats.items()
         if s.mean_workers * result.elapsed > 0
-        and s.throttled_seconds >= 0.5 * s.mean_workers * result.elapsed
+        and s.throttled_seconds >= 0.2 * s.mean_workers * result.elapsed
     ]
     if result.bottleneck is not None:
         s = result.stats[result.bottleneck]
@@ -267,11 +267,17 @@ async def scrape(
     return result
 
 
-def main(argv: list[str] | None = None, *, watch: Watch | None = None) -> RunResult[int]:
+def main(
+    argv: list[str] | None = None,
+    *,
+    watch: Watch | None = None,
+    report: Callable[[RunResult[int], Pipeline[Any, Any]], None] | None = None,
+) -> RunResult[int]:
     """Scrape, print the report, return the :class:`RunResult` (outputs: rows per batch).
 
     ``watch``, an async function, is called with the pipeline and runs beside it (a live
-    progress view); it is cancelled when the run ends.
+    progress view); it is cancelled when the run ends. ``report``, if given, prints the
+    report instead of :func:`print_report` (``pipeflow demo`` prints its own).
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--urls", type=Path, help="file of URLs, one per line")
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None, *, watch: Watch | None = None) -> RunRes
         result = trio.run(run, pipeline)
         with contextlib.closing(sqlite3.connect(db)) as conn:
             (stored,) = conn.execute("SELECT COUNT(*) FROM pages").fetchone()
-    print_report(result, pipeline)
+    (report or print_report)(result, pipeline)
     print(f"{stored} rows in table pages of {db if args.db else 'a temporary database'}")
     return result
 

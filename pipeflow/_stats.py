@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from .sizing import TARGET_UTILISATION, workers_needed
+from .sizing import HIGH_UTILISATION, TARGET_UTILISATION, workers_needed
 from .sizing import utilisation as _utilisation
 
 _MANTISSAS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 7.5, 8.0, 9.0)
@@ -91,6 +91,7 @@ class StageCounters:
         "blocked_time",
         "busy_time",
         "busy_workers",
+        "cpu_time",
         "dropped",
         "durations",
         "failed",
@@ -126,6 +127,7 @@ class StageCounters:
         self.busy_time = 0.0
         self.blocked_time = 0.0
         self.throttled_time = 0.0  # waiting for a rate-limit token or a held breaker
+        self.cpu_time = 0.0  # CPU seconds of thread-stage calls, in their threads
         # Sum of worker lifetimes: each worker subtracts its start time and adds its end
         # time, so "worker_time + workers * now" is exact at any moment, autoscaling or not.
         self.worker_time = 0.0
@@ -179,6 +181,7 @@ class StageCounters:
             busy_fraction=busy_fraction,
             blocked_seconds=self.blocked_time,
             throttled_seconds=self.throttled_time,
+            cpu_seconds=self.cpu_time,
             throughput=throughput,
             load=load,
             utilisation=utilisation,
@@ -204,7 +207,9 @@ class StageStats:
     backpressure from a slower stage after this one. ``throttled_seconds`` is time
     spent waiting for a ``rate=`` token or a held circuit breaker; it is not counted as
     busy time nor in the durations, so a rate-limited stage is not mistaken for the
-    bottleneck.
+    bottleneck. ``cpu_seconds`` is CPU time spent in the calls of a plain-function stage
+    run in threads, measured in those threads (0 for other stages): near
+    ``busy_seconds``, the work is CPU-bound and the GIL lets one thread run it at a time.
     """
 
     name: str
@@ -236,6 +241,7 @@ class StageStats:
     utilisation: float
     recommended_workers: int
     breaker_state: str | None = None
+    cpu_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
@@ -250,6 +256,7 @@ def accumulate(totals: StageCounters, run: StageCounters) -> None:
     totals.busy_time += run.busy_time
     totals.blocked_time += run.blocked_time
     totals.throttled_time += run.throttled_time
+    totals.cpu_time += run.cpu_time
     for mine, theirs in ((totals.durations, run.durations), (totals.waits, run.waits)):
         for i, n in enumerate(theirs.counts):
             mine.counts[i] += n
@@ -259,22 +266,25 @@ def accumulate(totals: StageCounters, run: StageCounters) -> None:
         mine.min = min(mine.min, theirs.min)
 
 
-#: A stage busier than this (share of its worker time spent working) can be the
-#: bottleneck; below it, what limits the pipeline is outside it (the source, a consumer).
-BOTTLENECK_MIN_BUSY = 0.5
+#: A stage at least this busy (share of its worker time spent working) limits the rate:
+#: above 80% utilisation queues grow non-linearly. Sizing aims lower (70%), so a stage
+#: sized as advised is not named. Below it, what limits the pipeline is outside its
+#: stages (the source, a rate limit or breaker, whoever reads the outputs).
+BOTTLENECK_MIN_BUSY = HIGH_UTILISATION
 
 
 def find_bottleneck(stats: Mapping[str, StageStats]) -> str | None:
     """The stage that limits throughput: the one whose workers are busiest, or None.
 
-    Busy time excludes time blocked sending downstream, so a stage held up by a slow
-    successor is not named; the successor is. A stage counts only if its workers are
-    busy at least half the time and work more than they wait to hand items on; when no
-    stage does, the pipeline is limited by its source or by whoever reads its outputs,
-    and no stage is named.
+    Busy time excludes time blocked sending downstream and time throttled by a rate
+    limit or a breaker, so a stage held up by a slow successor is not named; the
+    successor is. A stage counts only if its workers are busy at least 80% of the time
+    and work more than they wait to hand items on; when no stage does, the pipeline is
+    limited by something outside its stages, and no stage is named. (``pipeflow run``
+    and ``pipeflow graph`` say which, from the steady state of the run.)
     """
     best: str | None = None
-    best_busy = BOTTLENECK_MIN_BUSY
+    best_busy = BOTTLENECK_MIN_BUSY - 1e-9
     for name, s in stats.items():
         if s.busy_fraction >= best_busy and s.blocked_seconds <= s.busy_seconds:
             best, best_busy = name, s.busy_fraction

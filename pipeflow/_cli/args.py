@@ -23,12 +23,20 @@ def _fits_float(value: Fraction, text: str) -> Fraction:
 
 
 def parse_latency(text: str) -> Fraction:
-    """``80ms``, ``0.08s`` or ``0.08`` (seconds) → seconds, exactly."""
+    """``80ms``, ``0.08s`` or ``80000us`` → seconds, exactly. A bare number is refused:
+    ``80`` meant as milliseconds would size for 80 seconds, a thousand times too many
+    workers."""
     m = re.fullmatch(rf"\s*({_NUMBER})\s*(s|ms|us|µs)?\s*", text)
     if m is None or Fraction(m[1]) <= 0:
-        msg = f"expected a duration > 0 like 80ms, 0.08s or 0.08 (seconds), got {text!r}"
+        msg = f"expected a duration > 0 like 80ms or 0.08s, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
-    return _fits_float(Fraction(m[1]) * _UNITS[m[2] or ""], text)
+    if m[2] is None:
+        msg = (
+            f"{text.strip()!r} has no unit: write {m[1]}ms or {m[1]}s "
+            "(a latency like 80ms, 0.08s or 80000us)"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return _fits_float(Fraction(m[1]) * _UNITS[m[2]], text)
 
 
 def parse_rate(text: str) -> Fraction:
@@ -67,6 +75,20 @@ def parse_utilisation(text: str) -> Fraction:
         raise argparse.ArgumentTypeError(f"expected a utilisation above 0, got {text!r}")
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a utilisation of at most 100%, got {text!r}")
+    return value
+
+
+#: The most instances ``pipeflow size`` splits a load over: beyond, the answer is
+#: always 1 worker each and the totals stop meaning anything.
+MAX_INSTANCES = 1_000_000
+
+
+def instances(text: str) -> int:
+    """``4`` → 4: a whole number of instances from 1 to :data:`MAX_INSTANCES`."""
+    value = _positive_int(text)
+    if value > MAX_INSTANCES:
+        msg = f"expected at most {MAX_INSTANCES:,} instances, got {text.strip()!r}"
+        raise argparse.ArgumentTypeError(msg)
     return value
 
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import trio
 
-from .._pipeline import Pipeline
-from .._report import Series
+from .._pipeline import Pipeline, RunResult
+from .._report import Series, build_report, describe_pipeline
 from .errors import EXIT_OK, CliError
 from .progress import LogHandler, Progress
+from .summary import summary
 
 
 def _demo_script() -> Path:
@@ -65,6 +66,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             progress.close()
 
+    def show(result: RunResult[Any], pipeline: Pipeline[Any, Any]) -> None:
+        # The same summary as pipeflow run's, from the same kind of report.
+        if result.elapsed > (series.t[-1] if series.t else 0.0) + 1e-6:
+            series.sample(result.elapsed, result.stats)
+        report = build_report(
+            target="examples/scraper.py:pipeline",
+            status="completed",
+            result=result.to_dict(),
+            structure=describe_pipeline(pipeline),
+            series=series,
+        )
+        print(summary(report))
+        if result.errors:
+            print(f"{len(result.errors)} failed:")
+            for err in result.errors:
+                cause = err.__cause__
+                print(f"  {err.item}: {type(cause).__name__}: {cause}")
+
     # pipeflow's warnings (the site's 404 and 500 pages) print above the live view.
     logger = logging.getLogger("pipeflow")
     handler = LogHandler(progress)
@@ -73,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logger.setLevel(logging.WARNING)
     logger.propagate = False
     try:
-        module.main(["--pages", str(args.pages)], watch=watch)
+        module.main(["--pages", str(args.pages)], watch=watch, report=show)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])

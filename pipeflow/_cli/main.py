@@ -15,6 +15,7 @@ from .args import (
     _port,
     _positive_int,
     _seconds,
+    instances,
     parse_headroom,
     parse_latency,
     parse_rate,
@@ -112,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=parse_latency,
         metavar="W",
-        help="time per item W, your P99: 80ms, 0.08s or 0.08",
+        help="time per item W, your P99, with its unit: 80ms or 0.08s",
     )
-    size.add_argument("--instances", type=_positive_int, default=1, metavar="K", help="default 1")
+    size.add_argument(
+        "--instances", type=instances, default=1, metavar="K", help="default 1 (at most 1,000,000)"
+    )
     size.add_argument(
         "--headroom", type=parse_headroom, default=Fraction(0), metavar="H", help="20%% or 0.2"
     )

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from .._report import Series, fmt_count, fmt_rate
-from .._stats import StageStats, find_bottleneck
+from .._report.verdict import LIMIT_UTILISATION
+from .._stats import StageStats
 from .errors import one_line
 from .graph import stdout_unicode
 
@@ -18,12 +19,15 @@ class Progress:
     """The live view on a terminal, plain periodic lines elsewhere, nothing if quiet."""
 
     LINE_EVERY = 5.0
+    #: Seconds the live figures average over.
+    WINDOW = 3.0
 
     def __init__(self, out: TextIO, *, mode: str, title: str) -> None:
         self.out = out
         self.mode = mode  # "live", "lines" or "off"
         self.title = title
         self._drawn = 0
+        self._history: list[tuple[float, dict[str, tuple[float, float]]]] = []
         self._lines: list[str] = []
         self._next_line = self.LINE_EVERY
         self._bar_full, self._bar_empty = ("█", "░") if stdout_unicode() else ("#", ".")
@@ -41,36 +45,62 @@ class Progress:
         last = list(stats.values())[-1]
         return last.ok + last.filtered + last.failed
 
+    def _window(self, t: float, stats: Mapping[str, StageStats]) -> dict[str, tuple[float, ...]]:
+        """Per stage over the last few seconds: workers busy on average (throttled waits
+        are not busy time), workers throttled on average, and utilisation."""
+        self._history.append(
+            (t, {n: (s.busy_seconds, s.throttled_seconds) for n, s in stats.items()})
+        )
+        while len(self._history) > 2 and self._history[1][0] <= t - self.WINDOW:
+            self._history.pop(0)
+        t0, then = self._history[0]
+        dt = t - t0
+        out: dict[str, tuple[float, ...]] = {}
+        for name, s in stats.items():
+            busy0, thr0 = then.get(name, (0.0, 0.0))
+            if dt > 0:
+                busy = (s.busy_seconds - busy0) / dt
+                throttled = (s.throttled_seconds - thr0) / dt
+            else:
+                busy, throttled = 0.0, 0.0
+            # A call's busy time is counted when it ends: clamp to the pool.
+            busy = min(busy, float(max(s.workers, 1)))
+            out[name] = (busy, throttled, busy / max(s.workers, 1))
+        return out
+
     def _view(self, t: float, stats: Mapping[str, StageStats], series: Series) -> list[str]:
         done = self._done(stats)
         rate = done / t if t > 0 else 0.0
-        head = f"{self.title} · {t:.1f} s · {fmt_count(done)} done · {fmt_rate(rate)}"
+        head = f"{self.title} · {t:.1f} s · {fmt_count(done)} items done · {fmt_rate(rate)}"
         width = max(len(n) for n in stats)
-        bottleneck = find_bottleneck(stats)
+        window = self._window(t, stats)
         lines = [head]
         for name, s in stats.items():
-            n = max(s.workers, 1)
-            filled = round(12 * min(s.busy_workers / n, 1.0))
+            busy, throttled, util = window[name]
+            filled = round(12 * min(util, 1.0))
             bar = self._bar_full * filled + self._bar_empty * (12 - filled)
             recent = series.latest(name, "throughput")
             r = recent if recent is not None else s.throughput
-            busy = f"{s.busy_workers}/{s.workers}"
             line = (
-                f"  {name:<{width}} {bar} {busy:>5} busy · queue {s.queue_depth} · "
-                f"out {fmt_count(s.items_out)} · {fmt_rate(r)}"
+                f"  {name:<{width}} {bar} {busy:4.1f}/{s.workers} busy · queue {s.queue_depth} · "
+                f"done {fmt_count(s.ok + s.filtered + s.failed)} · {fmt_rate(r)}"
             )
+            if throttled >= 0.05:
+                line += f" · {throttled:.1f} throttled"
             if s.failed:
                 line += f" · failed {fmt_count(s.failed)}"
-            if name == bottleneck:
-                line += " ◀ busiest" if self._bar_full == "█" else " <- busiest"
+            if util >= LIMIT_UTILISATION:
+                line += " ◀ at the limit" if self._bar_full == "█" else " <- at the limit"
             lines.append(line)
         return lines
 
     def _plain(self, t: float, stats: Mapping[str, StageStats]) -> str:
         done = self._done(stats)
         parts = [f"[{t:6.1f}s] {fmt_count(done)} done ({fmt_rate(done / t if t > 0 else 0)})"]
+        window = self._window(t, stats)
         for name, s in stats.items():
-            parts.append(f"{name} {s.busy_workers}/{s.workers} busy, queue {s.queue_depth}")
+            busy = window[name][0]
+            parts.append(f"{name} {busy:.1f}/{s.workers} busy, queue {s.queue_depth}")
         return " | ".join(parts)
 
     def _draw(self) -> None:

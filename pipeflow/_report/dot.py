@@ -22,8 +22,9 @@ def render_dot(view: GraphView) -> str:
     for s in view.stages:
         label = "\n".join([s.name, *node_summary(s)])
         attrs_ = f"label={_dot_quote(label)}"
-        if s.name == view.bottleneck:
-            attrs_ += f', color="#c62828", penwidth=2, xlabel="{view.bottleneck_label}"'
+        mark = view.marks().get(s.name)
+        if mark:
+            attrs_ += f', color="#c62828", penwidth=2, xlabel={_dot_quote(mark)}'
         out.append(f"  {_dot_quote(s.name)} [{attrs_}];")
     for a, b, label in view.edges():
         qa = a if a in ("source", "outputs") else _dot_quote(a)

@@ -50,7 +50,8 @@ def _svg_graph(view: GraphView) -> str:
         label = edges[i][2]
         parts.append(_svg_edge(x, x + gap, cy, label))
         x += gap
-        is_b = s.name == view.bottleneck
+        mark = view.marks().get(s.name)
+        is_b = mark is not None
         stroke, fill = ("#c62828", "#ffebee") if is_b else ("#546e7a", "#eceff1")
         top = cy - box_h / 2
         parts.append(
@@ -70,7 +71,7 @@ def _svg_graph(view: GraphView) -> str:
         if is_b:
             parts.append(
                 f'<text x="{x + box_w / 2}" y="{top - 8:.0f}" text-anchor="middle" '
-                f'font-size="12" font-weight="600" fill="#c62828">{view.bottleneck_label}</text>'
+                f'font-size="12" font-weight="600" fill="#c62828">{e(mark or "")}</text>'
             )
         parts.append("</g>")
         x += box_w
@@ -161,8 +162,9 @@ def svg_chart(
 
 def _table(view: GraphView) -> str:
     e = html.escape
-    cols = ["stage", "workers", "in", "out", "failed", "items/s", "util", "mean", "p99"]
-    cols += ["queue wait", "blocked", "recommended"]
+    cols = ["stage", "workers", "in", "done", "failed", "items/s", "util", "mean", "p99"]
+    cols += ["queue wait", "blocked", "throttled", "CPU", "recommended"]
+    marks = view.marks()
     rows = []
     for s in view.stages:
 
@@ -173,7 +175,7 @@ def _table(view: GraphView) -> str:
             s.name,
             s.workers_label().removesuffix(" workers").removesuffix(" worker"),
             opt(s.items_in, fmt_count),
-            opt(s.items_out, fmt_count),
+            opt(s.done, fmt_count),
             opt(s.failed, fmt_count),
             opt(s.throughput, lambda v: fmt_rate(v).removesuffix("/s")),
             opt(s.utilisation, fmt_pct),
@@ -181,9 +183,11 @@ def _table(view: GraphView) -> str:
             opt(s.duration_p99, fmt_duration),
             opt(s.queue_wait_mean, fmt_duration),
             opt(s.blocked_fraction, fmt_pct),
+            opt(s.throttled_fraction, fmt_pct),
+            opt(s.cpu_share, fmt_pct),
             opt(s.recommended_workers, str),
         ]
-        cls = ' class="bottleneck"' if s.name == view.bottleneck else ""
+        cls = ' class="bottleneck"' if s.name in marks else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{e(c)}</th>" for c in cols)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -211,9 +215,15 @@ def _html_section(view: GraphView, level: int) -> list[str]:
     body = [f"<{h}>pipeflow · {e(view.pipeline)}</{h}>", f'<p class="sub">{e(_title(view))}</p>']
     if view.failure:
         body.append(f'<p class="failure">run failed: {e(view.failure)}</p>')
-    advice = view.recommendation()
-    if advice:
-        body.append(f'<p class="advice">{e(advice)}</p>')
+    v = view.verdict
+    if v is not None and v.kind != "none":
+        items = "".join(f"<li>{e(line)}</li>" for line in v.lines[1:])
+        body.append(
+            f'<div class="advice verdict" data-kind="{e(v.kind)}" '
+            f'data-stage="{e(v.stage or "")}"><p><strong>{e(v.headline)}</strong></p>'
+            + (f"<ul>{items}</ul>" if items else "")
+            + "</div>"
+        )
     body += [f"<{h2}>Stages</{h2}>", _svg_graph(view)]
     body.append(_table(view) if view.measured else _structure_table(view))
     charts = _charts(view)

@@ -23,7 +23,8 @@ def render_mermaid(view: GraphView) -> str:
     for a, b, label in view.edges():
         arrow = f'-->|"{_mermaid_text(label)}"|' if label else "-->"
         out.append(f"    {ids[a]} {arrow} {ids[b]}")
-    if view.bottleneck in ids:
+    marked = [ids[name] for name in view.marks() if name in ids]
+    if marked:
         out.append("    classDef bottleneck fill:#ffebee,stroke:#c62828,stroke-width:2px")
-        out.append(f"    class {ids[view.bottleneck or '']} bottleneck")
+        out.append(f"    class {','.join(marked)} bottleneck")
     return "\n".join(out) + "\n"

@@ -25,7 +25,23 @@ if TYPE_CHECKING:
 REPORT_FORMAT = "pipeflow-report"
 REPORT_VERSION = 1
 #: What the time series keeps per stage, once per sample.
-SERIES_FIELDS = ("items_out", "throughput", "queue_depth", "busy_workers")
+SERIES_FIELDS = (
+    "items_out",
+    "throughput",
+    "queue_depth",
+    "busy_workers",
+    # Cumulative counters, so that any window of the run can be judged on its own (the
+    # verdict's steady state): items finished, failed, worker-seconds spent busy, blocked
+    # sending downstream, throttled, on CPU (thread stages), and alive; and the pool size.
+    "done",
+    "failed",
+    "busy_seconds",
+    "blocked_seconds",
+    "throttled_seconds",
+    "cpu_seconds",
+    "worker_seconds",
+    "workers",
+)
 
 
 class ReportError(ValueError):
@@ -92,7 +108,9 @@ class Series:
     Each :meth:`sample` records, per stage, ``items_out`` (outputs so far),
     ``throughput`` (items finished per second since the previous sample),
     ``queue_depth`` and ``busy_workers`` (at that moment), at time ``t`` (seconds since
-    the run started).
+    the run started); and cumulative counters (``done``, ``failed``, ``busy_seconds``,
+    ``blocked_seconds``, ``throttled_seconds``, ``cpu_seconds``, ``worker_seconds``) from
+    which the verdict judges any window of the run, with ``workers``, the pool size.
     """
 
     def __init__(self, interval: float = 1.0) -> None:
@@ -116,6 +134,14 @@ class Series:
             columns["throughput"].append(round(rate, 6))
             columns["queue_depth"].append(s.queue_depth)
             columns["busy_workers"].append(s.busy_workers)
+            columns["done"].append(done)
+            columns["failed"].append(s.failed)
+            columns["busy_seconds"].append(round(s.busy_seconds, 6))
+            columns["blocked_seconds"].append(round(s.blocked_seconds, 6))
+            columns["throttled_seconds"].append(round(s.throttled_seconds, 6))
+            columns["cpu_seconds"].append(round(s.cpu_seconds, 6))
+            columns["worker_seconds"].append(round(s.mean_workers * t, 6))
+            columns["workers"].append(s.workers)
         self._last_t = t
 
     def latest(self, stage: str, field: str) -> float | None:

@@ -11,7 +11,10 @@ import attrs
 
 from ..sizing import busy_workers, utilisation, workers_needed
 from .schema import ReportError
+from .verdict import judge
 from .view import GraphView, StageView
+
+_BREAKER_STATES = {0.0: "closed", 1.0: "half_open", 2.0: "open"}
 
 #: The metric names of the observability contract (DESIGN.md, "Observability").
 METRIC_PREFIX = "pipeflow_stage_"
@@ -59,6 +62,8 @@ class StageSample:
     workers: float = 0.0
     busy_workers: float = 0.0
     blocked_seconds: float = 0.0
+    throttled_seconds: float = 0.0
+    breaker: float | None = None
     outcomes: dict[str, float] = attrs.field(factory=dict)
     duration: _Histogram = attrs.field(factory=_Histogram)
     queue_wait: _Histogram = attrs.field(factory=_Histogram)
@@ -110,6 +115,10 @@ def _apply(s: StageSample, name: str, labels: Mapping[str, str], value: float) -
         s.busy_workers = value
     elif name == "blocked_seconds_total":
         s.blocked_seconds = value
+    elif name == "throttled_seconds_total":
+        s.throttled_seconds = value
+    elif name == "breaker_state":
+        s.breaker = value
     elif name == "items_total":
         s.outcomes[labels.get("outcome", "ok")] = value
     else:
@@ -132,7 +141,7 @@ def views_from_scrapes(
 
     λ is the change of ``items_total`` (ok + filtered + failed) per second, W the mean
     of the duration histogram over the interval, utilisation λW/N with N the workers
-    gauge, and the bottleneck the most utilised stage.
+    gauge, and the verdict (see :mod:`.verdict`) on those figures.
     """
     views: list[GraphView] = []
     for pipeline, stages in after.items():
@@ -151,11 +160,15 @@ def views_from_scrapes(
             waits = now.queue_wait.minus(was.queue_wait)
             waits = waits if waits.count > 0 else now.queue_wait
             n = now.workers
-            # λ and W come from windows that do not line up exactly (a scrape happens
-            # while items are in flight), so λW/N can read a little above 1: clamp it.
-            load = busy_workers(lam, mean) if mean is not None else None
+            # L: seconds of work finished per second (right for batch stages, whose
+            # histogram counts calls while items_total counts items). A scrape happens
+            # while items are in flight, so L/N can read a little above 1: clamp it.
+            load = max(window.sum, 0.0) / dt if window.count > 0 else (0.0 if lam == 0 else None)
+            if load is None and mean is not None:
+                load = busy_workers(lam, mean)
             util = min(utilisation(load, n), 1.0) if load is not None and n > 0 else None
             blocked = now.blocked_seconds - was.blocked_seconds
+            throttled = now.throttled_seconds - was.throttled_seconds
             out.append(
                 StageView(
                     name=name,
@@ -177,12 +190,18 @@ def views_from_scrapes(
                     recommended_workers=workers_needed(load)
                     if load is not None and lam > 0
                     else None,
+                    options={"breaker": True} if now.breaker is not None else {},
+                    seconds=dt,
+                    done=max(done, 0.0),
+                    busy_seconds=min(load, n) * dt if load is not None else None,
+                    throttled_seconds=max(throttled, 0.0),
+                    worker_seconds=n * dt,
+                    breaker_state=_BREAKER_STATES.get(now.breaker)
+                    if now.breaker is not None
+                    else None,
                 )
             )
-        busiest = max(out, key=lambda s: s.utilisation or 0.0, default=None)
-        bottleneck = (
-            busiest.name if busiest is not None and (busiest.utilisation or 0) > 0 else None
-        )
+        verdict = judge(out, window=f"last {seconds:.3g} s")
         views.append(
             GraphView(
                 pipeline=pipeline,
@@ -190,7 +209,8 @@ def views_from_scrapes(
                 target=target,
                 stages=tuple(out),
                 elapsed=seconds,
-                bottleneck=bottleneck,
+                bottleneck=verdict.stage if verdict.kind == "stage" else None,
+                verdict=verdict,
             )
         )
     return views

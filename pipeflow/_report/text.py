@@ -42,6 +42,17 @@ def _stage_lines(s: StageView) -> list[str]:
             extra.append(f"queue wait {fmt_duration(s.queue_wait_mean)}")
         if s.blocked_fraction is not None:
             extra.append(f"blocked {fmt_pct(s.blocked_fraction)}")
+        if s.throttled_seconds:
+            what = "breaker/rate" if s.options.get("breaker") else "throttled"
+            share = s.throttled_fraction
+            extra.append(
+                f"{what} {fmt_duration(s.throttled_seconds)}"
+                + (f" ({fmt_pct(share)})" if share is not None else "")
+            )
+        if s.breaker_state and s.breaker_state != "closed":
+            extra.append(f"breaker {s.breaker_state}")
+        if s.cpu_share is not None:
+            extra.append(f"CPU {fmt_pct(s.cpu_share)} of busy time")
         if s.queue_depth is not None and s.busy_workers is not None:
             extra.append(f"now {s.busy_workers:.0f} busy, {s.queue_depth:.0f} queued")
         if extra:
@@ -54,13 +65,14 @@ def _title(view: GraphView) -> str:
     if view.origin == "pipeline":
         parts.append(f"structure of {view.target}")
     elif view.origin == "report":
-        done = view.stages[-1].items_out if view.stages else None
+        last = view.stages[-1] if view.stages else None
+        done = last.done if last is not None else None
         status = view.status or "finished"
         parts.append(f"report {view.target}")
         if view.elapsed is not None:
             parts.append(f"{status} in {fmt_duration(view.elapsed)}")
         if done is not None:
-            parts.append(f"{fmt_count(done)} outputs")
+            parts.append(f"{fmt_count(done)} items through")
     else:
         parts.append(f"live from {view.target}")
         if view.elapsed is not None:
@@ -72,9 +84,10 @@ def render_text(view: GraphView, *, unicode: bool = True, color: bool = False) -
     """The chain drawn top to bottom: a box per stage, edges labelled with items per
     second (or buffers), the bottleneck marked and sized."""
     ch = _UNICODE if unicode else _ASCII
-    mark = f" ◀ {view.bottleneck_label}" if unicode else f" <- {view.bottleneck_label}"
+    arrow = " ◀ " if unicode else " <- "
+    marks = view.marks()
     bodies = [_stage_lines(s) for s in view.stages]
-    headers = [s.name + (mark if s.name == view.bottleneck else "") for s in view.stages]
+    headers = [s.name + (arrow + marks[s.name] if s.name in marks else "") for s in view.stages]
     width = max(
         [len(line) for body in bodies for line in body] + [len(h) + 2 for h in headers] + [20]
     )
@@ -91,7 +104,7 @@ def render_text(view: GraphView, *, unicode: bool = True, color: bool = False) -
     out.append("  source")
     for i, (s, body, header) in enumerate(zip(view.stages, bodies, headers, strict=True)):
         edge(edges[i][2])
-        hi, lo = (red, reset) if s.name == view.bottleneck else ("", "")
+        hi, lo = (red, reset) if s.name in marks else ("", "")
         top = f"{ch['tl']}{ch['h']} {header} "
         out.append(f"  {hi}{top}{ch['h'] * (width + 3 - len(top))}{ch['tr']}{lo}")
         for line in body:
@@ -99,11 +112,21 @@ def render_text(view: GraphView, *, unicode: bool = True, color: bool = False) -
         out.append(f"  {hi}{ch['bl']}{ch['h'] * (width + 2)}{ch['br']}{lo}")
     edge(edges[-1][2])
     out.append("  outputs")
-    advice = view.recommendation()
-    if advice:
-        if not unicode:
-            advice = advice.replace("λ", "lambda*").replace(TIMES, "x")
-        out += ["", *textwrap.wrap(advice, 96, subsequent_indent="  ", break_on_hyphens=False)]
-    elif view.measured and view.bottleneck is None:
-        out += ["", "no bottleneck: no stage limited the rate (the source did)"]
+    out += verdict_lines(view, unicode=unicode)
     return "\n".join(out) + "\n"
+
+
+def verdict_lines(view: GraphView, *, unicode: bool = True, width: int = 96) -> list[str]:
+    """The verdict as wrapped lines, a blank line first; none when nothing was measured."""
+    v = view.verdict
+    if v is None or v.kind == "none":
+        return []
+    out = [""]
+    for i, sentence in enumerate(v.lines):
+        if not unicode:
+            sentence = sentence.replace("λ", "lambda*").replace(TIMES, "x")
+        prefix = "verdict: " if i == 0 else "  "
+        out += textwrap.wrap(
+            prefix + sentence, width, subsequent_indent="    ", break_on_hyphens=False
+        )
+    return out

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..sizing import TARGET_UTILISATION, busy_workers, capacity, workers_needed
-from .format import TIMES, fmt_duration, fmt_pct, fmt_rate, json_safe, workers_text
+from ..sizing import TARGET_UTILISATION, busy_workers
+from .format import fmt_duration, fmt_pct, fmt_rate, json_safe, workers_text
 from .schema import (
     _check_series,
     _check_structure,
@@ -18,6 +18,7 @@ from .schema import (
     _num,
     describe_pipeline,
 )
+from .verdict import Verdict, Window, judge, steady_window
 
 if TYPE_CHECKING:
     from .._pipeline import Pipeline
@@ -56,13 +57,51 @@ class StageView:
     queue_depth: float | None = None
     busy_workers: float | None = None
     recommended_workers: int | None = None
+    # Raw figures over ``seconds`` (the run, or a window of it): what the verdict reads.
+    kind: str | None = None
+    run_in: str | None = None
+    seconds: float | None = None
+    done: float | None = None
+    busy_seconds: float | None = None
+    throttled_seconds: float | None = None
+    worker_seconds: float | None = None
+    cpu_seconds: float | None = None
+    breaker_state: str | None = None
 
     @property
     def load(self) -> float | None:
-        """L = λW: workers busy on average."""
+        """L: workers busy on average. Busy seconds per second when measured (right for
+        a batch stage, whose W is per call and λ per item), else λW."""
+        if self.busy_seconds is not None and self.seconds:
+            return self.busy_seconds / self.seconds
         if self.throughput is None or self.duration_mean is None:
             return None
         return busy_workers(self.throughput, self.duration_mean)
+
+    @property
+    def per_item(self) -> float | None:
+        """Worker-seconds per item finished: W per item (a batch call's W shared by its
+        items)."""
+        load = self.load
+        if load is None or not self.throughput:
+            return self.duration_mean
+        return load / self.throughput
+
+    @property
+    def throttled_fraction(self) -> float | None:
+        """Share of worker time spent waiting for a rate token or a held breaker."""
+        if self.throttled_seconds is None or not self.worker_seconds:
+            return None
+        return self.throttled_seconds / self.worker_seconds
+
+    @property
+    def cpu_share(self) -> float | None:
+        """Share of a thread stage's busy time spent on CPU in its threads."""
+        if self.run_in != "thread" or self.kind not in ("sync", "syncgen"):
+            return None
+        if not self.cpu_seconds or not self.busy_seconds:
+            return None
+        return min(self.cpu_seconds / self.busy_seconds, 1.0)
 
     def pool_size(self) -> int | None:
         """N: the workers measured (the largest pool reached), else configured."""
@@ -85,6 +124,9 @@ class StageView:
         if isinstance(self.workers, tuple):
             d["workers"] = list(self.workers)
         d["load"] = self.load
+        d["per_item"] = self.per_item
+        d["throttled_fraction"] = self.throttled_fraction
+        d["cpu_share"] = self.cpu_share
         return d
 
 
@@ -93,7 +135,8 @@ class GraphView:
     """A pipeline as drawn: its stages in order, and where the figures come from.
 
     ``origin`` is ``"pipeline"``, ``"report"`` or ``"metrics"``; ``bottleneck`` the stage
-    that limits throughput (measured views only); ``series`` a report's time series.
+    that limits throughput (measured views only); ``series`` a report's time series;
+    ``verdict`` what limits the rate and what to do (measured views only).
     """
 
     pipeline: str
@@ -106,6 +149,7 @@ class GraphView:
     failure: str | None = None
     series: Mapping[str, Any] | None = None
     target_utilisation: float = TARGET_UTILISATION
+    verdict: Verdict | None = None
 
     @property
     def measured(self) -> bool:
@@ -133,65 +177,30 @@ class GraphView:
         labels.append(fmt_rate(last.rate_out) if last and last.rate_out is not None else "")
         return [(names[i], names[i + 1], labels[i]) for i in range(len(labels))]
 
-    def next_limit(self) -> tuple[StageView, float] | None:
-        """The stage that would limit throughput once the bottleneck is fixed, and its
-        capacity N/W (items per second with every worker busy)."""
-        best: tuple[StageView, float] | None = None
-        for s in self.stages:
-            n = s.pool_size()
-            if s.name == self.bottleneck or not n or not s.duration_mean:
-                continue
-            most = capacity(n, s.duration_mean)
-            if best is None or most < best[1]:
-                best = (s, most)
-        return best
-
-    @property
-    def saturated(self) -> bool:
-        """Whether the bottleneck is busy enough (50% or more) to be what limits the
-        throughput; below that, the source does."""
-        b = self.stage(self.bottleneck) if self.bottleneck else None
-        return b is not None and (b.utilisation or 0.0) >= 0.5
-
     @property
     def bottleneck_label(self) -> str:
-        return "bottleneck" if self.saturated else "busiest"
+        return "limits the rate"
+
+    def marks(self) -> dict[str, str]:
+        """Stage name → how the drawing marks it: the stages that limit the rate, or the
+        stage whose rate limit or breaker does."""
+        v = self.verdict
+        if v is None:
+            return {}
+        if v.kind == "stage":
+            return dict.fromkeys(v.limits, "limits the rate")
+        if v.kind == "rate_limit" and v.stage:
+            return {v.stage: "its rate limit limits the rate"}
+        if v.kind == "breaker" and v.stage:
+            return {v.stage: "its breaker limits the rate"}
+        return {}
 
     def recommendation(self) -> str | None:
-        """The bottleneck and its size by Little's Law, in a sentence or two, or None.
-
-        Always: the workers that run the measured rate at the target utilisation. When
-        the bottleneck is saturated (80% or more): also the workers it needs to keep up
-        with the next limit, the slowest other stage's capacity N/W.
-        """
-        b = self.stage(self.bottleneck) if self.bottleneck else None
-        if b is None or b.throughput is None or b.duration_mean is None:
+        """The verdict in sentences (see :mod:`pipeflow._report.verdict`), or None when
+        nothing was measured."""
+        if self.verdict is None or self.verdict.kind == "none":
             return None
-        target = self.target_utilisation
-        load = busy_workers(b.throughput, b.duration_mean)
-        n = b.pool_size()
-        recommended = b.recommended_workers
-        if recommended is None:
-            recommended = workers_needed(load, target)
-        have = f"{n} worker{'s' if n != 1 else ''}" if n else "workers"
-        util = f", {fmt_pct(b.utilisation)} utilised" if b.utilisation is not None else ""
-        runs = "workers run" if recommended != 1 else "worker runs"
-        text = (
-            f"{self.bottleneck_label}: {b.name} ({have}{util})"
-            + ("." if self.saturated else "; no stage is saturated: the source limits the rate.")
-            + f" Little's Law: L = λW = {fmt_rate(b.throughput)} {TIMES} "
-            f"{fmt_duration(b.duration_mean)} = {load:.2f} busy workers; {recommended} {runs} "
-            f"this rate at {fmt_pct(target)} utilisation"
-        )
-        limit = self.next_limit()
-        if limit is not None and (b.utilisation or 0.0) >= 0.8 and limit[1] > b.throughput * 1.1:
-            other, most = limit
-            need = workers_needed(busy_workers(most, b.duration_mean), target)
-            text += (
-                f"; at {fmt_pct(target)}, {need} worker{'s' if need != 1 else ''} keep up with "
-                f"the next limit ({other.name}: {fmt_rate(most)})"
-            )
-        return text
+        return self.verdict.text()
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(  # type: ignore[no-any-return]
@@ -204,6 +213,7 @@ class GraphView:
                 "elapsed": self.elapsed,
                 "bottleneck": self.bottleneck,
                 "recommendation": self.recommendation(),
+                "verdict": self.verdict.to_dict() if self.verdict is not None else None,
                 "stages": [s.to_dict() for s in self.stages],
                 "edges": [{"from": a, "to": b, "label": lab} for a, b, lab in self.edges()],
             }
@@ -218,10 +228,13 @@ def _structure_fields(d: Mapping[str, Any]) -> dict[str, Any]:
         workers = None
     buffer = d.get("buffer")
     options = d.get("options")
+    kind, run_in = d.get("kind"), d.get("run_in")
     return {
         "workers": workers,
         "buffer": buffer if isinstance(buffer, int) else None,
         "options": dict(options) if isinstance(options, Mapping) else {},
+        "kind": kind if isinstance(kind, str) else None,
+        "run_in": run_in if isinstance(run_in, str) else None,
     }
 
 
@@ -278,6 +291,8 @@ def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
         worker_seconds = (mean_workers or 0.0) * elapsed
         items_in = _int(d, "items_in", where, context)
         items_out = _int(d, "items_out", where, context)
+        done = sum(_int(d, k, where, context) or 0 for k in ("ok", "filtered", "failed"))
+        breaker_state = d.get("breaker_state")
         stages.append(
             StageView(
                 name=name,
@@ -299,9 +314,19 @@ def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
                 if blocked is not None and worker_seconds > 0
                 else None,
                 recommended_workers=_int(d, "recommended_workers", where, context),
+                seconds=elapsed,
+                done=done,
+                busy_seconds=_num(d, "busy_seconds", where, context),
+                throttled_seconds=_num(d, "throttled_seconds", where, context),
+                worker_seconds=worker_seconds,
+                cpu_seconds=_num(d, "cpu_seconds", where, context),
+                breaker_state=breaker_state if isinstance(breaker_state, str) else None,
             )
         )
+    verdict = verdict_of(stages, series if isinstance(series, Mapping) else None)
     bottleneck = report.get("bottleneck")
+    if verdict is not None and verdict.kind != "none":
+        bottleneck = verdict.stage if verdict.kind == "stage" else None
     view = GraphView(
         pipeline=str(report.get("pipeline", "pipeline")),
         origin="report",
@@ -312,8 +337,52 @@ def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
         status=report.get("status") if isinstance(report.get("status"), str) else None,
         failure=report.get("failure") if isinstance(report.get("failure"), str) else None,
         series=series if isinstance(series, Mapping) else None,
+        verdict=verdict,
     )
     return _check_figures(view, where)
+
+
+def window_view(s: StageView, deltas: Mapping[str, float], seconds: float) -> StageView:
+    """``s`` with its figures over a window: ``deltas`` of its counters over ``seconds``."""
+    done = deltas["done"]
+    busy = deltas["busy_seconds"]
+    workers = deltas["worker_seconds"]
+    return attrs.evolve(
+        s,
+        seconds=seconds,
+        done=done,
+        throughput=done / seconds,
+        rate_in=done / seconds,
+        rate_out=None,
+        utilisation=busy / workers if workers > 0 else 0.0,
+        blocked_seconds=deltas["blocked_seconds"],
+        blocked_fraction=deltas["blocked_seconds"] / workers if workers > 0 else None,
+        busy_seconds=busy,
+        throttled_seconds=deltas["throttled_seconds"],
+        worker_seconds=workers,
+        cpu_seconds=deltas["cpu_seconds"],
+        workers_now=workers / seconds,
+    )
+
+
+def verdict_of(
+    stages: list[StageView], series: Mapping[str, Any] | None, window: str | None = None
+) -> Verdict | None:
+    """The verdict on a run's stages: from the steady state of ``series`` when it shows
+    one (whole-run utilisation beside), else from the figures as they are."""
+    if not stages or not any(s.measured for s in stages):
+        return None
+    autoscaled = {s.name: s.workers for s in stages if isinstance(s.workers, tuple)}
+    steady: Window | None = None
+    try:
+        steady = steady_window(series, [s.name for s in stages], autoscaled)
+    except (ArithmeticError, ValueError):
+        steady = None
+    if steady is None or steady.seconds <= 0:
+        return judge(stages, window=window)
+    windowed = [window_view(s, steady.deltas[s.name], steady.seconds) for s in stages]
+    whole = {s.name: s.utilisation for s in stages if s.utilisation is not None}
+    return judge(windowed, whole=whole, window=steady.label, autoscale=steady.autoscale)
 
 
 def node_summary(s: StageView) -> list[str]:

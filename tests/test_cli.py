@@ -610,3 +610,25 @@ def test_a_report_with_a_malformed_figure_is_one_line(app, capsys, stage, messag
         f"pipeflow: error: r.json is not a valid pipeflow run report: {message}\n"
         == capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--latency", "80"],
+            "size: argument --latency: '80' has no unit: write 80ms or 80s (a latency like 80ms, 0.08s or 80000us)",
+        ),
+        (
+            ["--latency", "80ms", "--instances", "99999999999999999999999"],
+            "size: argument --instances: expected at most 1,000,000 instances, got '99999999999999999999999'",
+        ),
+    ],
+    ids=["a latency without its unit", "a huge number of instances"],
+)
+def test_size_refuses_a_bare_latency_and_huge_instances(capsys, argv, message):
+    """`--latency 80` would be 80 seconds (120,000 workers); a bare number is refused with
+    a hint to write the unit. Instances have a bound. One line each, exit status 2."""
+    assert 2 == main(["size", "--rate", "5000", *argv])
+    err = capsys.readouterr().err
+    assert [f"pipeflow: error: {message} (see pipeflow size --help)"] == err.splitlines()

@@ -68,8 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     def show(result: RunResult[Any], pipeline: Pipeline[Any, Any]) -> None:
         # The same summary as pipeflow run's, from the same kind of report.
-        if result.elapsed > (series.t[-1] if series.t else 0.0) + 1e-6:
-            series.sample(result.elapsed, result.stats)
+        series.sample(max(result.elapsed, series.t[-1] if series.t else 0.0), result.stats)
         report = build_report(
             target="examples/scraper.py:pipeline",
             status="completed",

@@ -306,8 +306,12 @@ class _RunCommand:
                 [st.name for st in self.pipeline.stages],
             )
             t_end = o.elapsed
-        if result is not None and t_end > (self.series.t[-1] if self.series.t else 0) + 1e-6:
-            self.series.sample(t_end, result.stats)
+        if result is not None:
+            # The final figures: a new last sample, or they replace one taken as the run
+            # ended (the two clocks started a moment apart).
+            self.series.sample(
+                max(t_end, self.series.t[-1] if self.series.t else 0.0), result.stats
+            )
         if status == "completed" and data.get("errors"):
             n = len(data["errors"])
             failure = f"{n} item{'s' if n != 1 else ''} failed; first: {data['errors'][0]}"

@@ -119,11 +119,23 @@ class Series:
         self.stages: dict[str, dict[str, list[float]]] = {}
         self._last_t = 0.0
         self._last_done: dict[str, int] = {}
+        self._before: tuple[float, dict[str, int]] = (0.0, {})
 
     def sample(self, t: float, stats: Mapping[str, StageStats]) -> None:
         dt = t - self._last_t
+        if dt <= 0 and self.t and abs(t - self.t[-1]) < 1e-6:
+            # The run's final statistics at the time of the last sample: they replace it
+            # (a call that ended at that very moment must count).
+            self.t.pop()
+            for columns in self.stages.values():
+                for column in columns.values():
+                    if len(column) > len(self.t):
+                        column.pop()
+            self._last_t, self._last_done = self._before
+            dt = t - self._last_t
         if dt <= 0:
             return
+        self._before = (self._last_t, dict(self._last_done))
         self.t.append(round(t, 6))
         for name, s in stats.items():
             columns = self.stages.setdefault(name, {f: [] for f in SERIES_FIELDS})

@@ -124,6 +124,16 @@ def _capacity(s: StageView) -> float | None:
     return most
 
 
+def _cpu_bound(s: StageView) -> bool:
+    """A thread stage whose calls are mostly on CPU, or whose threads together keep at
+    least half a core busy with Python while more than one of them works (then each
+    waits for the GIL, and its share of CPU per call falls)."""
+    if s.cpu_share is None:
+        return False
+    cores = (s.cpu_seconds or 0.0) / s.seconds if s.seconds else 0.0
+    return s.cpu_share >= CPU_BOUND or (cores >= 0.5 and (s.load or 0.0) > 1.0)
+
+
 def _max_workers(s: StageView) -> int | None:
     return s.workers[1] if isinstance(s.workers, tuple) else None
 
@@ -199,12 +209,14 @@ def judge(
         gain: float | None = None
         if b.throughput and nxt is not None:
             gain = nxt[1] / b.throughput
-        cpu_bound = [s for s in limits if (s.cpu_share or 0.0) >= CPU_BOUND]
+        cpu_bound = [s for s in limits if _cpu_bound(s)]
         for s in cpu_bound:
+            used = (s.cpu_seconds or 0.0) / (s.seconds or 1.0)
             advice.append(
-                f"{s.name}'s calls spend {fmt_pct(s.cpu_share or 0.0)} of their time on "
-                "CPU in their threads: under the GIL more threads will not help; "
-                'run it with run_in="process" (or make the work release the GIL).'
+                f"{s.name} is CPU-bound: its threads ran Python on {used:.2f} CPU cores "
+                f"({fmt_pct(s.cpu_share or 0.0)} of their busy time): the GIL runs one "
+                "thread at a time, so more threads will not help; run it with "
+                'run_in="process" (or make the work release the GIL).'
             )
         sized: list[str] = []
         target_rate = nxt[1] if nxt is not None else None
@@ -413,6 +425,7 @@ def steady_window(
     series: Mapping[str, Any] | None,
     order: Sequence[str],
     autoscaled: Mapping[str, tuple[int, int]],
+    min_interval: float = 0.0,
 ) -> Window | None:
     """The steady state of a run from its time series, or None when the series is too
     short (or too old a report) to tell.
@@ -440,6 +453,19 @@ def steady_window(
         if any(v is None for v in got.values()):
             return None
         cols[name] = {f: v for f, v in got.items() if v is not None}
+    # Busy time is counted when a call ends: intervals much shorter than a call would
+    # read 0% and 200% in turn. Keep samples at least min_interval apart.
+    keep: list[int] = []
+    last_t = 0.0
+    for i, ti in enumerate(times):
+        if ti - last_t >= min_interval - 1e-9 or i == n - 1:
+            keep.append(i)
+            last_t = ti
+    if len(keep) < 3:
+        return None
+    times = [times[i] for i in keep]
+    cols = {name: {f: [v[i] for i in keep] for f, v in c.items()} for name, c in cols.items()}
+    n = len(times)
     last = cols[order[-1]]["done"]
     rates: list[float] = []
     prev_t, prev_done = 0.0, 0.0

@@ -354,10 +354,11 @@ def window_view(s: StageView, deltas: Mapping[str, float], seconds: float) -> St
         throughput=done / seconds,
         rate_in=done / seconds,
         rate_out=None,
-        utilisation=busy / workers if workers > 0 else 0.0,
+        # Calls are counted when they end: a window's edges can add one; clamp.
+        utilisation=min(busy / workers, 1.0) if workers > 0 else 0.0,
         blocked_seconds=deltas["blocked_seconds"],
         blocked_fraction=deltas["blocked_seconds"] / workers if workers > 0 else None,
-        busy_seconds=busy,
+        busy_seconds=min(busy, workers),
         throttled_seconds=deltas["throttled_seconds"],
         worker_seconds=workers,
         cpu_seconds=deltas["cpu_seconds"],
@@ -375,7 +376,10 @@ def verdict_of(
     autoscaled = {s.name: s.workers for s in stages if isinstance(s.workers, tuple)}
     steady: Window | None = None
     try:
-        steady = steady_window(series, [s.name for s in stages], autoscaled)
+        longest = max((s.duration_mean or 0.0) for s in stages)
+        steady = steady_window(
+            series, [s.name for s in stages], autoscaled, min_interval=5 * longest
+        )
     except (ArithmeticError, ValueError):
         steady = None
     if steady is None or steady.seconds <= 0:

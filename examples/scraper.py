@@ -17,7 +17,7 @@ Without ``--urls`` the example serves a small site itself on 127.0.0.1 (a Trio H
 server in the same process): pages that link to each other, one that answers 404, one
 that answers 500 (retried, then reported) and one that is slow.
 
-Needs httpx (``pip install 'pipeflow[http]'``).
+Needs httpx (``pip install 'pipeflow-trio[http]'``).
 """
 
 from __future__ import annotations

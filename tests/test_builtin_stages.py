@@ -19,7 +19,9 @@ from pipeflow import Pipeline, Retry, StageError, stage
 from pipeflow._plugins import discover_stages
 from pipeflow.stages import JsonLinesSink, SQLiteSink
 
-httpx = pytest.importorskip("httpx", reason="HttpFetch needs httpx: pip install 'pipeflow[http]'")
+httpx = pytest.importorskip(
+    "httpx", reason="HttpFetch needs httpx: pip install 'pipeflow-trio[http]'"
+)
 h11 = pytest.importorskip("h11", reason="the test HTTP server needs h11 (installed with httpx)")
 
 from pipeflow.stages import HttpFetch, HttpResult, HttpServerError, HttpStatusError  # noqa: E402

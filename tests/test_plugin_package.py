@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,15 @@ def test_a_pipeline_runs_the_plugin_stage(plugin_env: dict[str, str]) -> None:
         "workers": 2,
         "name": "redact",
     } == json.loads(out)
+
+
+def test_the_plugin_depends_on_this_distribution() -> None:
+    """The plugin's dependency is pipeflow's own distribution name, which is not
+    "pipeflow": that name on the package index belongs to an unrelated project."""
+    ours = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    plugin = tomllib.loads((PLUGIN / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "pipeflow-trio" == ours["project"]["name"]
+    assert ["pipeflow-trio"] == plugin["project"]["dependencies"]
 
 
 def test_the_plugin_is_not_visible_outside_its_environment() -> None:

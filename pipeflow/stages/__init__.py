@@ -1,6 +1,6 @@
 """Built-in stages: the ones users would otherwise write by hand.
 
-- :class:`HttpFetch` — fetch URLs with httpx (``pip install 'pipeflow[http]'``);
+- :class:`HttpFetch` — fetch URLs with httpx (``pip install 'pipeflow-trio[http]'``);
 - :class:`SQLiteSink` — batched, transactional inserts into SQLite;
 - :class:`JsonLinesSink` — one line of JSON per item, appended to a file.
 

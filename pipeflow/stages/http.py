@@ -2,7 +2,7 @@
 
 httpx runs on Trio through anyio, so a fetch is a plain Trio task: cancellation, the
 stage's timeout and the run's cancel scope all reach the request in flight. httpx is
-imported when the stage is built (``pip install 'pipeflow[http]'``), not when this module
+imported when the stage is built (``pip install 'pipeflow-trio[http]'``), not when this module
 is, so ``pipeflow plugins`` can list the stage on a machine without httpx.
 """
 
@@ -242,6 +242,6 @@ def _import_httpx() -> Any:
     try:
         import httpx
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        msg = "HttpFetch needs httpx; install it with: pip install 'pipeflow[http]'"
+        msg = "HttpFetch needs httpx; install it with: pip install 'pipeflow-trio[http]'"
         raise ImportError(msg) from exc
     return httpx

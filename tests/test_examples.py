@@ -95,9 +95,11 @@ def test_scraper_watch_sees_the_pipeline_while_it_runs(
                 seen.append(stats["fetch"].items_in)
             await trio.sleep(0.05)
 
-    result = scraper.main(["--pages", "150", "--rate", "100"], watch=watch)
+    # 40 requests/s: well below what even a loaded 2-core machine fetches and parses
+    # (about 60 pages/s), so the rate limit, not the CPU, is what holds fetch back.
+    result = scraper.main(["--pages", "100", "--rate", "40"], watch=watch)
     assert seen
-    assert 0 < max(seen) <= 153
+    assert 0 < max(seen) <= 103
     assert result.bottleneck is None
     assert "bottleneck: the rate limit of fetch (" in capsys.readouterr().out
 

@@ -705,3 +705,49 @@ def test_entries_are_values():
     assert hash(Entry("5-1", {"z": "0"})) == hash(entry)
     with pytest.raises(KeyError, match=r"entry 5-1 has no field 'data' \(its fields: \['a'\]\)"):
         entry.json()
+
+
+async def test_a_dead_consumer_is_removed_once_its_entries_are_reclaimed(r, url):
+    """A killed member's consumer stays in the group holding entries; a live member
+    reclaims them, then removes the dead consumer (idle for 5 x claim_idle, nothing
+    pending), and says so. A consumer that still holds entries is never removed."""
+    ids = add_jobs(r, 5)
+    r.xgroup_create("jobs", "workers", "0")
+    r.xreadgroup("workers", "dead", {"jobs": ">"}, count=3)  # then it is killed
+    r.xreadgroup("workers", "holder", {"jobs": ">"}, count=1)  # alive, its entry pending
+
+    @stage
+    async def same(entry: Entry) -> Entry:
+        return entry
+
+    source = RedisStreamSource(
+        url, "jobs", group="workers", consumer="a", claim_idle=0.3, block=0.05, drain=False
+    )
+
+    def consumers() -> set[str]:
+        return {c["name"] for c in r.xinfo_consumers("jobs", "workers")}
+
+    def refresh_holder() -> None:
+        """What a live member's heartbeat does for the entries it holds."""
+        held = [
+            p["message_id"] for p in r.xpending_range("jobs", "workers", "-", "+", 10, "holder")
+        ]
+        r.xclaim("jobs", "workers", "holder", 0, held, justid=True)
+
+    async def holder_alive() -> None:
+        while True:
+            await trio.to_thread.run_sync(refresh_holder)
+            await trio.sleep(0.02)
+
+    with capture_logs() as logs, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder_alive)
+            nursery.start_soon(Pipeline(same).arun, source)
+            await eventually(lambda: "dead" not in consumers())
+            await trio.sleep(0.3)  # time for a wrong removal of "holder"
+            assert {"a", "holder"} == consumers()
+            nursery.cancel_scope.cancel()
+    assert {ids[3]} == pending_ids(r)  # the holder's, untouched
+    removed = [e for e in logs if e["event"] == "redis_consumer_removed"]
+    assert ["dead"] == [e["removed"] for e in removed]
+    assert removed[0]["idle"] >= 1.5  # 5 x claim_idle

@@ -27,7 +27,8 @@ exponential backoff for up to ``retry_for`` seconds, logged (``redis_unavailable
 ``redis_reconnected``), then raised as :class:`RedisUnavailable`.
 
 Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
-``redis_unavailable``, ``redis_reconnected``, ``redis_ack_failed``.
+``redis_consumer_removed``, ``redis_unavailable``, ``redis_reconnected``,
+``redis_ack_failed``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ _CANCELLED_CLOSE_TIMEOUT = 0.25
 _DRAIN_POLL = 0.05
 #: How long the source, on leaving, retries its last acks if Redis is unreachable.
 _CLOSE_PATIENCE = 1.0
+#: A consumer of the group with nothing pending and idle for this many ``claim_idle``
+#: periods (or ``block`` periods, if longer) is taken for dead (a killed member) and
+#: removed from the group.
+_FORGET_AFTER = 5
 #: Backoff between reconnection attempts: first delay and cap, in seconds.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
@@ -696,6 +701,7 @@ class _Consumer:
         self._claim_cursor = "0-0"
         self._next_claim = -math.inf
         self._claim_every = source.claim_idle / 2
+        self._next_sweep = -math.inf
         self._claim_idle_ms = max(1, round(source.claim_idle * 1000))
         self._block_ms = max(1, round(source.block * 1000))  # BLOCK 0 would wait forever
         self._next_trim = -math.inf
@@ -703,6 +709,8 @@ class _Consumer:
         self._ended = False
         self.joined = False
         self.inline_acks = False
+        #: Dead consumers this one removed from the group.
+        self.removed = 0
 
     async def create_group(self) -> None:
         s = self.source
@@ -787,6 +795,9 @@ class _Consumer:
             self._claim_cursor = cursor
             if cursor == "0-0":  # scanned the whole pending list: rest a while
                 self._next_claim = now + self._claim_every
+                if now >= self._next_sweep:
+                    self._next_sweep = now + s.claim_idle
+                    await self._remove_dead_consumers()
             claimed = self._accept(raw)
             if claimed:
                 self.log.info("redis_entries_claimed", count=len(claimed), first=claimed[0].id)
@@ -834,6 +845,27 @@ class _Consumer:
                 continue
             entries.append(Entry(entry_id, dict(zip(fields[::2], fields[1::2], strict=True))))
         return entries
+
+    async def _remove_dead_consumers(self) -> None:
+        """Remove from the group every other consumer that holds nothing and has not
+        been heard of for ``_FORGET_AFTER`` claim_idle periods: members that were
+        killed, whose entries were reclaimed (a live member reads, or refreshes what it
+        holds, far more often). Without this, every killed ``host-pid`` consumer would
+        stay in ``XINFO CONSUMERS`` for ever. The check for nothing pending and the
+        removal are one step in Redis, so no entry can be lost to it."""
+        s = self.source
+        # A live member's idle time stays under its block (a read) and claim_idle / 3
+        # (the heartbeat over what it holds): both far below this.
+        limit_ms = _FORGET_AFTER * max(s.claim_idle, s.block) * 1000
+        consumers: Any = await self.conn.call("XINFO", "CONSUMERS", s.stream, s.group)
+        for flat in consumers:
+            info = _pairs(flat)
+            name, idle = info["name"], int(info["idle"])
+            if name == s.consumer or int(info["pending"]) or idle < limit_ms:
+                continue
+            if await _leave_group(self.conn, s.stream, s.group, name, None):
+                self.removed += 1
+                self.log.info("redis_consumer_removed", removed=name, idle=round(idle / 1000, 1))
 
     async def _nothing_left_to_take(self) -> bool:
         """No entry of the group is pending with another consumer, and every entry

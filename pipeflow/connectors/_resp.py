@@ -34,6 +34,8 @@ _READ_SIZE = 65536
 #: by design (XREADGROUP BLOCK), before its connection is taken for dead.
 _SOCKET_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 5.0
+#: A reply later than this (seconds, beyond a command's blocking time) is overdue.
+_OVERDUE = 0.2
 
 
 class RedisError(Exception):
@@ -350,6 +352,10 @@ class Client:
             else None
         )
         self._closed = False
+        #: True once a command was abandoned (cancelled, or timed out) after waiting
+        #: longer than Redis should take, and until the next reply: Redis may be frozen
+        #: or cut off, so whoever must be prompt should not wait for it now.
+        self.overdue = False
 
     async def execute(self, *args: Any, blocks_for: float = 0.0) -> Any:
         """Run one command; its reply (decoded str, int, list, None), or raise
@@ -375,17 +381,21 @@ class Client:
         return await self._on_a_connection(payload, replies, blocks_for)
 
     async def _on_a_connection(self, payload: bytes, replies: int, blocks_for: float) -> list[Any]:
+        started = trio.current_time()
         conn = self._idle.pop() if self._idle else await connect(self.params)
         try:
             out = await conn.request(payload, replies, self.params.socket_timeout + blocks_for)
         except BaseException as exc:
             # Cancelled, timed out or broken half-way: replies may still be on their way,
             # so this connection can never be trusted again.
+            if trio.current_time() - started > blocks_for + _OVERDUE:
+                self.overdue = True
             await conn.aclose()
             if isinstance(exc, RedisConnectionError):
                 # Redis went away (a restart): the idle connections went with it.
                 await self._close_idle()
             raise
+        self.overdue = False
         if self._closed:
             await conn.aclose()
         else:

@@ -66,6 +66,7 @@ __all__ = [
     "RedisUnavailable",
     "ConsumerGroupLost",
     "RedisError",
+    "SourceStatistics",
 ]
 
 #: Ids per XACK / XCLAIM command: big enough to amortise a round trip, small enough
@@ -200,6 +201,7 @@ class _Conn:
         self.log = log
         #: How many times Redis came back after being unreachable.
         self.reconnects = 0
+        self.counts: _Counts | None = None  # the source's, where there is one
         params = parse_url(url)
         if client_name is not None and params.client_name is None:
             params = attrs.evolve(params, client_name=client_name)
@@ -270,6 +272,8 @@ class _Conn:
                 raise self._translate(exc) from None
             if attempt:
                 self.reconnects += 1
+                if self.counts is not None:
+                    self.counts.reconnects += 1
                 self.log.info("redis_reconnected", command=what, attempts=attempt + 1)
             return result
 
@@ -401,6 +405,28 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+@attrs.frozen(kw_only=True)
+class SourceStatistics:
+    """What a :class:`RedisStreamSource` has done, over all its runs so far
+    (``source.statistics()``); its metrics are read from these."""
+
+    #: Entries acknowledged (``XACK``): done with, by this consumer.
+    acked: int
+    #: Entries taken over from other consumers that left them idle (``XAUTOCLAIM``).
+    reclaimed: int
+    #: Times Redis came back after being unreachable.
+    reconnects: int
+    #: Entries read and not yet acknowledged, now (in the pipeline, or waiting for it).
+    pending: int
+
+
+@attrs.define
+class _Counts:
+    acked: int = 0
+    reclaimed: int = 0
+    reconnects: int = 0
+
+
 class RedisStreamSource:
     """A pipeline source that reads a Redis stream as one consumer of a consumer group.
 
@@ -472,6 +498,21 @@ class RedisStreamSource:
         self.count = count
         self.maxlen = maxlen
         self.retry_for = float(retry_for)
+        self._counts = _Counts()
+        self._open_consumers: set[_Consumer] = set()
+
+    @property
+    def name(self) -> str:
+        """The stream's name: the ``source`` label of the source's metrics."""
+        return self.stream
+
+    def statistics(self) -> SourceStatistics:
+        """Counts of what this source did, over all its runs (plain numbers, cheap)."""
+        c = self._counts
+        pending = sum(len(consumer.held) for consumer in self._open_consumers)
+        return SourceStatistics(
+            acked=c.acked, reclaimed=c.reclaimed, reconnects=c.reconnects, pending=pending
+        )
 
     @classmethod
     def from_url(cls, url: str) -> RedisStreamSource:
@@ -545,13 +586,15 @@ class RedisStreamSource:
 
     def _connect(self) -> _Conn:
         log = get_logger(stream=self.stream, group=self.group, consumer=self.consumer)
-        return _Conn(
+        conn = _Conn(
             self.url,
             stream=self.stream,
             retry_for=self.retry_for,
             client_name=_client_name(self.consumer),
             log=log,
         )
+        conn.counts = self._counts
+        return conn
 
     @contextlib.asynccontextmanager
     async def _open(self, capacity: int) -> AsyncIterator[AsyncIterator[tuple[Entry, _EntryAck]]]:
@@ -616,12 +659,22 @@ async def _close(consumer: _Consumer) -> None:
     """
     try:
         if trio.current_effective_deadline() == -math.inf:  # cancelled
+            if consumer.conn.client.overdue:
+                # A command was abandoned after Redis kept it waiting: it does not
+                # answer now, and a cancelled run must not wait for it.
+                consumer.log.warning(
+                    "redis_ack_failed",
+                    entries=len(consumer.to_ack),
+                    error="Redis did not answer in time; leaving without acking",
+                )
+                return
             with trio.CancelScope(shield=True), trio.move_on_after(_CANCELLED_CLOSE_TIMEOUT):
                 await consumer.close()
         else:
             with trio.move_on_after(_FINAL_ACK_TIMEOUT):
                 await consumer.close()
     finally:
+        consumer.source._open_consumers.discard(consumer)
         with trio.CancelScope(shield=True):
             await consumer.conn.aclose()
 
@@ -688,6 +741,7 @@ class _Consumer:
 
     def __init__(self, source: RedisStreamSource, conn: _Conn, capacity: int) -> None:
         self.source = source
+        source._open_consumers.add(self)  # until _close(): its pending entries count
         self.conn = conn
         self.capacity = capacity
         self.log = conn.log
@@ -799,6 +853,7 @@ class _Consumer:
                     self._next_sweep = now + s.claim_idle
                     await self._remove_dead_consumers()
             claimed = self._accept(raw)
+            s._counts.reclaimed += len(claimed)
             if claimed:
                 self.log.info("redis_entries_claimed", count=len(claimed), first=claimed[0].id)
                 return claimed
@@ -918,6 +973,7 @@ class _Consumer:
             # Entries finished meanwhile were appended after these.
             del self.to_ack[: len(ids)]
             self.held.difference_update(ids)
+            s._counts.acked += len(ids)
             self._trimmed = False
             self._room.set()
         if s.maxlen is not None and trio.current_time() >= self._next_trim:

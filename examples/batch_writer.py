@@ -1,4 +1,4 @@
-"""Batch DB writer (the seed's real-world example): insert events -> batches -> 8 writers.
+"""Batch DB writer (from the Go worker-pool guide): insert events -> batches -> 8 writers.
 
 Run it with::
 

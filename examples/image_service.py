@@ -1,4 +1,4 @@
-"""Image processor behind HTTP (the seed's real-world example): 202 or 429, then poll.
+"""Image processor behind HTTP (from the Go worker-pool guide): 202 or 429, then poll.
 
 Run the service::
 

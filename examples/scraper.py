@@ -1,4 +1,4 @@
-"""Web scraper (the seed's real-world example): fetch -> parse -> batched store.
+"""Web scraper (from the Go worker-pool guide): fetch -> parse -> batched store.
 
 Run it with::
 
@@ -7,11 +7,11 @@ Run it with::
     python examples/scraper.py --urls urls.txt    # real URLs, one per line
     python examples/scraper.py --db pages.db      # keep the database
 
-The pipeline is the seed's: 64 fetch workers (the remote site tolerates 64 in parallel)
+The pipeline is the Go guide's: 64 fetch workers (the remote site tolerates 64 in parallel)
 under a 50 requests/s token bucket, a 10 s timeout per request, HTML parsed by a plain
 function in worker threads, and rows written to SQLite 100 at a time, one transaction
 per batch. A failed page does not stop the run (``errors="collect"``): every failure is
-reported at the end, like the seed's multierr.
+reported at the end, like the Go guide's multierr.
 
 Without ``--urls`` the example serves a small site itself on 127.0.0.1 (a Trio HTTP
 server in the same process): pages that link to each other, one that answers 404, one

@@ -1,4 +1,4 @@
-"""Telemetry: drop on full, with a counter (the seed's third backpressure strategy).
+"""Telemetry: drop on full, with a counter (the third backpressure strategy).
 
 Run it with::
 
@@ -8,10 +8,10 @@ Run it with::
 Telemetry is non-critical: the code that emits it must never wait for it. So the
 producer calls ``flow.offer(event)``, which puts the event into the pipeline if there is
 room and otherwise drops it at once, returns False and counts the drop
-(``stats.dropped``), like the seed's ``select`` with a ``default:`` branch that bumps
-``droppedCounter``. The pipeline enriches each event and appends it to a JSON-lines
-file with the built-in ``JsonLinesSink``. Bursts bigger than the pipeline can hold lose
-their tail; the quiet time between bursts lets it drain.
+(``stats.dropped``), like the Go worker-pool guide's ``select`` with a ``default:``
+branch that bumps ``droppedCounter``. The pipeline enriches each event and appends it
+to a JSON-lines file with the built-in ``JsonLinesSink``. Bursts bigger than the
+pipeline can hold lose their tail; the quiet time between bursts lets it drain.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ async def test_open_with_outputs_delivers_them_with_backpressure():
 
 
 async def test_rate_limit_is_shared_by_all_workers(autojump_clock):
-    """rate=50 with 64 workers (the seed's scraper): 50 calls per second, no more."""
+    """rate=50 with 64 workers (the Go worker-pool guide's scraper): 50 calls per second, no more."""
     starts = []
 
     @stage(workers=64, rate=50)
@@ -172,7 +172,7 @@ async def test_batches_flush_when_full_after_timeout_and_at_end(autojump_clock):
 
 
 async def test_seed_batch_writer_1000_rows_or_100ms(autojump_clock):
-    """The seed's batch DB writer: 1000 rows or 100 ms, whichever first, 8 writers."""
+    """The Go guide's batch DB writer: 1000 rows or 100 ms, whichever first, 8 writers."""
     batches = []
 
     @stage(workers=8, batch=1000, batch_timeout=0.1)

@@ -1,4 +1,4 @@
-"""Review of the runner and Pipeline against DESIGN.md's "Semantics users rely on".
+"""Review of the runner and Pipeline against the semantics users rely on (docs/design.md).
 
 Each test below first showed a real bug (as a strict xfail) and now guards its fix;
 the others pin down combinations that turned out right and were not covered elsewhere.

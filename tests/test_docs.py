@@ -8,9 +8,14 @@ fence: ```sh, ```text or ```pycon.
 
 from __future__ import annotations
 
+import code
 import inspect
 import linecache
+import os
 import re
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,6 +106,63 @@ def test_python_blocks_run(name: str, tmp_path: Path, monkeypatch: pytest.Monkey
         # Lets a traceback show the failing line of the block, not "???".
         linecache.cache[filename] = (len(block), None, block.splitlines(True), filename)
         exec(compile(block, filename, "exec"), namespace)
+
+
+class _Prompt(code.InteractiveConsole):
+    """Python's interactive prompt, fed line by line, recording what it would print as
+    an error instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__({"__name__": "__console__"})
+        self.errors: list[str] = []
+
+    def showsyntaxerror(self, filename: str | None = None, **kwargs: object) -> None:
+        self.errors.append(f"SyntaxError: {sys.exc_info()[1]}")
+
+    def showtraceback(self) -> None:
+        self.errors.append(f"{sys.exc_info()[0].__name__}: {sys.exc_info()[1]}")
+
+
+def test_the_tutorial_pastes_into_the_prompt_twice_in_one_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ```python block of the tutorial, pasted into Python's interactive prompt
+    one line at a time (a blank line inside a function or class body would end it
+    there), runs without an error; and all of it runs again in the same folder (its
+    files and database are already there)."""
+    monkeypatch.chdir(tmp_path)
+    for attempt in ("first", "second"):
+        prompt = _Prompt()
+        for line, block in python_blocks(DOCS / "tutorial.md"):
+            for text in block.splitlines():
+                prompt.push(text)
+            prompt.push("")  # the Enter that ends a pasted block
+            assert [] == prompt.errors, f"{attempt} run, docs/tutorial.md:{line}"
+
+
+def test_the_tutorials_shell_section_runs(tmp_path: Path) -> None:
+    """The tutorial's pages.py, saved as a file, and its shell commands, run in that
+    folder: every command exits 0 and writes what it says."""
+    blocks = code_blocks((DOCS / "tutorial.md").read_text(encoding="utf-8"))
+    module = next(b for b in blocks if b.lang == "python" and b.code.startswith("# pages.py"))
+    shell = next(b for b in blocks if b.lang == "sh" and "pipeflow run pages:" in b.code)
+    (tmp_path / "pages.py").write_text(module.code, encoding="utf-8")
+    # `python` and `pipeflow` are this environment's, as in an activated virtualenv.
+    bins = [os.path.dirname(sys.executable), sysconfig.get_path("scripts")]
+    env = {**os.environ, "PATH": os.pathsep.join([*bins, os.environ.get("PATH", "")])}
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", shell.code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert 0 == proc.returncode, proc.stdout + proc.stderr
+    assert 200 == len((tmp_path / "urls.txt").read_text().splitlines())
+    assert (tmp_path / "run.json").stat().st_size > 0
+    assert "<html" in (tmp_path / "run.html").read_text(encoding="utf-8")
+    assert "workers per instance" in proc.stdout
 
 
 # [text](target) and ![alt](target), and reference definitions "[label]: target".

@@ -19,8 +19,12 @@ metric                                    type       the seed's name
 ``pipeflow_stage_breaker_state``          gauge      (0 closed, 1 half-open, 2 open)
 ========================================  =========  ===========================
 
-Every sample is labelled ``pipeline`` and ``stage``. ``metrics_port=`` serves the
-pipeline's registry over HTTP on 127.0.0.1 for exactly the run's lifetime.
+Every sample is labelled ``pipeline`` and ``stage``. Sources that ack (Redis Streams)
+add ``pipeflow_source_acked_total``, ``pipeflow_source_reclaimed_total``,
+``pipeflow_source_reconnects_total`` (counters) and ``pipeflow_source_pending`` (gauge),
+labelled ``pipeline`` and ``source``, read from the source's ``statistics()``.
+``metrics_port=`` serves the pipeline's registry over HTTP on 127.0.0.1 (or
+``metrics_host=``) for exactly the run's lifetime.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from ._sources import SourceTotals
 from ._stats import BOUNDS, StageCounters
 
 if TYPE_CHECKING:
@@ -326,6 +331,7 @@ class PipelineCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         families = _Families()
+        sources = _SourceFamilies()
         with self._lock:
             for pipeline in list(self._pipelines.values()):
                 for stage, st in _read(pipeline):
@@ -333,7 +339,47 @@ class PipelineCollector(Collector):
                     c = self._last[key] = st.counters().at_least(self._last.get(key))
                     has_breaker = stage.options.breaker is not None
                     families.add([pipeline.name, stage.name], st, c, has_breaker)
-        return families.filled()
+                for name, totals in pipeline._sources.totals().items():
+                    sources.add([pipeline.name, name], totals)
+        return [*families.filled(), *sources.filled()]
+
+
+class _SourceFamilies:
+    """The metrics of acking sources (Redis Streams), from their ``statistics()``."""
+
+    def __init__(self) -> None:
+        labels = ["pipeline", "source"]
+        self.acked = CounterMetricFamily(
+            "pipeflow_source_acked_total",
+            "Entries a source acknowledged: their items left the pipeline.",
+            labels=labels,
+        )
+        self.reclaimed = CounterMetricFamily(
+            "pipeflow_source_reclaimed_total",
+            "Entries a source took over from consumers that left them idle (dead ones).",
+            labels=labels,
+        )
+        self.reconnects = CounterMetricFamily(
+            "pipeflow_source_reconnects_total",
+            "Times a source's server came back after being unreachable.",
+            labels=labels,
+        )
+        self.pending = GaugeMetricFamily(
+            "pipeflow_source_pending",
+            "Entries a source read and has not acknowledged yet (in the pipeline now).",
+            labels=labels,
+        )
+
+    def add(self, labels: list[str], totals: SourceTotals) -> None:
+        self.acked.add_metric(labels, totals.acked)
+        self.reclaimed.add_metric(labels, totals.reclaimed)
+        self.reconnects.add_metric(labels, totals.reconnects)
+        self.pending.add_metric(labels, totals.pending)
+
+    def filled(self) -> list[Metric]:
+        """Only where some pipeline read an acking source."""
+        families = [self.acked, self.reclaimed, self.reconnects, self.pending]
+        return families if self.acked.samples else []
 
 
 def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stage]]:
@@ -387,8 +433,11 @@ _REQUEST_TIMEOUT = 10.0
 _MAX_HEAD = 16 * 1024
 
 
-def metrics_service(pipeline: Pipeline[Any, Any], port: int) -> Callable[..., Awaitable[None]]:
-    """The ``metrics_port=`` service: ``/metrics`` over HTTP on 127.0.0.1:``port``.
+def metrics_service(
+    pipeline: Pipeline[Any, Any], port: int, *, host: str = HOST
+) -> Callable[..., Awaitable[None]]:
+    """The ``metrics_port=`` service: ``/metrics`` over HTTP on ``host``:``port``
+    (127.0.0.1 unless ``metrics_host=`` says otherwise).
 
     Returns an async function for ``nursery.start``: it listens, sets
     ``pipeline.metrics_address`` to the bound ``(host, port)`` (useful with port 0,
@@ -404,6 +453,12 @@ def metrics_service(pipeline: Pipeline[Any, Any], port: int) -> Callable[..., Aw
         raise (TypeError if isinstance(port, bool) or not isinstance(port, int) else ValueError)(
             msg
         )
+    if not isinstance(host, str) or not host:
+        msg = (
+            f"pipeline {pipeline.name!r}: metrics_host= must be an address to listen on, "
+            f"such as '127.0.0.1' or '0.0.0.0', got {host!r}"
+        )
+        raise TypeError(msg)
     registry = pipeline.registry
     if registry is None:
         registry = CollectorRegistry()
@@ -414,15 +469,15 @@ def metrics_service(pipeline: Pipeline[Any, Any], port: int) -> Callable[..., Aw
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         try:
-            listeners = await trio.open_tcp_listeners(port, host=HOST)
+            listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             msg = (
-                f"pipeline {pipeline.name!r}: cannot serve metrics on {HOST}:{port}: "
+                f"pipeline {pipeline.name!r}: cannot serve metrics on {host}:{port}: "
                 f"{exc.strerror or exc}"
             )
             raise OSError(exc.errno, msg) from exc
-        host, bound = listeners[0].socket.getsockname()[:2]
-        address = (str(host), int(bound))
+        bound_host, bound = listeners[0].socket.getsockname()[:2]
+        address = (str(bound_host), int(bound))
         # Pipeline does not declare the attribute (yet): set it through Any.
         owner: Any = pipeline
         owner.metrics_address = address

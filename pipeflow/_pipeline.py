@@ -23,6 +23,7 @@ from ._chain import Chain
 from ._errors import Interrupted, PipelineFull, StageError
 from ._process import check_picklable
 from ._runner import Env, Outlet, Run, Service, running, signal_service
+from ._sources import SourceLedger
 from ._stage import Stage
 from ._stats import StageCounters, StageStats, accumulate, find_bottleneck
 
@@ -307,6 +308,8 @@ class Pipeline(Generic[In, Out]):
         self.metrics_address: tuple[str, int] | None = None
         # Counters of finished runs, added up, so that metrics only ever go up.
         self._totals = {st.name: StageCounters(st.name) for st in chain}
+        # The acking sources runs have read (their statistics, for the metrics).
+        self._sources = SourceLedger()
         self.registry = registry
         if registry is not None:
             from ._metrics import register
@@ -328,13 +331,20 @@ class Pipeline(Generic[In, Out]):
 
     @contextlib.asynccontextmanager
     async def _running(
-        self, run: Run, metrics_port: int | None, services: Sequence[Service] = ()
+        self,
+        run: Run,
+        metrics_port: int | None,
+        services: Sequence[Service] = (),
+        *,
+        metrics_host: str = "127.0.0.1",
+        source: object = None,
     ) -> AsyncIterator[trio.Nursery]:
         services = list(services)
         if metrics_port is not None:
             from ._metrics import metrics_service
 
-            services.append(metrics_service(self, metrics_port))
+            services.append(metrics_service(self, metrics_port, host=metrics_host))
+        self._sources.note(source)
         self._live.append(run)
         try:
             async with running(run, services) as nursery:
@@ -356,6 +366,7 @@ class Pipeline(Generic[In, Out]):
         *,
         collect: bool = True,
         metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         grace: float = 10.0,
         handle_signals: bool = True,
     ) -> RunResult[Out]:
@@ -376,6 +387,7 @@ class Pipeline(Generic[In, Out]):
                 source,
                 collect=collect,
                 metrics_port=metrics_port,
+                metrics_host=metrics_host,
                 grace=grace,
                 handle_signals=handle_signals
                 and threading.current_thread() is threading.main_thread(),
@@ -388,12 +400,15 @@ class Pipeline(Generic[In, Out]):
         *,
         collect: bool = True,
         metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         grace: float = 10.0,
         handle_signals: bool = False,
     ) -> RunResult[Out]:
         """:meth:`run` for Trio code: ``result = await pipeline.arun(source)``.
 
-        ``metrics_port`` serves Prometheus metrics on 127.0.0.1 for the run's lifetime.
+        ``metrics_port`` serves Prometheus metrics for the run's lifetime, on
+        ``metrics_host`` (127.0.0.1 by default; ``"0.0.0.0"`` to be scraped from
+        another machine).
         ``handle_signals=True`` handles SIGINT / SIGTERM as :meth:`run` does (main
         thread only).
         """
@@ -402,7 +417,9 @@ class Pipeline(Generic[In, Out]):
         run = self._new_run("collect" if collect else "drop")
         services = [signal_service(run, grace)] if handle_signals else []
         try:
-            async with self._running(run, metrics_port, services) as nursery:
+            async with self._running(
+                run, metrics_port, services, metrics_host=metrics_host, source=source
+            ) as nursery:
                 run.start_source(nursery, source)
         except StageError as failure:
             # The statistics of a failed run are worth having (the CLI's report).
@@ -415,7 +432,12 @@ class Pipeline(Generic[In, Out]):
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, source: Iterable[In] | Any, *, buffer: int = 0, metrics_port: int | None = None
+        self,
+        source: Iterable[In] | Any,
+        *,
+        buffer: int = 0,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> AsyncIterator[Outputs[Out]]:
         """Outputs as they are produced::
 
@@ -429,7 +451,9 @@ class Pipeline(Generic[In, Out]):
         """
         _check_source(source)
         run = self._new_run("channel", outlet_buffer=buffer)
-        async with self._running(run, metrics_port) as nursery:
+        async with self._running(
+            run, metrics_port, metrics_host=metrics_host, source=source
+        ) as nursery:
             run.start_source(nursery, source)
             outputs: Outputs[Out] = Outputs(run)
             try:
@@ -441,7 +465,12 @@ class Pipeline(Generic[In, Out]):
 
     @contextlib.asynccontextmanager
     async def open(
-        self, *, outputs: bool = False, output_buffer: int = 0, metrics_port: int | None = None
+        self,
+        *,
+        outputs: bool = False,
+        output_buffer: int = 0,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> AsyncIterator[Flow[In, Out]]:
         """A long-lived pipeline fed by the caller::
 
@@ -457,7 +486,7 @@ class Pipeline(Generic[In, Out]):
         waits for it), so a reader that stops early should cancel the block instead.
         """
         run = self._new_run("channel" if outputs else "drop", outlet_buffer=output_buffer)
-        async with self._running(run, metrics_port):
+        async with self._running(run, metrics_port, metrics_host=metrics_host):
             flow: Flow[In, Out] = Flow(run)
             try:
                 yield flow

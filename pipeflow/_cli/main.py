@@ -62,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", metavar="N", type=_port, help="serve Prometheus metrics on 127.0.0.1:N"
     )
     run.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        default="127.0.0.1",
+        help="the address the metrics listen on (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
+    run.add_argument(
+        "--metrics-linger",
+        metavar="S",
+        type=_seconds,
+        default=0.0,
+        help="keep serving the metrics for S seconds after the run (its last figures reach "
+        "Prometheus; Ctrl+C ends it early)",
+    )
+    run.add_argument(
         "--grace",
         metavar="S",
         type=_seconds,

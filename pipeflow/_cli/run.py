@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import inspect
 import json
 import logging
@@ -139,6 +140,10 @@ class _RunCommand:
             self.kwargs |= {"handle_signals": True, "grace": args.grace}
         if args.metrics_port is not None:
             self.kwargs["metrics_port"] = args.metrics_port
+            if args.metrics_host != "127.0.0.1":
+                self.kwargs["metrics_host"] = args.metrics_host
+        elif args.metrics_linger:
+            raise CliError("--metrics-linger needs --metrics-port: there is no endpoint to keep")
         if args.report:
             _check_report_path(args.report)
         # Last: the source may print a notice, which must not precede an error line.
@@ -149,6 +154,7 @@ class _RunCommand:
         self.outcome = _Outcome()
         self.t0 = 0.0
         self.metrics_url: str | None = None
+        self.metrics_address: tuple[str, int] | None = None
 
     def _source(self) -> Any:
         args = self.args
@@ -237,6 +243,7 @@ class _RunCommand:
         address = getattr(self.pipeline, "metrics_address", None)
         if address:
             host, port = address
+            self.metrics_address = (host, port)
             self.metrics_url = f"http://{host}:{port}/metrics"
             self.progress.clear()
             print(f"pipeflow: serving metrics at {self.metrics_url}", file=sys.stderr, flush=True)
@@ -266,7 +273,49 @@ class _RunCommand:
             logger.removeHandler(handler)
             logger.setLevel(saved[0])
             logger.propagate = saved[1]
-        return self._finish()
+        code = self._finish()
+        interrupted = isinstance(self.outcome.error, KeyboardInterrupt)
+        if self.args.metrics_linger > 0 and self.metrics_address is not None and not interrupted:
+            trio.run(self._linger)
+        return code
+
+    async def _linger(self) -> None:
+        """``--metrics-linger S``: serve the finished run's metrics for S more seconds
+        (Ctrl+C or SIGTERM ends it at once), so that Prometheus scrapes the last figures
+        of a run that ends (a batch job) before the target goes away."""
+        from .._metrics import metrics_service
+
+        assert self.metrics_address is not None
+        host, port = self.metrics_address
+        seconds = self.args.metrics_linger
+        if not self.args.quiet:
+            print(
+                f"pipeflow: still serving metrics at {self.metrics_url} for {seconds:g}s "
+                f"(Ctrl+C to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
+        serve = metrics_service(self.pipeline, port, host=host)
+        with contextlib.ExitStack() as stack:
+            signals: Any = None
+            if _in_main_thread():
+                signals = stack.enter_context(
+                    trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+                )
+            async with trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = trio.current_time() + seconds
+                try:
+                    await nursery.start(serve)
+                except OSError as exc:  # the port was taken meanwhile
+                    print(f"pipeflow: --metrics-linger: {exc}", file=sys.stderr, flush=True)
+                    return
+
+                async def stop_on_signal() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+
+                if signals is not None:
+                    nursery.start_soon(stop_on_signal)
 
     def _finish(self) -> int:
         o = self.outcome

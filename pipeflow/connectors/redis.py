@@ -52,7 +52,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "pipeflow.connectors.redis needs hiredis (the Redis reply parser): "
-        "pip install 'pipeflow[redis]'"
+        "pip install 'pipeflow-trio[redis]'"
     ) from exc
 
 from .._errors import short_repr

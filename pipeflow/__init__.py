@@ -12,6 +12,7 @@ from ._chain import Chain as Chain
 from ._errors import CircuitOpen as CircuitOpen
 from ._errors import Failed as Failed
 from ._errors import Interrupted as Interrupted
+from ._errors import PipelineClosed as PipelineClosed
 from ._errors import PipelineFull as PipelineFull
 from ._errors import StageError as StageError
 from ._pipeline import Flow as Flow
@@ -20,7 +21,7 @@ from ._pipeline import Pipeline as Pipeline
 from ._pipeline import RunResult as RunResult
 from ._policies import CircuitBreaker as CircuitBreaker
 from ._policies import Retry as Retry
-from ._runner import TooManyFailures as TooManyFailures
+from ._run import TooManyFailures as TooManyFailures
 from ._stage import FunctionStage as FunctionStage
 from ._stage import Stage as Stage
 from ._stage import stage as stage
@@ -42,6 +43,7 @@ __all__ = [
     "TooManyFailures",
     "Failed",
     "PipelineFull",
+    "PipelineClosed",
     "Interrupted",
     "CircuitOpen",
     "CircuitBreaker",

@@ -75,6 +75,12 @@ class PipelineFull(Exception):
     """``send_nowait`` found the pipeline's entry full (the reject strategy: answer 429)."""
 
 
+class PipelineClosed(Exception):
+    """``send``, ``send_nowait`` or ``offer`` on a :class:`~pipeflow.Flow` that takes no
+    more input: its run has stopped (a failure, a cancellation) or its input was closed.
+    The message says which."""
+
+
 class CircuitOpen(Exception):
     """The stage's circuit breaker is open and the stage was told to fail items at once."""
 

@@ -80,7 +80,7 @@ _BUCKET_INDEX = tuple(BOUNDS.index(b) for b in BUCKETS)
 #: The metrics endpoint listens on loopback only: exposing it is the user's decision.
 HOST = "127.0.0.1"
 
-_OUTCOMES = ("ok", "failed", "retried", "dropped", "filtered")
+_OUTCOMES = ("ok", "failed", "retried", "dropped", "filtered", "cancelled")
 _BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 _LABELS = ["pipeline", "stage"]
 
@@ -104,7 +104,14 @@ class _Stage:
     )
 
     def __init__(self, totals: StageCounters) -> None:
-        self.items = [totals.ok, totals.failed, totals.retried, totals.dropped, totals.filtered]
+        self.items = [
+            totals.ok,
+            totals.failed,
+            totals.retried,
+            totals.dropped,
+            totals.filtered,
+            totals.cancelled,
+        ]
         self.blocked = totals.blocked_time
         self.throttled = totals.throttled_time
         self.durations = list(totals.durations.counts)
@@ -124,6 +131,7 @@ class _Stage:
         items[2] += c.retried
         items[3] += c.dropped
         items[4] += c.filtered
+        items[5] += c.cancelled
         self.blocked += c.blocked_time
         self.throttled += c.throttled_time
         for mine, theirs in ((self.durations, c.durations.counts), (self.waits, c.waits.counts)):
@@ -225,7 +233,8 @@ class _Families:
         self.items = CounterMetricFamily(
             "pipeflow_stage_items_total",
             "Items a stage finished, by outcome: ok, failed, filtered (no output), "
-            "dropped (refused at the entry); retried counts retry attempts.",
+            "dropped (refused at the entry), cancelled (taken from a worker or a queue "
+            "by a stop); retried counts retry attempts.",
             labels=[*_LABELS, "outcome"],
         )
         self.duration = HistogramMetricFamily(
@@ -390,8 +399,8 @@ def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stag
         st = _Stage(totals[stage.name])
         for run in live:
             sr = run.stages[i]
-            depth = sr.recv.statistics().current_buffer_used if sr.recv is not None else 0
-            breaker = sr._breaker.state if sr._breaker is not None else None
+            depth = sr.queue_depth()
+            breaker = sr.breaker.state if sr.breaker is not None else None
             st.add_live(sr.c, depth, breaker)
         yield stage, st
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -20,9 +21,10 @@ import attrs
 import trio
 
 from ._chain import Chain
-from ._errors import Interrupted, PipelineFull, StageError
+from ._errors import Interrupted, PipelineClosed, PipelineFull, StageError
 from ._process import check_picklable
-from ._runner import Env, Outlet, Run, Service, running, signal_service
+from ._run import Env, Outlet, Run, Service, running, signal_service
+from ._run.edge import CHUNK
 from ._sources import SourceLedger
 from ._stage import Stage
 from ._stats import StageCounters, StageStats, accumulate, find_bottleneck
@@ -38,7 +40,10 @@ class RunResult(Generic[Out]):
     ``outputs``: the last stage's outputs (empty with ``collect=False``); ``errors``: the
     :class:`StageError` of every item that failed under ``errors="collect"``; ``stats``:
     stage name → :class:`StageStats`; ``elapsed``: seconds on Trio's clock;
-    ``bottleneck``: the stage that limited throughput (the busiest), or None.
+    ``bottleneck``: the stage that limited throughput (the busiest), or None;
+    ``unfinished``: ``(stage, item)`` for every item a stop (a failure, a signal past its
+    grace period, a cancellation, leaving ``stream()``/``open()`` early) took from a
+    worker or from the queue in front of a stage, so that a caller can resume them.
     """
 
     pipeline: str
@@ -47,6 +52,7 @@ class RunResult(Generic[Out]):
     stats: Mapping[str, StageStats]
     elapsed: float
     bottleneck: str | None
+    unfinished: list[tuple[str, Any]] = attrs.field(factory=list)
 
     def raise_for_errors(self) -> None:
         """Raise the collected errors together as one ``ExceptionGroup``, if any."""
@@ -77,6 +83,7 @@ def _result(run: Run) -> RunResult[Any]:
         stats=stats,
         elapsed=run.elapsed(),
         bottleneck=find_bottleneck(stats),
+        unfinished=list(run.unfinished),
     )
 
 
@@ -88,6 +95,11 @@ def _check_source(source: object) -> None:
         f"got {source!r} ({type(source).__name__})"
     )
     raise TypeError(msg)
+
+
+def _check_buffer(buffer: object, name: str) -> None:
+    if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 0:
+        raise ValueError(f"{name}= must be an int >= 0, got {buffer!r}")
 
 
 def _check_grace(grace: object) -> None:
@@ -103,25 +115,46 @@ class Outputs(Generic[Out]):
     """The outputs of :meth:`Pipeline.stream` (or :meth:`Pipeline.open` with
     ``outputs=True``): ``async for out in outputs``; ``await outputs.receive()``.
 
-    After the ``async with`` block, ``result`` holds the :class:`RunResult`.
+    After the ``async with`` block, ``result`` holds the :class:`RunResult`, however the
+    block ended.
     """
 
     def __init__(self, run: Run) -> None:
         self._run = run
-        assert run.out_recv is not None
-        self._recv: trio.MemoryReceiveChannel[Env] = run.out_recv
+        assert run.outlet_edge is not None
+        self._edge = run.outlet_edge
+        # Outputs taken from the outlet but not yet handed to the reader: the reader
+        # takes what is waiting in one go, like every worker, and a checkpoint every
+        # CHUNK outputs keeps it cancellable.
+        self._taken: collections.deque[Env] = collections.deque()
+        self._spins = 0
         self.ended = False
         self.result: RunResult[Out] | None = None
 
     async def receive(self) -> Out:
         """The next output; raises ``trio.EndOfChannel`` once the run has finished."""
-        try:
-            env = await self._recv.receive()
-        except trio.EndOfChannel:
-            self.ended = True
-            raise
+        taken = self._taken
+        if not taken:
+            try:
+                taken.extend(self._edge.take_nowait(CHUNK))
+            except trio.WouldBlock:
+                try:
+                    taken.extend(await self._edge.take(CHUNK))
+                except trio.EndOfChannel:
+                    self.ended = True
+                    raise
+                self._spins = 0
+            except trio.EndOfChannel:
+                self.ended = True
+                await trio.lowlevel.checkpoint()
+                raise
+        self._spins += 1
+        if self._spins >= CHUNK:
+            self._spins = 0
+            await trio.lowlevel.checkpoint()
+        env = taken.popleft()
         # The item has left the pipeline only now that someone has it: ack it now, so
-        # outputs left unread in a buffer by a reader that stopped are not acked.
+        # outputs left unread by a reader that stopped are not acked.
         if env.ack is not None:
             env.ack.done()
         return env.item  # type: ignore[no-any-return]
@@ -143,70 +176,80 @@ class Outputs(Generic[Out]):
 class Flow(Generic[In, Out]):
     """A running pipeline fed by the caller (see :meth:`Pipeline.open`).
 
-    Three entry strategies, the seed's backpressure choices:
+    Three entry strategies, the backpressure choices of a worker pool:
 
     - ``await flow.send(item)`` — *block* while the first stage's buffer is full;
     - ``flow.send_nowait(item)`` — *reject*: raise :class:`PipelineFull` at once;
     - ``flow.offer(item)`` — *drop*: return False and count the item as dropped.
+
+    Once the run has stopped (a failure, a cancellation) or the input is closed, all
+    three raise :class:`PipelineClosed` saying why.
     """
 
     def __init__(self, run: Run) -> None:
         self._run = run
-        assert run.entry is not None
-        self._send = run.entry
-        self._first = run.stages[0]
-        self._sending = trio.StrictFIFOLock()
-        self.outputs: Outputs[Out] | None = Outputs(run) if run.out_recv is not None else None
+        first = run.stages[0]
+        self._first = first
+        self._edge = first.inbox
+        self._edge.add_sender()
+        self._closed = False
+        self.outputs: Outputs[Out] | None = Outputs(run) if run.outlet_edge is not None else None
         self.result: RunResult[Out] | None = None
+
+    def _check_open(self) -> None:
+        run = self._run
+        if run.first_failure is not None:
+            why = f"it stopped on a failure: {run.first_failure}"
+        elif self._closed:
+            why = "its input is closed (flow.close(), or the end of the async with block)"
+        elif self._edge.broken:
+            why = "it was cancelled"
+        else:
+            return
+        raise PipelineClosed(f"pipeline {run.pipeline!r} takes no more items: {why}")
 
     async def send(self, item: In) -> None:
         """Put an item in, waiting while the pipeline is full (backpressure)."""
-        # One blocking sender at a time, first come first served, and the item's
-        # sequence number is only spent once it is in: a send cancelled while it
-        # waits leaves no gap for an ordered first stage to wait on forever.
-        async with self._sending:
-            first = self._first
-            await self._send.send(Env(item, first.in_seq, self._run.now(), None))
-            first.in_seq += 1
-
-    def _full(self) -> bool:
-        # A blocking sender is waiting, or its item has just gone in and it has not yet
-        # taken its sequence number: either way the pipeline counts as full.
-        return self._sending.locked()
+        self._check_open()
+        try:
+            await self._edge.put([Env(item)])
+        except trio.BrokenResourceError:
+            self._check_open()
+            raise PipelineClosed(
+                f"pipeline {self._run.pipeline!r} takes no more items: it was cancelled"
+            ) from None
 
     def send_nowait(self, item: In) -> None:
         """Put an item in or raise :class:`PipelineFull` at once (answer 429)."""
-        first = self._first
+        self._check_open()
         try:
-            if self._full():
-                raise trio.WouldBlock
-            self._send.send_nowait(Env(item, first.in_seq, self._run.now(), None))
+            self._edge.put_nowait(Env(item))
         except trio.WouldBlock:
+            first = self._first
             cap = first.opts.buffer_size
             msg = (
                 f"pipeline {self._run.pipeline!r} is full: stage {first.name!r} has "
                 f"{cap} queued item{'s' if cap != 1 else ''} and every worker busy"
             )
             raise PipelineFull(msg) from None
-        first.in_seq += 1
 
     def offer(self, item: In) -> bool:
         """Put an item in if there is room; otherwise drop it, count it, return False."""
-        first = self._first
+        self._check_open()
         try:
-            if self._full():
-                raise trio.WouldBlock
-            self._send.send_nowait(Env(item, first.in_seq, self._run.now(), None))
+            self._edge.put_nowait(Env(item))
         except trio.WouldBlock:
-            first.c.items_in += 1
-            first.c.dropped += 1
+            c = self._first.c
+            c.items_in += 1
+            c.dropped += 1
             return False
-        first.in_seq += 1
         return True
 
     def close(self) -> None:
         """End the input: accepted items still run to the end. Leaving the block does it."""
-        self._send.close()
+        if not self._closed:
+            self._closed = True
+            self._edge.sender_done()
 
     def stats(self) -> dict[str, StageStats]:
         """A live snapshot of every stage's statistics."""
@@ -435,7 +478,7 @@ class Pipeline(Generic[In, Out]):
         self,
         source: Iterable[In] | Any,
         *,
-        buffer: int = 0,
+        buffer: int = CHUNK,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
     ) -> AsyncIterator[Outputs[Out]]:
@@ -447,28 +490,38 @@ class Pipeline(Generic[In, Out]):
 
         Leaving the block before the end cancels the pipeline cleanly; a failure in the
         pipeline cancels the block and is raised from it. ``outputs.result`` holds the
-        :class:`RunResult` after the block.
+        :class:`RunResult` after the block, however it ended. ``buffer`` is how many
+        outputs may wait for the reader (32 by default, so that the last stage hands
+        them over in chunks; ``buffer=0`` makes each output wait for the reader).
         """
         _check_source(source)
+        _check_buffer(buffer, "buffer")
         run = self._new_run("channel", outlet_buffer=buffer)
-        async with self._running(
-            run, metrics_port, metrics_host=metrics_host, source=source
-        ) as nursery:
-            run.start_source(nursery, source)
-            outputs: Outputs[Out] = Outputs(run)
-            try:
-                yield outputs
-            finally:
-                if not outputs.ended:
-                    run.cancel()  # the main stages and any dead-letter stage
-        outputs.result = _result(run)
+        outputs: Outputs[Out] | None = None
+        try:
+            async with self._running(
+                run, metrics_port, metrics_host=metrics_host, source=source
+            ) as nursery:
+                run.start_source(nursery, source)
+                outputs = Outputs(run)
+                try:
+                    yield outputs
+                finally:
+                    if not outputs.ended:
+                        run.cancel()  # the main stages and any dead-letter stage
+        except StageError as failure:
+            failure.result = _result(run)
+            raise
+        finally:
+            if outputs is not None:
+                outputs.result = _result(run)
 
     @contextlib.asynccontextmanager
     async def open(
         self,
         *,
         outputs: bool = False,
-        output_buffer: int = 0,
+        output_buffer: int = CHUNK,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
     ) -> AsyncIterator[Flow[In, Out]]:
@@ -484,12 +537,21 @@ class Pipeline(Generic[In, Out]):
         then ``flow.outputs`` must be read (in another task) as they come, with
         backpressure: an unread output holds up the pipeline (and leaving the block
         waits for it), so a reader that stops early should cancel the block instead.
+        ``flow.result`` holds the :class:`RunResult` after the block, however it ended.
         """
+        _check_buffer(output_buffer, "output_buffer")
         run = self._new_run("channel" if outputs else "drop", outlet_buffer=output_buffer)
-        async with self._running(run, metrics_port, metrics_host=metrics_host):
-            flow: Flow[In, Out] = Flow(run)
-            try:
-                yield flow
-            finally:
-                flow.close()
-        flow.result = _result(run)
+        flow: Flow[In, Out] | None = None
+        try:
+            async with self._running(run, metrics_port, metrics_host=metrics_host):
+                flow = Flow(run)
+                try:
+                    yield flow
+                finally:
+                    flow.close()
+        except StageError as failure:
+            failure.result = _result(run)
+            raise
+        finally:
+            if flow is not None:
+                flow.result = _result(run)

@@ -49,6 +49,17 @@ class Histogram:
         if value < self.min:
             self.min = value
 
+    def observe_many(self, value: float, n: int) -> None:
+        """``n`` observations of ``value`` at the cost of one: the runner observes a
+        chunk of items with their mean duration."""
+        self.counts[bisect_left(BOUNDS, value)] += n
+        self.count += n
+        self.sum += value * n
+        if value > self.max:
+            self.max = value
+        if value < self.min:
+            self.min = value
+
     @property
     def mean(self) -> float:
         return self.sum / self.count if self.count else 0.0
@@ -91,6 +102,7 @@ class StageCounters:
         "blocked_time",
         "busy_time",
         "busy_workers",
+        "cancelled",
         "cpu_time",
         "dropped",
         "durations",
@@ -119,6 +131,7 @@ class StageCounters:
         self.retried = 0
         self.dropped = 0
         self.filtered = 0
+        self.cancelled = 0  # taken from a worker or a queue by a stop
         self.passed = 0  # Failed values from upstream, forwarded untouched
         self.inflight = 0
         self.busy_workers = 0
@@ -165,6 +178,7 @@ class StageCounters:
             retried=self.retried,
             dropped=self.dropped,
             filtered=self.filtered,
+            cancelled=self.cancelled,
             passed=self.passed,
             inflight=self.inflight,
             queue_depth=queue_depth,
@@ -194,8 +208,11 @@ class StageCounters:
 class StageStats:
     """A frozen snapshot of one stage's statistics.
 
-    Counts: ``items_in`` = ``ok`` + ``filtered`` + ``failed`` + ``dropped`` (+ ``inflight``
-    while running); ``items_out`` counts outputs emitted (a flat-mapping stage can emit
+    Counts: ``items_in`` = ``ok`` + ``filtered`` + ``failed`` + ``dropped`` +
+    ``cancelled`` (+ ``inflight`` while running), where ``cancelled`` counts the items a
+    stop (fail-fast, a signal past its grace period, a cancellation, leaving ``stream()``
+    or ``open()`` early) took from a worker or from the queue in front of the stage;
+    ``items_out`` counts outputs emitted (a flat-mapping stage can emit
     more or fewer than it takes); ``retried`` counts retry attempts; ``passed`` counts
     :class:`~pipeflow.Failed` values from earlier stages forwarded untouched.
 
@@ -221,6 +238,7 @@ class StageStats:
     dropped: int
     filtered: int
     passed: int
+    cancelled: int = 0
     inflight: int
     queue_depth: int
     workers: int
@@ -250,7 +268,16 @@ class StageStats:
 def accumulate(totals: StageCounters, run: StageCounters) -> None:
     """Add a finished run's counters into a pipeline's running totals (for metrics,
     whose counters must only go up across runs)."""
-    for field in ("items_in", "items_out", "ok", "failed", "retried", "dropped", "filtered"):
+    for field in (
+        "items_in",
+        "items_out",
+        "ok",
+        "failed",
+        "retried",
+        "dropped",
+        "filtered",
+        "cancelled",
+    ):
         setattr(totals, field, getattr(totals, field) + getattr(run, field))
     totals.passed += run.passed
     totals.busy_time += run.busy_time

@@ -48,7 +48,10 @@ async def test_two_workers_of_half_a_second_make_four_items_per_second(autojump_
         other = result.stats[name]
         assert (4.0, 0.0, 1) == (other.throughput, other.utilisation, other.recommended_workers)
     # parse's workers spent the run waiting for room in enrich's queue: backpressure.
-    assert 15.0 == result.stats["parse"].blocked_seconds
+    # Its items are instant, so a worker takes those already waiting in one chunk, and
+    # how many of its 4 workers wait at once depends on how the scheduler (which trio
+    # shuffles on purpose) spreads the chunks: 12-15 worker-seconds of a 5 s run.
+    assert 12.0 <= result.stats["parse"].blocked_seconds <= 15.0
     assert "enrich" == result.to_dict()["bottleneck"]
 
 
@@ -206,15 +209,16 @@ async def test_queue_wait_and_conservation(autojump_clock):
 
 
 async def test_a_stage_held_up_by_a_slow_consumer_is_not_the_bottleneck(autojump_clock):
-    """The consumer of stream() reads one output a second; quick (0.125 s per item)
-    spends most of its time blocked sending: it does not limit throughput."""
+    """The consumer of stream() reads one output a second, with no buffer between them;
+    quick (0.125 s per item) spends most of its time blocked sending: it does not limit
+    throughput."""
 
     @stage
     async def quick(x):
         await trio.sleep(0.125)
         return x
 
-    async with Pipeline(quick).stream(range(8)) as outputs:
+    async with Pipeline(quick).stream(range(8), buffer=0) as outputs:
         async for _ in outputs:
             await trio.sleep(1.0)
     s = outputs.result.stats["quick"]

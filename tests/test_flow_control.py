@@ -245,7 +245,7 @@ def test_routing_hash_is_stable_across_processes():
     import subprocess
     import sys
 
-    code = "from pipeflow._runner import stable_hash; print([stable_hash(k) for k in ['user-42', ('a', 1), 7, b'x']])"
+    code = "from pipeflow._run import stable_hash; print([stable_hash(k) for k in ['user-42', ('a', 1), 7, b'x']])"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code],

@@ -61,8 +61,8 @@ async def test_run_started_and_run_finished_with_counts(autojump_clock):
         "elapsed": 2.0,
         "failed": False,
         "counts": {
-            "halve": {"items_in": 8, "items_out": 8, "failed": 0},
-            "odd_only": {"items_in": 8, "items_out": 4, "failed": 0},
+            "halve": {"items_in": 8, "items_out": 8, "failed": 0, "cancelled": 0},
+            "odd_only": {"items_in": 8, "items_out": 4, "failed": 0, "cancelled": 0},
         },
     } == logs[1]
 

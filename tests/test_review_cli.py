@@ -357,7 +357,9 @@ def test_the_report_of_a_failed_run_counts_the_failure(app, capsys):
     assert "failed" == report["status"]
     assert "stage 'boom' failed on item 'a': ValueError: bad item" == report["failure"]
     boom = report["stages"][0]
-    assert (1, 1, None) == (boom["items_in"], boom["failed"], report["stats_at"])
+    # The items the stop took from boom's queue count too: in items_in, as cancelled.
+    assert (1, None) == (boom["failed"], report["stats_at"])
+    assert boom["items_in"] == boom["failed"] + boom["cancelled"]
     assert "before its statistics were first sampled" not in out
 
 
@@ -437,7 +439,8 @@ def test_sigterm_drains_the_run_exits_143_and_closes_the_metrics_endpoint(app):
     )
     slow = report["stages"][0]
     assert 0 < slow["items_out"] < 5000
-    assert (slow["items_in"], 0) == (slow["items_out"], slow["inflight"])
+    # What the stop took from the workers or the queue is counted as cancelled.
+    assert (slow["items_in"], 0) == (slow["items_out"] + slow["cancelled"], slow["inflight"])
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
 

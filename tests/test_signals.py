@@ -96,3 +96,77 @@ def test_second_signal_cancels_at_once(tmp_path):
     result = report(proc)
     assert time.monotonic() - sent < 10
     assert 0 == result["done"]
+
+
+PROCESS_APP = textwrap.dedent(
+    """
+    import json, sys
+    from pipeflow import Interrupted, Pipeline, StageError
+    from procwork import crunch
+
+    def forever():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    if __name__ == "__main__":
+        try:
+            Pipeline(crunch).run(forever(), grace=float(sys.argv[1]))
+        except Interrupted as stop:
+            r = stop.result
+            s = r.stats["crunch"]
+            print(json.dumps({"outcome": "interrupted", "in": s.items_in, "ok": s.ok,
+                              "cancelled": s.cancelled, "failed": s.failed,
+                              "unfinished": len(r.unfinished)}), flush=True)
+            sys.exit(3)
+        except StageError as exc:
+            print(json.dumps({"outcome": "stage_error", "error": repr(exc.__cause__)}),
+                  flush=True)
+            sys.exit(4)
+    """
+)
+
+PROCESS_WORK = textwrap.dedent(
+    """
+    import sys
+    from pipeflow import stage
+
+    @stage(workers=2, run_in="process")
+    def crunch(n):
+        print("started", n, flush=True, file=sys.stderr)
+        return sum(i * i for i in range(20_000 + n % 7))
+    """
+)
+
+
+def test_two_signals_in_a_row_stop_a_process_stage_with_interrupted(tmp_path):
+    """A run_in="process" stage hit by two signals in a row (at random moments, while
+    workers are taking their next items) ends with Interrupted and balanced counts,
+    never a StageError blaming an innocent item for the pool closing under it."""
+    import random
+
+    (tmp_path / "app.py").write_text(PROCESS_APP)
+    (tmp_path / "procwork.py").write_text(PROCESS_WORK)
+    rng = random.Random(7)
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "0.2"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        while not proc.stderr.readline().startswith("started"):
+            pass
+        time.sleep(rng.random() * 0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(rng.random() * 0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert "interrupted" == result["outcome"], (result, err[-2000:])
+        assert result["in"] == result["ok"] + result["failed"] + result["cancelled"]
+        assert 0 == result["failed"]
+        assert result["cancelled"] == result["unfinished"]

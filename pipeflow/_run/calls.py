@@ -1,0 +1,273 @@
+"""The call for each kind of stage, and the policy layers around it.
+
+A stage's worker calls ``await call(item, resource)`` once per item. :func:`make_call`
+builds that call from the stage's kind (async function, async generator, plain function
+in a thread or inline, worker process); :func:`with_policies` wraps it, once, in the
+layers the options ask for: rate limit and breaker (waits counted as throttled, not
+busy), per-attempt timeout, retries with backoff.
+
+:func:`make_chunk_call` is the batched form for plain functions in threads: the items
+already waiting for one worker go to one thread call, and come back as one outcome per
+item, so errors stay per item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._errors import CircuitOpen, Failed, short_repr
+from .envelope import KeyFailed
+
+if TYPE_CHECKING:
+    from .worker import StageRun
+
+Call = Callable[[Any, Any], Awaitable[Any]]
+#: ``await chunk_call(items, resource)`` -> one ``(error, result)`` per item.
+ChunkCall = Callable[[list[Any], Any], Awaitable[list[tuple[Exception | None, Any]]]]
+
+
+class GaveUp(Exception):
+    """An item's last attempt failed; carries the attempt count to the failure path."""
+
+    def __init__(self, error: Exception, attempts: int) -> None:
+        self.error = error
+        self.attempts = attempts
+
+
+def _sync_body(sr: StageRun) -> Callable[[Any, Any], Any]:
+    """The plain function as one call: a generator's outputs gathered in a list."""
+    target = sr.stage._target()
+    takes_resource = sr.takes_resource
+    gen = sr.opts.kind == "syncgen"
+    if takes_resource:
+        if gen:
+            return lambda item, res: list(target(item, res))
+        return target
+    if gen:
+        return lambda item, _: list(target(item))
+    return lambda item, _: target(item)
+
+
+def make_call(sr: StageRun) -> Call:
+    """``await call(item, resource)`` for the stage's kind."""
+    opts = sr.opts
+    target = sr.stage._target()
+    takes_resource = sr.takes_resource
+
+    if opts.kind == "async":
+        if takes_resource:
+            return target
+
+        async def call_async(item: Any, _: Any) -> Any:
+            return await target(item)
+
+        return call_async
+
+    if opts.kind == "asyncgen":
+
+        async def call_agen(item: Any, res: Any) -> Any:
+            agen = target(item, res) if takes_resource else target(item)
+            async with contextlib.aclosing(agen):
+                return [out async for out in agen]
+
+        return call_agen
+
+    body = _sync_body(sr)
+
+    if opts.run_in == "task":
+
+        async def call_inline(item: Any, res: Any) -> Any:
+            return body(item, res)
+
+        return call_inline
+
+    if opts.run_in == "process":
+        from .._process import process_call
+
+        assert sr.process_pool is not None
+        return process_call(target, sr.limiter, sr.process_pool)
+
+    limiter = sr.limiter
+    thread_name = f"pipeflow:{sr.run.pipeline}:{sr.name}"
+    c = sr.c
+
+    def timed_body(item: Any, res: Any) -> tuple[Any, float]:
+        # CPU time of the call in its own thread: how a report tells CPU-bound work
+        # (which the GIL serialises) from waiting. Lost if the call raises; fine.
+        t = time.thread_time()
+        out = body(item, res)
+        return out, time.thread_time() - t
+
+    async def call_thread(item: Any, res: Any) -> Any:
+        out, cpu = await trio.to_thread.run_sync(
+            timed_body, item, res, limiter=limiter, thread_name=thread_name
+        )
+        c.cpu_time += cpu
+        return out
+
+    return call_thread
+
+
+def make_chunk_call(sr: StageRun) -> ChunkCall | None:
+    """For a plain function in threads with no per-attempt policy: one thread call for
+    the items already waiting for a worker. None for every other stage."""
+    opts = sr.opts
+    if opts.kind not in ("sync", "syncgen") or opts.run_in != "thread" or not sr.simple:
+        return None
+    body = _sync_body(sr)
+    limiter = sr.limiter
+    thread_name = f"pipeflow:{sr.run.pipeline}:{sr.name}"
+    passthrough = sr.passthrough
+
+    c = sr.c
+
+    def run_all(items: list[Any], res: Any) -> tuple[list[tuple[Exception | None, Any]], float]:
+        t = time.thread_time()  # CPU time in the thread, as for one call (see make_call)
+        out: list[tuple[Exception | None, Any]] = []
+        for item in items:
+            if (passthrough and type(item) is Failed) or type(item) is KeyFailed:
+                out.append((None, item))  # the worker passes these on or fails them
+                continue
+            try:
+                out.append((None, body(item, res)))
+            except Exception as exc:
+                out.append((exc, None))
+        return out, time.thread_time() - t
+
+    async def chunk_call(items: list[Any], res: Any) -> list[tuple[Exception | None, Any]]:
+        out, cpu = await trio.to_thread.run_sync(
+            run_all, items, res, limiter=limiter, thread_name=thread_name
+        )
+        c.cpu_time += cpu
+        return out
+
+    return chunk_call
+
+
+class Resume:
+    """Awaits a coroutine that was started by hand (``coro.send(None)``) and suspended
+    at ``trap``: the worker steps an ``async def`` item once to learn whether it finishes
+    without waiting (then it needs no scheduler round), and resumes it with this when it
+    does not. Every value the scheduler sends or throws in is passed through."""
+
+    __slots__ = ("coro", "trap")
+
+    def __init__(self, coro: Any, trap: Any) -> None:
+        self.coro = coro
+        self.trap = trap
+
+    def __await__(self) -> Any:
+        coro = self.coro
+        value = self.trap
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+def make_stepper(sr: StageRun) -> Callable[[Any, Any], Any] | None:
+    """For an ``async def`` stage with no per-attempt policy: a function that starts the
+    item's coroutine (``target(item)``), for the worker to step. None for other stages."""
+    if sr.opts.kind != "async" or not sr.simple:
+        return None
+    target = sr.stage._target()
+    if sr.takes_resource:
+        return target
+    return lambda item, _: target(item)
+
+
+def with_policies(sr: StageRun, call: Call) -> Call:
+    """``call`` behind the stage's rate limit, breaker, timeout and retries."""
+    opts = sr.opts
+    retry = opts.retries
+    timeout = opts.timeout
+    bucket = sr.bucket
+    breaker = sr.breaker
+    process_pool = sr.process_pool
+    now = sr.run.now
+    rng = random.Random()
+    c = sr.c
+    log = sr.run.log
+    name = sr.name
+
+    async def call_with_policies(item: Any, res: Any) -> Any:
+        attempt = 0
+        last_error: Exception | None = None
+        while True:
+            attempt += 1
+            probe = False
+            try:
+                if breaker is not None or bucket is not None:
+                    waited_from = now()
+                    if breaker is not None:
+                        probe = await breaker.admit()
+                    if bucket is not None:
+                        await bucket.acquire()
+                    waited = now() - waited_from
+                    if waited:
+                        # Waiting for a token or a held breaker is not work: it must not
+                        # make the stage look busy (or name it the bottleneck).
+                        c.throttled_time += waited
+                        task = trio.lowlevel.current_task()
+                        sr.throttled[task] = sr.throttled.get(task, 0.0) + waited
+                if timeout is not None and process_pool is not None:
+                    await process_pool.warm()
+                if timeout is None:
+                    result = await call(item, res)
+                else:
+                    with trio.move_on_after(timeout) as scope:
+                        result = await call(item, res)
+                    # cancel_called, not cancelled_caught: a worker thread cannot be
+                    # interrupted, so its call returns normally after the deadline.
+                    if scope.cancel_called:
+                        raise TimeoutError(f"stage {name!r} timed out after {timeout:g}s")
+            except Exception as exc:
+                if breaker is not None and not isinstance(exc, CircuitOpen):
+                    breaker.record(False, probe)
+                if isinstance(exc, CircuitOpen) and last_error is not None:
+                    # A retry refused by the breaker: keep what made the item fail.
+                    exc.__cause__ = last_error
+                last_error = exc
+                if (
+                    retry is not None
+                    and attempt <= retry.attempts
+                    and retry.retryable(exc)
+                    and not isinstance(exc, CircuitOpen)
+                ):
+                    c.retried += 1
+                    delay = retry.delay(attempt, rng)
+                    log.info(
+                        "item_retried",
+                        stage=name,
+                        item=short_repr(item),
+                        attempt=attempt,
+                        error=repr(exc),
+                        delay=delay,
+                    )
+                    await trio.sleep(delay)
+                    continue
+                raise GaveUp(exc, attempt) from exc
+            except BaseException:
+                if probe and breaker is not None:
+                    breaker.release_probe()
+                raise
+            if breaker is not None:
+                breaker.record(True, probe)
+            return result
+
+    return call_with_policies

@@ -1,0 +1,251 @@
+"""The edge: the one place where an item crosses from one task to another.
+
+An :class:`Edge` is a bounded, many-to-many queue of envelopes, counted in items. It is
+what a Trio memory channel is to a hand-written pipeline, with three differences that
+make pipeflow faster than one:
+
+- items move in *chunks*: a worker hands over the list of outputs it made, and takes
+  the items already waiting (up to a bound), never waiting for a chunk to fill, so a
+  lone item at low load still travels alone (a stage whose items take long takes one
+  at a time, so that its items spread over its workers: see ``worker.py``);
+- the hand-off that would not block costs no scheduler round (the ``*_nowait`` fast
+  path is the ordinary path); callers checkpoint every few items instead;
+- it stamps what the runner needs (the sequence number for ordered stages, the time
+  for queue wait) and keeps what a stop strands, so accounting after a stop is exact.
+
+Lifetimes follow the trio docs' ``channels-mpmc-fixed`` pattern: every task that sends
+or receives registers first and leaves when done. When the last sender leaves, the
+receivers see the end once the queue is empty (the cascading close); when the last
+receiver leaves, senders are refused (the run is stopping).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import trio
+from trio.lowlevel import ParkingLot
+
+from .envelope import Env
+
+#: The most items a worker takes (or a reader pulls) at once. A worker that never has to
+#: wait checkpoints at least this often, so cancellation stays prompt.
+CHUNK = 32
+
+
+class Edge:
+    """A bounded queue of :class:`Env` between tasks, with capacity counted in items."""
+
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_receivers",
+        "_recv_lot",
+        "_send_lot",
+        "_senders",
+        "_waking",
+        "broken",
+        "capacity",
+        "now",
+        "seq",
+        "stamp",
+        "stranded",
+        "wake_all",
+    )
+
+    def __init__(
+        self, capacity: int, now: Callable[[], float] = trio.current_time, *, stamp: bool = True
+    ) -> None:
+        self.capacity = capacity
+        self.now = now
+        # An edge behind a shaper that already numbered the items (a key router, a
+        # batcher) keeps their numbers and entry times.
+        self.stamp = stamp
+        # Wake a waiting receiver per item (receivers that take one item at a time), or
+        # one per CHUNK items (receivers that take what is waiting): set by the stage.
+        self.wake_all = True
+        self.seq = 0  # the next sequence number this edge stamps
+        self.broken = False  # every receiver has left
+        self.stranded: list[Env] = []  # items a stopped sender could not hand over
+        self._buf: deque[Env] = deque()
+        self._closed = False  # every sender has left
+        self._senders = 0
+        self._receivers = 0
+        self._recv_lot = ParkingLot()
+        self._send_lot = ParkingLot()
+        # Receivers woken for an item that have not run yet: like those still parked,
+        # each will take an item, so they count as room (as a rendezvous hand-off).
+        self._waking = 0
+
+    # -- lifetimes --------------------------------------------------------------------------
+
+    def add_sender(self) -> None:
+        self._senders += 1
+
+    def sender_done(self) -> None:
+        self._senders -= 1
+        if self._senders == 0 and not self._closed:
+            self._closed = True
+            self._waking += len(self._recv_lot)
+            self._recv_lot.unpark_all()
+
+    def add_receiver(self) -> None:
+        self._receivers += 1
+
+    def receiver_done(self) -> None:
+        self._receivers -= 1
+        if self._receivers == 0 and not self.broken:
+            self.broken = True
+            self._send_lot.unpark_all()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def put(self, envs: list[Env]) -> float:
+        """Hand ``envs`` over in order, waiting while the edge is full.
+
+        Returns the seconds spent waiting: 0.0 on the fast path, which reads no clock
+        beyond the stamp and yields to no one. Raises ``trio.BrokenResourceError`` once
+        every receiver has left (after a checkpoint, so a cancellation is raised instead
+        when that is why they left).
+        """
+        if len(envs) <= self._room() and not (self._send_lot or self.broken):
+            if self.stamp:
+                t = self.now()
+                for env in envs:
+                    env.t = t
+            self._add(envs)
+            return 0.0
+        return await self._put_slow(envs)
+
+    async def _put_slow(self, envs: list[Env]) -> float:
+        # Waiting starts when an item is offered, so its queue wait includes the time
+        # its sender waited for room.
+        t0 = self.now()
+        if self.stamp:
+            for env in envs:
+                env.t = t0
+        done = 0
+        queued = bool(self._send_lot)  # others wait already: go behind them
+        try:
+            while True:
+                if self.broken:
+                    await trio.lowlevel.checkpoint()
+                    raise trio.BrokenResourceError("the stage after this one has stopped")
+                room = self._room()
+                if room > 0 and not queued:
+                    part = envs[done : done + room]
+                    self._add(part)
+                    done += len(part)
+                    if done == len(envs):
+                        break
+                queued = False
+                await self._send_lot.park()
+        except BaseException:
+            self.stranded.extend(envs[done:])
+            raise
+        if self._send_lot and self._room() > 0:
+            self._send_lot.unpark()  # room is left: the next sender's turn
+        return self.now() - t0
+
+    def _room(self) -> int:
+        return self.capacity - len(self._buf) + len(self._recv_lot) + self._waking
+
+    def put_now(self, envs: list[Env]) -> bool:
+        """Hand ``envs`` over if they fit now; False (and nothing done) if not."""
+        if len(envs) > self._room() or self._send_lot or self.broken:
+            return False
+        if self.stamp:
+            t = self.now()
+            for env in envs:
+                env.t = t
+        self._add(envs)
+        return True
+
+    def put_back(self, envs: list[Env]) -> None:
+        """Return items a receiver took but did not start, to the front of the queue,
+        with their numbers and times (they were queued first)."""
+        self._buf.extendleft(reversed(envs))
+        lot = self._recv_lot
+        if lot:
+            self._waking += len(lot.unpark(count=len(envs)))
+
+    def put_nowait(self, env: Env) -> None:
+        """Hand one item over, or raise ``trio.WouldBlock`` if the edge is full (or other
+        senders wait for room: first come, first served)."""
+        if self._send_lot or self._room() <= 0:
+            raise trio.WouldBlock
+        if self.stamp:
+            env.t = self.now()
+        self._add([env])
+
+    def _add(self, envs: list[Env]) -> None:
+        if self.stamp:
+            seq = self.seq
+            for env in envs:
+                env.seq = seq
+                seq += 1
+            self.seq = seq
+        self._buf.extend(envs)
+        lot = self._recv_lot
+        if lot:
+            n = len(envs) if self.wake_all else -(-len(envs) // CHUNK)
+            self._waking += len(lot.unpark(count=n))
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def take_nowait(self, limit: int = CHUNK) -> list[Env]:
+        """Up to ``limit`` waiting items, oldest first, leaving a share for each receiver
+        woken for them. Raises ``trio.WouldBlock`` when
+        none waits, ``trio.EndOfChannel`` once every sender has left and none is left."""
+        buf = self._buf
+        n = len(buf)
+        if not n:
+            if self._closed:
+                raise trio.EndOfChannel
+            raise trio.WouldBlock
+        if limit >= n:
+            out = list(buf)
+            buf.clear()
+        else:
+            out = [buf.popleft() for _ in range(limit)]
+        if self._send_lot:
+            self._send_lot.unpark(count=len(out))
+        return out
+
+    async def take(self, limit: int = CHUNK) -> list[Env]:
+        """Wait for at least one item, then take as :meth:`take_nowait` does."""
+        while True:
+            try:
+                return self.take_nowait(limit)
+            except trio.WouldBlock:
+                pass
+            if self._send_lot:
+                # A waiting receiver is room too (a rendezvous edge has no other).
+                self._send_lot.unpark()
+            await self._recv_lot.park()
+            self._waking -= 1
+
+    # -- reading the state ---------------------------------------------------------------------
+
+    def room(self) -> int:
+        """How many items a sender could hand over now without waiting."""
+        if self._send_lot:
+            return 0
+        return self._room()
+
+    def __len__(self) -> int:
+        """Items waiting now (the queue depth)."""
+        return len(self._buf)
+
+    @property
+    def senders_waiting(self) -> int:
+        return len(self._send_lot)
+
+    def leftovers(self) -> list[Env]:
+        """What a stop left on this edge: queued items and those a sender could not hand
+        over. Taken once, after the tasks on both sides have gone."""
+        out = [*self._buf, *self.stranded]
+        self._buf.clear()
+        self.stranded = []
+        return out

@@ -1,0 +1,264 @@
+"""What happens to an item whose last attempt failed: one class per error policy.
+
+Every policy does the same first steps (count, log, hand the :class:`Failed` value to
+the dead-letter sink); then :meth:`FailurePolicy.finish` decides what the item becomes:
+the run stops (fail-fast), it is recorded (collect), dropped (skip), or travels on as a
+value (embed). A new policy is one subclass here and one literal in ``ErrorPolicy``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import trio
+
+from .._errors import Failed, StageError, short_repr
+from .._stage import Stage
+from .envelope import Ack, Env
+
+if TYPE_CHECKING:
+    from .worker import StageRun
+
+#: How long a hand-over to a dead-letter stage may take once the run has failed.
+TEARDOWN_LIMIT = 10.0
+
+
+class TooManyFailures(StageError):
+    """A stage's or the pipeline's error budget (``max_failures=``) ran out: the run
+    stops. ``item`` is the item whose failure went over the budget (None when a
+    fractional budget is found exceeded at the end of the stream)."""
+
+    def __init__(
+        self,
+        stage: str,
+        item: object,
+        error: BaseException,
+        *,
+        attempts: int = 1,
+        message: str | None = None,
+    ) -> None:
+        super().__init__(stage, item, error, attempts=attempts)
+        if message is not None:
+            self.args = (message,)
+
+
+class FailurePolicy:
+    """The shared steps of every error policy; subclasses say how an item ends."""
+
+    #: The ``errors=`` literal this class implements.
+    name: ClassVar[str]
+    #: The item ends here, so a dead-letter sink that takes it takes over its ack.
+    ends_item: ClassVar[bool] = True
+
+    def __init__(self, sr: StageRun) -> None:
+        self.sr = sr
+        self.dead_letter = make_dead_letter(sr)
+        self.log_failure = sr.run.log.warning
+
+    async def fail(self, env: Env, error: Exception, attempts: int, weight: int) -> list[Env]:
+        """Count, log and dead-letter one failed item; the outputs it leaves (if any)."""
+        sr = self.sr
+        c = sr.c
+        c.failed += weight
+        item = env.item
+        failed = Failed(item, error, sr.name, attempts=attempts)
+        self.log_failure(
+            "stage_failed",
+            stage=sr.name,
+            item=short_repr(item),
+            error=repr(error),
+            attempts=attempts,
+            policy=self.name,
+        )
+        ack_taken = False
+        if self.dead_letter is not None:
+            handover = env.ack if self.ends_item else None
+            try:
+                ack_taken = await self.dead_letter(failed, handover)
+            except Exception as sink_error:
+                c.inflight -= weight
+                err = StageError(f"{sr.name}.dead_letter", failed, sink_error)
+                sr.run.fail(err)
+                raise err from sink_error
+        c.inflight -= weight
+        return self.finish(env, failed, ack_taken, weight)
+
+    def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
+        raise NotImplementedError
+
+    def _ends(self, env: Env, ack_taken: bool) -> None:
+        if env.ack is not None and not ack_taken:
+            env.ack.done()
+
+
+class FailFast(FailurePolicy):
+    """The first failure stops the run and is raised as a :class:`StageError`."""
+
+    name = "fail_fast"
+    ends_item = False  # the run stops: the item is never acked
+
+    def __init__(self, sr: StageRun) -> None:
+        super().__init__(sr)
+        self.log_failure = sr.run.log.error
+
+    def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
+        err = StageError(self.sr.name, failed.item, failed.error, attempts=failed.attempts)
+        self.sr.run.fail(err)
+        raise err
+
+
+class Embed(FailurePolicy):
+    """The failure travels on as a :class:`Failed` value where the output would be."""
+
+    name = "embed"
+    ends_item = False  # it goes on, and is acked where it leaves
+
+    def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
+        env.item = failed
+        return [env]
+
+
+class Skip(FailurePolicy):
+    """The item is logged, counted and dropped; the run goes on (within its budget)."""
+
+    name = "skip"
+
+    def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
+        self._ends(env, ack_taken)
+        check_budget(self.sr, failed, weight)
+        return []
+
+
+class Collect(Skip):
+    """As skip, and the failure is kept in ``RunResult.errors``."""
+
+    name = "collect"
+
+    def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
+        self.sr.run.errors.append(
+            StageError(self.sr.name, failed.item, failed.error, attempts=failed.attempts)
+        )
+        return super().finish(env, failed, ack_taken, weight)
+
+
+POLICIES: dict[str, type[FailurePolicy]] = {p.name: p for p in (FailFast, Collect, Skip, Embed)}
+
+
+def make_dead_letter(
+    sr: StageRun,
+) -> Callable[[Failed[Any], Ack | None], Awaitable[bool]] | None:
+    """The stage's dead-letter sink as ``await sink(failed, ack) -> took_ack``.
+
+    A callable (sync or async) is called in the failing worker; a :class:`Stage` runs as
+    a side stage with its own workers, fed through an edge, and takes over the item's
+    ack (it acks once it has handled the item).
+    """
+    if sr.is_dead_letter:
+        return None  # a dead-letter stage's own failures follow its errors= policy
+    run = sr.run
+    sink = sr.opts.dead_letter if sr.opts.dead_letter is not None else run.dead_letter
+    if sink is None:
+        return None
+    if isinstance(sink, Stage):
+        dl = run.dead_letter_run(sink)
+
+        async def to_stage(failed: Failed[Any], ack: Ack | None) -> bool:
+            # A fail-fast stop elsewhere must not cancel this hand-over, or the item
+            # would be lost: it is shielded, and bounded once the run has failed.
+            with trio.CancelScope(shield=True) as scope:
+                run.handovers.add(scope)
+                if run.first_failure is not None:
+                    scope.deadline = trio.current_time() + TEARDOWN_LIMIT
+                try:
+                    await dl.inbox.put([Env(failed, ack)])
+                    # Yield even on the fast path: workers failing at the same moment
+                    # get to hand their items over too before this one stops the run.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return ack is not None
+                except trio.BrokenResourceError:
+                    pass  # the dead-letter stage is gone: the run is being cancelled
+                finally:
+                    run.handovers.discard(scope)
+            await trio.lowlevel.checkpoint()  # the cancellation first, if that is why
+            raise trio.BrokenResourceError("the dead-letter stage stopped first")
+
+        return to_stage
+
+    fn = sink
+
+    async def to_callable(failed: Failed[Any], ack: Ack | None) -> bool:
+        result = fn(failed)
+        if inspect.isawaitable(result):
+            await result
+        return False
+
+    return to_callable
+
+
+def check_budget(sr: StageRun, failed: Failed[Any], weight: int) -> None:
+    """Error budgets: the pipeline's ``max_failures`` and the stage's."""
+    run = sr.run
+    item, error, attempts = failed.item, failed.error, failed.attempts
+    run.failures += weight
+    if run.max_failures is not None and run.failures > run.max_failures:
+        err = TooManyFailures(sr.name, item, error, attempts=attempts)
+        err.add_note(
+            f"pipeline {run.pipeline!r}: {run.failures} items failed, over its error "
+            f"budget max_failures={run.max_failures!r}"
+        )
+        run.log.error(
+            "error_budget_exceeded",
+            stage=sr.name,
+            failed=run.failures,
+            max_failures=run.max_failures,
+            scope="pipeline",
+        )
+        run.fail(err)
+        raise err
+    limit = sr.opts.max_failures
+    if limit is None:
+        return
+    c = sr.c
+    # Out of the items finished so far (a worker counts a chunk in as it takes it).
+    finished = c.ok + c.filtered + c.failed
+    if isinstance(limit, int):
+        over = c.failed > limit
+    else:
+        # A fraction needs a sample before it means anything.
+        over = finished >= math.ceil(10 / limit) and c.failed > limit * finished
+    if over:
+        err = TooManyFailures(sr.name, item, error, attempts=attempts)
+        err.add_note(
+            f"stage {sr.name!r}: {c.failed} of {finished} items failed, "
+            f"over its error budget max_failures={limit!r}"
+        )
+        run.log.error(
+            "error_budget_exceeded",
+            stage=sr.name,
+            failed=c.failed,
+            items_in=finished,
+            max_failures=limit,
+            scope="stage",
+        )
+        run.fail(err)
+        raise err
+
+
+def finish_budget(sr: StageRun) -> None:
+    """At the end of a run, a fractional budget is checked on the whole stream."""
+    limit = sr.opts.max_failures
+    c = sr.c
+    if isinstance(limit, float) and c.items_in and c.failed > limit * c.items_in:
+        summary = f"{c.failed} of {c.items_in} items failed"
+        err = TooManyFailures(
+            sr.name,
+            None,
+            RuntimeError(summary),
+            message=f"stage {sr.name!r}: {summary}, over its error budget max_failures={limit!r}",
+        )
+        err.add_note(f"stage {sr.name!r}: over its error budget max_failures={limit!r}")
+        sr.run.fail(err)
+        raise err

@@ -1,0 +1,551 @@
+"""One execution of a pipeline: the nursery, the source pump, signals, the outcome.
+
+Shape of a run (the trio docs' ``channels-mpmc-fixed`` pattern, once per stage)::
+
+    source ──edge──▶ stage 0 workers ──edge──▶ stage 1 workers ──▶ … ──▶ outlet
+
+Every worker registers on its input and output edge and leaves them when done, so when
+the source ends the close cascades stage by stage. Everything runs in one nursery, so
+one cancel scope stops every worker at once, and no task outlives the run. Dead-letter
+stages run in a nursery around it, so that the items a fail-fast stop hands them still
+reach them; services (a metrics endpoint) in one around that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from itertools import islice
+from typing import Any, Literal, cast
+
+import trio
+
+from .._errors import StageError
+from .._log import get_logger
+from .._policies import BreakerRuntime, BreakerState, CircuitBreaker
+from .._stage import Stage
+from .._stats import StageStats
+from .edge import CHUNK, Edge
+from .envelope import Ack, Env, KeyFailed
+from .failures import TEARDOWN_LIMIT, finish_budget
+from .shapers import batcher, router, supervise
+from .worker import CollectSink, DropSink, Outbox, StageRun, teardown_scope
+
+Outlet = Literal["collect", "drop", "channel"]
+
+#: A service runs beside a pipeline for exactly its lifetime (a metrics endpoint):
+#: started with ``nursery.start`` before the first item, cancelled after the last.
+Service = Callable[..., Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[trio.Nursery]:
+    """Start ``run`` in a nursery of its own; on exit, wait for it and raise its failure.
+
+    The body runs inside the run's cancel scope: a fail-fast error cancels it too.
+    """
+    failure: BaseException | None = None
+    try:
+        # Three nested lifetimes: services (a metrics endpoint) outlive the dead-letter
+        # stages, which outlive the main stages, so failed items still reach their sink
+        # when a fail-fast error stops the main stages.
+        async with trio.open_nursery() as service_nursery:
+            for service in services:
+                await service_nursery.start(service)
+            try:
+                stopped: BaseException | None = None
+                with run.dead_letter_scope:
+                    async with trio.open_nursery() as dead_letter_nursery:
+                        run.dead_letter_nursery = dead_letter_nursery
+                        run.start_dead_letters(dead_letter_nursery)
+                        try:
+                            async with trio.open_nursery() as nursery:
+                                run.cancel_scope = nursery.cancel_scope
+                                run.start(nursery)
+                                yield nursery
+                        except BaseException as exc:
+                            # Held until the dead-letter stages have taken what they
+                            # were given: raised here, it would cancel them at once.
+                            stopped = exc
+                        finally:
+                            run.close_dead_letters()
+                if stopped is not None:
+                    raise stopped
+                # Every stage has drained: end-of-stream checks (fractional error budgets).
+                for sr in run.stages:
+                    finish_budget(sr)
+            finally:
+                service_nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        failure = run.primary_error(group)
+        if failure is None:
+            raise
+    finally:
+        if run.started:
+            run.settle()
+            run.t_end = run.now()
+            counts = {
+                sr.name: {
+                    "items_in": sr.c.items_in,
+                    "items_out": sr.c.items_out,
+                    "failed": sr.c.failed,
+                    "cancelled": sr.c.cancelled,
+                }
+                for sr in run.stages
+            }
+            run.log.info(
+                "run_finished",
+                elapsed=run.t_end - run.t_start,
+                failed=run.first_failure is not None,
+                counts=counts,
+            )
+    if failure is not None:
+        raise failure
+
+
+class RunFailed(Exception):
+    """Raised into an acking source's context when the run failed (see Run.pump)."""
+
+
+class Run:
+    """One execution of a pipeline: its stages, edges, outputs and failures."""
+
+    def __init__(
+        self,
+        stages: Sequence[Stage[Any, Any]],
+        *,
+        pipeline: str,
+        outlet: Outlet,
+        dead_letter: Any = None,
+        outlet_buffer: int = 0,
+        max_failures: int | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.max_failures = max_failures
+        self.failures = 0  # items failed under collect / skip, for the pipeline's budget
+        self.outlet: Outlet = outlet
+        self.dead_letter = dead_letter
+        self.log = get_logger(pipeline=pipeline)
+        self.now: Callable[[], float] = trio.current_time
+        self.outputs: list[Any] = []
+        self.errors: list[StageError] = []
+        #: ``(stage, item)`` for every item a stop took from a worker or a queue.
+        self.unfinished: list[tuple[str, Any]] = []
+        self.first_failure: BaseException | None = None
+        self.t_start = 0.0
+        self.t_end: float | None = None
+        self._breakers: dict[int, BreakerRuntime] = {}
+        self.dead_letter_runs: list[StageRun] = []
+        self.dead_letter_scope = trio.CancelScope()
+        self.handovers: set[trio.CancelScope] = set()  # items on their way to dead letters
+        self.dead_letter_nursery: trio.Nursery | None = None
+        self._dead_letters_closed = False
+        self.started = False
+        self.stages = [StageRun(self, s, i) for i, s in enumerate(stages)]
+        self.outlet_edge: Edge | None = None
+        out: Outbox
+        if outlet == "channel":
+            self.outlet_edge = out = Edge(outlet_buffer)
+        elif outlet == "collect":
+            out = CollectSink(self.outputs)
+        else:
+            out = DropSink()
+        for a, b in zip(self.stages, self.stages[1:], strict=False):
+            a.connect(b.inbox)
+        self.stages[-1].connect(out)
+        # The edges behind shapers (a batcher's, a key router's), for the accounting.
+        self._inner_edges: dict[int, list[Edge]] = {}
+        # Graceful stop: the source stops (pump_scope), in-flight items finish, and the
+        # stages' cancel scope gets a deadline (the grace period).
+        self.pump_scope = trio.CancelScope()
+        self.cancel_scope: trio.CancelScope | None = None
+        self.interrupted_by: int | None = None
+
+    def breaker_for(self, config: CircuitBreaker, stage: str) -> BreakerRuntime:
+        key = id(config)
+        if key not in self._breakers:
+
+            def on_change(old: BreakerState, new: BreakerState) -> None:
+                self.log.warning("breaker_state_changed", stage=stage, old=old, new=new)
+
+            self._breakers[key] = BreakerRuntime(config, on_change)
+        return self._breakers[key]
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    def dead_letter_run(self, stage: Stage[Any, Any]) -> StageRun:
+        """The side stage for a dead-letter :class:`Stage` (one per stage object)."""
+        for dl in self.dead_letter_runs:
+            if dl.stage is stage:
+                return dl
+        dl = StageRun(self, stage, -1)
+        dl.connect(DropSink())
+        # The main stages send to it together: one registration, left when they are gone.
+        dl.inbox.add_sender()
+        self.dead_letter_runs.append(dl)
+        return dl
+
+    def start_dead_letters(self, nursery: trio.Nursery) -> None:
+        for dl in self.dead_letter_runs:
+            self.launch(dl, nursery)
+
+    def close_dead_letters(self) -> None:
+        if not self._dead_letters_closed:
+            self._dead_letters_closed = True
+            for dl in self.dead_letter_runs:
+                dl.inbox.sender_done()
+
+    async def wait_drained(self) -> None:
+        """Until every item has left the pipeline (main stages, then dead letters)."""
+        await self.stages[-1].workers_gone.wait()
+        for dl in self.dead_letter_runs:
+            await dl.workers_gone.wait()
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def fail(self, error: BaseException) -> None:
+        if self.first_failure is None:
+            self.first_failure = error
+            self.pump_scope.cancel()  # take no more input
+            # Hand-overs to dead-letter stages may finish, but not for ever.
+            deadline = trio.current_time() + TEARDOWN_LIMIT
+            for scope in self.handovers:
+                scope.deadline = min(scope.deadline, deadline)
+
+    def stop_input(self, grace: float | None) -> None:
+        """Stop taking input; the items already in finish, for at most ``grace`` seconds.
+
+        The source's task leaves the first edge as it goes (starting the cascade);
+        leaving it here instead would race with a hand-over it is about to make.
+        """
+        self.pump_scope.cancel()
+        if grace is not None:
+            deadline = trio.current_time() + grace
+            for scope in (self.cancel_scope, self.dead_letter_scope):
+                if scope is not None:
+                    scope.deadline = min(scope.deadline, deadline)
+
+    def cancel(self) -> None:
+        """Cancel every worker now."""
+        self.pump_scope.cancel()
+        self.dead_letter_scope.cancel()
+        for scope in self.handovers:
+            scope.cancel()
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start every stage's tasks; the first stage's ``inbox`` takes the input."""
+        clock = trio.lowlevel.current_clock()
+        self.now = clock.current_time
+        for sr in (*self.stages, *self.dead_letter_runs):
+            sr.inbox.now = self.now
+        if self.outlet_edge is not None:
+            self.outlet_edge.now = self.now
+            self.outlet_edge.add_receiver()  # the reader (Outputs)
+        self.t_start = self.now()
+        self.started = True
+        self.log.info("run_started", stages=[s.name for s in self.stages])
+        for sr in self.stages:
+            self.launch(sr, nursery)
+
+    def launch(self, sr: StageRun, nursery: trio.Nursery) -> None:
+        """Start a stage's tasks: its process pool if any, its shapers, its workers."""
+        if sr.process_pool is None:
+            self._launch(sr, nursery)
+            return
+        # Hold both edges open until the pool is up and the workers hold them.
+        sr.inbox.add_receiver()
+        sr.add_sender()
+        nursery.start_soon(
+            self._launch_with_processes,
+            sr,
+            nursery,
+            name=f"pipeflow:{self.pipeline}:{sr.name}:processes",
+        )
+
+    async def _launch_with_processes(self, sr: StageRun, nursery: trio.Nursery) -> None:
+        """Process stages: the worker processes live exactly as long as the workers."""
+        held = True
+        try:
+            async with sr.process_pool.open():
+                self._launch(sr, nursery)
+                sr.inbox.receiver_done()
+                sr.sender_done()
+                held = False
+                try:
+                    await sr.workers_gone.wait()
+                finally:
+                    # Cancelled: the pool closes only once every worker has left, so a
+                    # worker still finishing an item never finds it gone.
+                    with teardown_scope():
+                        await sr.workers_gone.wait()
+        finally:
+            if held:
+                sr.inbox.receiver_done()
+                sr.sender_done()
+                if sr.c.workers == 0:
+                    sr.workers_gone.set()
+
+    def _launch(self, sr: StageRun, nursery: trio.Nursery) -> None:
+        name = f"pipeflow:{self.pipeline}:{sr.name}"
+        opts = sr.opts
+        inbox = sr.inbox
+        inner: list[Edge] = []
+        if opts.batch is not None:
+            batches = Edge(0, self.now, stamp=False)
+            inbox.add_receiver()
+            batches.add_sender()
+            nursery.start_soon(batcher, sr, inbox, batches, name=f"{name}:batcher")
+            inner.append(batches)
+            inbox = batches
+        if opts.key is not None:
+            per_worker = max(1, -(-opts.buffer_size // opts.max_workers))
+            edges = [Edge(per_worker, self.now, stamp=False) for _ in range(opts.max_workers)]
+            inbox.add_receiver()
+            for edge in edges:
+                edge.add_sender()
+            nursery.start_soon(router, sr, inbox, edges, name=f"{name}:router")
+            for edge in edges:
+                sr.start_worker(nursery, edge)
+            inner.extend(edges)
+        else:
+            for _ in range(opts.min_workers):
+                sr.start_worker(nursery, inbox)
+            if opts.autoscale:
+                inbox.add_receiver()
+                sr.add_sender()
+                nursery.start_soon(supervise, sr, nursery, inbox, name=f"{name}:autoscale")
+        self._inner_edges[id(sr)] = inner
+
+    # -- the source --------------------------------------------------------------------------
+
+    async def pump(self, source: Iterable[Any] | Any) -> None:
+        """Feed the source into the first stage, then leave it (starting the cascade)."""
+        if hasattr(source, "__pipeflow_open__"):
+            # An acking source (Redis Streams): items come with an Ack each, and the
+            # source never holds more un-acked items than the run can hold. It stays open
+            # after its input ends (or is stopped by a signal) until every item in flight
+            # has left the pipeline, so that it can ack them.
+            try:
+                async with source.__pipeflow_open__(capacity=self.capacity()) as entries:
+                    with self.pump_scope:
+                        try:
+                            await self._pump(entries, acking=True)
+                        except trio.BrokenResourceError:
+                            if self.first_failure is None:
+                                raise
+                            # The main stages stopped on a failure: read no more, but
+                            # stay open so dead-letter stages can ack what they took.
+                    await self.wait_drained()
+                    if self.first_failure is not None:
+                        # Tell the source the run failed: some items will never be
+                        # acked, so it must not wait for them (it releases them).
+                        raise RunFailed
+            except RunFailed:
+                pass
+            except Exception as exc:
+                self.fail(exc)
+                raise
+        else:
+            with self.pump_scope:
+                await self._pump(source)
+
+    def start_source(self, nursery: trio.Nursery, source: Iterable[Any] | Any) -> None:
+        """Start the task that feeds ``source`` in. An acking source's task lives beside
+        the dead-letter stages, not the main ones, so that a fail-fast stop does not
+        close the source before the items the dead-letter stages took are acked."""
+        if hasattr(source, "__pipeflow_open__") and self.dead_letter_nursery is not None:
+            nursery = self.dead_letter_nursery
+        self.stages[0].inbox.add_sender()
+        nursery.start_soon(self.pump, source, name=f"pipeflow:{self.pipeline}:source")
+
+    async def _pump(self, source: Iterable[Any] | Any, *, acking: bool = False) -> None:
+        inbox = self.stages[0].inbox
+        try:
+            if acking:
+                entries = cast(AsyncIterator[tuple[Any, Ack | None]], source)
+                async for item, ack in entries:
+                    await inbox.put([Env(item, ack)])
+            elif hasattr(source, "__aiter__"):
+                aiter_ = source.__aiter__()
+                owns = hasattr(aiter_, "aclose") and not isinstance(source, trio.abc.ReceiveChannel)
+                async with contextlib.aclosing(aiter_) if owns else contextlib.nullcontext():
+                    async for item in aiter_:
+                        await inbox.put([Env(item)])
+            else:
+                # A plain iterable is pulled only as far as the first stage has room,
+                # so an endless source streams in bounded memory.
+                it = iter(source)
+                spins = 0
+                while True:
+                    room = inbox.room()
+                    if room > 0:
+                        chunk = [Env(x) for x in islice(it, min(room, CHUNK))]
+                        if not chunk:
+                            break
+                        await inbox.put(chunk)  # the fast path: it fits
+                        spins += len(chunk)
+                        if spins >= CHUNK:
+                            spins = 0
+                            await trio.lowlevel.checkpoint()
+                    else:
+                        for x in it:
+                            await inbox.put([Env(x)])
+                            break
+                        else:
+                            break
+                        spins = 0
+        except Exception as exc:
+            if not isinstance(exc, trio.BrokenResourceError):
+                self.fail(exc)
+            raise
+        finally:
+            inbox.sender_done()
+
+    def capacity(self) -> int:
+        """How many items this run can hold at once: in workers, buffers and windows."""
+        total = 0
+        batches = 1
+        for sr in self.stages:
+            o = sr.opts
+            total += o.max_workers + o.buffer_size
+            if sr.reorder is not None:
+                total += sr.reorder.size
+            if o.batch is not None:
+                # A batch stage holds up to a batch per worker plus the one filling;
+                # batch stages in a row multiply (each batch of the second needs
+                # batches of the first), so a source that keeps this many items un-acked
+                # never waits for acks that cannot come.
+                batches *= o.batch * (o.max_workers + 1)
+        # Dead-letter stages hold failed items (and their acks) too.
+        for dl in self.dead_letter_runs:
+            o = dl.opts
+            total += o.max_workers + o.buffer_size
+            if o.batch is not None:
+                total += o.batch * (o.max_workers + 1)
+        return total + (batches if batches > 1 else 0)
+
+    # -- accounting after a stop ---------------------------------------------------------------
+
+    def unfinish(self, sr: StageRun, envs: Sequence[Env], *, counted: bool = True) -> None:
+        """Items a stop took from ``sr``: ``cancelled``, and listed as unfinished.
+        ``counted``: already in ``items_in`` (taken by a worker), else queued."""
+        c = sr.c
+        for env in envs:
+            item = env.item
+            if type(item) is KeyFailed:
+                item = item.item
+            if sr.batched and type(item) is list:
+                w = len(item)
+                self.unfinished.extend((sr.name, x) for x in item)
+            else:
+                w = 1
+                self.unfinished.append((sr.name, item))
+            c.cancelled += w
+            if counted:
+                c.inflight -= w
+            else:
+                c.items_in += w
+
+    def strand(self, sr: StageRun, outs: list[Env], results: list[tuple[int, list[Env]]]) -> None:
+        """Outputs ``sr`` made but could not hand on before a stop: they count as
+        queued in front of the next stage."""
+        if isinstance(sr.out, Edge) and sr.out is not self.outlet_edge:
+            sr.out.stranded.extend(outs)
+            for _, envs in results:
+                sr.out.stranded.extend(envs)
+
+    def settle(self) -> None:
+        """After the last task: what a stop left queued counts as cancelled, so that
+        ``items_in == ok + filtered + failed + dropped + cancelled`` for every stage."""
+        for sr in (*self.stages, *self.dead_letter_runs):
+            out = sr.out
+            if sr.reorder is not None and isinstance(out, Edge) and out is not self.outlet_edge:
+                out.stranded.extend(sr.reorder.leftovers())
+            self.unfinish(sr, sr.inbox.leftovers(), counted=False)
+            for edge in self._inner_edges.get(id(sr), ()):
+                # Behind a batcher or a key router: workers count items as they take
+                # them, so these were never counted either.
+                self.unfinish(sr, edge.leftovers(), counted=False)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        end = self.t_end if self.t_end is not None else self.now()
+        return end - self.t_start
+
+    def stats(self) -> dict[str, StageStats]:
+        now = self.t_end if self.t_end is not None else self.now()
+        elapsed = now - self.t_start
+        final = self.t_end is not None
+        return {
+            sr.name: sr.stats(now, elapsed, final=final)
+            for sr in (*self.stages, *self.dead_letter_runs)
+        }
+
+    def primary_error(self, group: BaseExceptionGroup[Any]) -> BaseException | None:
+        """The one exception a user should see for a failed run, or None to re-raise.
+
+        A fail-fast ``StageError`` (or the source's own exception) rather than a group
+        the user must dig through; but a group with anything that is not an ``Exception``
+        (KeyboardInterrupt) or with several unrelated errors is re-raised as it is.
+        """
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if any(not isinstance(e, Exception) for e in real):
+            return None
+        first = self.first_failure
+        if first is not None and any(e is first for e in real):
+            others = [
+                e for e in real if e is not first and not isinstance(e, trio.BrokenResourceError)
+            ]
+            if others:
+                first.add_note(
+                    f"{len(others)} more failure(s) before the run stopped: "
+                    + "; ".join(str(e) for e in others[:5])
+                )
+            return first
+        if len(real) == 1:
+            return real[0]
+        if real:
+            # Several workers failed outside an item (a resource that cannot open):
+            # the first error, with the others noted, rather than a nested group.
+            first_real = real[0]
+            first_real.add_note(
+                f"{len(real) - 1} more error(s) in the same run: "
+                + "; ".join(f"{type(e).__name__}: {e}" for e in real[1:6])
+            )
+            return first_real
+        return None
+
+
+def signal_service(run: Run, grace: float) -> Service:
+    """SIGINT / SIGTERM: the first stops the input and lets in-flight items finish within
+    ``grace`` seconds, then cancels; a second cancels at once."""
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if run.interrupted_by is None:
+                    run.interrupted_by = signum
+                    run.log.warning("signal_received", signal=name, action="drain", grace=grace)
+                    run.stop_input(grace)
+                else:
+                    run.log.warning("signal_received", signal=name, action="cancel")
+                    run.cancel()
+
+    return watch_signals
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

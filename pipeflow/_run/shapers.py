@@ -1,0 +1,310 @@
+"""Shapers: what a stage does to the flow of items besides calling the function.
+
+Each is its own task or object, so that the worker loop does not change when a new one
+comes: batching (:func:`batcher`), key routing (:func:`router`), reordering
+(:class:`Reorder`), autoscaling (:func:`supervise`, :func:`take_or_retire`).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._errors import Failed
+from .edge import CHUNK, Edge
+from .envelope import CountedAck, Env, KeyFailed
+
+if TYPE_CHECKING:
+    from .worker import Outbox, StageRun
+
+#: The reorder window of an ordered stage, in items per worker (at least _MIN_WINDOW).
+WINDOW_PER_WORKER = 4
+MIN_WINDOW = 16
+
+# Autoscaling (workers=(min, max)): a watermark supervisor with hysteresis.
+SCALE_INTERVAL = 1.0  # seconds between decisions
+GROW_AT = 0.8  # input queue this full (or upstream blocked): grow by half, at least 1
+SHRINK_AT = 0.2  # input queue this empty, and no change for a cooldown: retire one
+SHRINK_COOLDOWN = 5.0
+IDLE_RETIRE = 30.0  # a worker idle this long retires (never below min)
+
+
+def stable_hash(key: object) -> int:
+    """A hash of a routing key that is the same in every process (unlike ``hash()`` of a
+    str, which Python randomises per process): CRC-32 of its canonical bytes."""
+    if isinstance(key, bytes):
+        data = key
+    elif isinstance(key, str):
+        data = key.encode()
+    else:
+        data = repr(key).encode()
+    return zlib.crc32(data)
+
+
+# -- ordering ------------------------------------------------------------------------------
+
+
+class Reorder:
+    """``ordered=True``: outputs leave in input order, at most a window ahead.
+
+    A worker reserves window slots before it takes items (:meth:`reserve`), so that the
+    head of the line always has a slot; whichever worker completes the head flushes the
+    run of ready results behind it in one hand-off (:meth:`deposit`).
+    """
+
+    def __init__(self, workers: int, sr: StageRun) -> None:
+        self.size = max(MIN_WINDOW, WINDOW_PER_WORKER * workers)
+        self.per_worker = max(1, self.size // workers)
+        self.window = trio.Semaphore(self.size)
+        self.ready: dict[int, list[Env]] = {}
+        self.next = 0
+        self.flushing = False
+        self.out: Outbox = sr.out
+
+    async def reserve(self, limit: int) -> int:
+        """Take one slot (waiting if needed) and up to ``limit`` in all if free now."""
+        window = self.window
+        try:
+            window.acquire_nowait()
+        except trio.WouldBlock:
+            await window.acquire()
+        got = 1
+        limit = min(limit, self.per_worker)
+        while got < limit:
+            try:
+                window.acquire_nowait()
+            except trio.WouldBlock:
+                break
+            got += 1
+        return got
+
+    def release(self, n: int) -> None:
+        for _ in range(n):
+            self.window.release()
+
+    async def take_slot(self) -> None:
+        try:
+            self.window.acquire_nowait()
+        except trio.WouldBlock:
+            await self.window.acquire()
+
+    async def deposit(self, results: list[tuple[int, list[Env]]]) -> float:
+        """Park outputs by input position; emit every run that is complete, in order.
+        Returns the seconds spent blocked handing them on."""
+        ready = self.ready
+        for seq, envs in results:
+            ready[seq] = envs
+        if self.flushing or self.next not in ready:
+            return 0.0
+        self.flushing = True
+        blocked = 0.0
+        try:
+            while self.next in ready:
+                out: list[Env] = []
+                n = 0
+                while self.next in ready:
+                    out.extend(ready.pop(self.next))
+                    self.next += 1
+                    n += 1
+                if out:
+                    blocked += await self.out.put(out)
+                self.release(n)
+        finally:
+            self.flushing = False
+        return blocked
+
+    def leftovers(self) -> list[Env]:
+        out = [env for envs in self.ready.values() for env in envs]
+        self.ready.clear()
+        return out
+
+
+# -- batching ------------------------------------------------------------------------------
+
+
+async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
+    """``batch=N, batch_timeout=T``: lists of up to N items, a partial one flushed T
+    seconds after its first item arrived, or at the end of the stream."""
+    size = sr.opts.batch
+    assert size is not None
+    timeout = sr.opts.batch_timeout
+    now = sr.run.now
+    seq = 0
+    buf: list[Env] = []
+    deadline = math.inf
+
+    async def flush() -> None:
+        nonlocal seq, buf, deadline
+        acks = [e.ack for e in buf if e.ack is not None]
+        batch = Env([e.item for e in buf], CountedAck(acks) if acks else None)
+        batch.seq = seq
+        batch.t = buf[0].t
+        seq += 1
+        buf = []
+        deadline = math.inf
+        await out.put([batch])
+
+    try:
+        while True:
+            try:
+                if buf and timeout is not None:
+                    got: list[Env] | None = None
+                    with trio.move_on_at(deadline):
+                        got = await inbox.take(CHUNK)
+                    if got is None:
+                        await flush()
+                        continue
+                    envs = got
+                else:
+                    envs = await inbox.take(CHUNK)
+            except trio.EndOfChannel:
+                break
+            for env in envs:
+                if type(env.item) is Failed and not sr.is_dead_letter:
+                    # Failures from upstream pass a main stage unbatched; a dead-letter
+                    # stage's input is all Failed values, and those it batches.
+                    env.seq = seq
+                    seq += 1
+                    await out.put([env])
+                    continue
+                if not buf and timeout is not None:
+                    deadline = now() + timeout
+                buf.append(env)
+                if len(buf) >= size:
+                    await flush()
+        if buf:
+            await flush()
+    except BaseException:
+        # Items gathered for a batch that a stop cut short: still in front of the stage.
+        inbox.stranded.extend(buf)
+        raise
+    finally:
+        inbox.receiver_done()
+        out.sender_done()
+
+
+# -- key routing ---------------------------------------------------------------------------
+
+
+async def router(sr: StageRun, inbox: Edge, outs: list[Edge]) -> None:
+    """``key=``: route each item to worker ``stable_hash(key) % N``, so one key is
+    handled by one worker, one item at a time, in input order."""
+    key = sr.opts.key
+    assert key is not None
+    n = len(outs)
+    reorder = sr.reorder
+    try:
+        while True:
+            if reorder is not None:
+                # Slots are taken here, in input order, one per item.
+                await reorder.take_slot()
+            try:
+                try:
+                    envs = inbox.take_nowait(1 if reorder is not None else CHUNK)
+                except trio.WouldBlock:
+                    envs = await inbox.take(1 if reorder is not None else CHUNK)
+            except trio.EndOfChannel:
+                break
+            except BaseException:
+                if reorder is not None:
+                    reorder.release(1)
+                raise
+            groups: dict[int, list[Env]] = {}
+            for env in envs:
+                item = env.item
+                if type(item) is Failed:
+                    index = env.seq % n
+                else:
+                    try:
+                        index = stable_hash(key(item)) % n
+                    except Exception as exc:
+                        env.item = KeyFailed(item, exc)
+                        index = env.seq % n
+                groups.setdefault(index, []).append(env)
+            for index, group in groups.items():
+                # A worker that is gone (the run is stopping) strands its items on its
+                # edge, where the stop's accounting finds them.
+                await outs[index].put(group)
+    finally:
+        inbox.receiver_done()
+        for edge in outs:
+            edge.sender_done()
+
+
+# -- autoscaling ---------------------------------------------------------------------------
+
+
+async def take_or_retire(sr: StageRun, inbox: Edge, limit: int) -> list[Env] | None:
+    """Autoscaled stages: wait for items; after a long idle spell, retire (None)."""
+    c = sr.c
+    while True:
+        with trio.move_on_after(IDLE_RETIRE):
+            return await inbox.take(limit)
+        if c.workers > sr.opts.min_workers:
+            sr.run.log.info(
+                "workers_scaled",
+                stage=sr.name,
+                old=c.workers,
+                new=c.workers - 1,
+                reason=f"worker idle for {IDLE_RETIRE:g}s",
+            )
+            return None
+
+
+def load(inbox: Edge) -> float:
+    """How full an input queue is, 0..1; 1 when senders are waiting on it."""
+    if inbox.senders_waiting:
+        return 1.0
+    cap = inbox.capacity
+    return len(inbox) / cap if cap else 0.0
+
+
+async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
+    """Autoscaling: grow at the high watermark, shrink at the low one after a
+    cool-down (hysteresis), never below min or above max; every decision logged."""
+    c = sr.c
+    opts = sr.opts
+    now = sr.run.now
+    log = sr.run.log
+    last_change = now()
+    try:
+        while True:
+            with trio.move_on_after(SCALE_INTERVAL):
+                await sr.workers_gone.wait()
+            if sr.workers_gone.is_set():
+                return
+            fill = load(inbox)
+            n = c.workers - sr.retire
+            if fill >= GROW_AT and n < opts.max_workers:
+                add = min(opts.max_workers - n, max(1, n // 2))
+                for _ in range(add):
+                    sr.start_worker(nursery, inbox)
+                log.info(
+                    "workers_scaled",
+                    stage=sr.name,
+                    old=n,
+                    new=n + add,
+                    reason=f"queue {fill:.0%} full",
+                )
+                last_change = now()
+            elif (
+                fill <= SHRINK_AT
+                and n > opts.min_workers
+                and now() - last_change >= SHRINK_COOLDOWN
+                and c.busy_workers < n
+            ):
+                sr.retire += 1
+                log.info(
+                    "workers_scaled",
+                    stage=sr.name,
+                    old=n,
+                    new=n - 1,
+                    reason=f"queue {fill:.0%} full",
+                )
+                last_change = now()
+    finally:
+        inbox.receiver_done()
+        sr.sender_done()

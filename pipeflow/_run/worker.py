@@ -1,0 +1,474 @@
+"""One stage during one run (:class:`StageRun`) and its worker loop: take, call, emit.
+
+Everything else a stage can do lives elsewhere and is plugged in when the stage is
+built: the call and its policy layers (``calls.py``), what a failure becomes
+(``failures.py``), batching, key routing, reordering and autoscaling (``shapers.py``).
+The loop itself only takes a chunk of waiting items, calls the user's function once per
+item, counts, and hands the outputs on as one chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from .._errors import Failed
+from .._policies import BreakerRuntime, TokenBucket
+from .._stage import Stage
+from .._stats import StageCounters, StageStats
+from .calls import GaveUp, Resume, make_call, make_chunk_call, make_stepper, with_policies
+from .edge import CHUNK, Edge
+from .envelope import Env, KeyFailed
+from .failures import POLICIES, TEARDOWN_LIMIT
+from .shapers import Reorder
+
+if TYPE_CHECKING:
+    from .run import Run
+
+#: A stage whose items take longer than this each (measured) takes one item at a time,
+#: so that slow (I/O) items spread over its workers instead of queueing behind each
+#: other in one worker's chunk; below it, a worker takes every item already waiting.
+CHUNK_BELOW = 0.0005
+
+
+class Outbox(Protocol):
+    """Where a stage's outputs go: the next stage's :class:`Edge`, or an outlet sink."""
+
+    async def put(self, envs: list[Env]) -> float: ...
+
+    def put_now(self, envs: list[Env]) -> bool:
+        """Hand ``envs`` over if that needs no waiting; False (and nothing done) if not."""
+        ...
+
+
+class CollectSink:
+    """The outlet of ``run()``: outputs kept in a list, each acked as it arrives."""
+
+    def __init__(self, outputs: list[Any]) -> None:
+        self.outputs = outputs
+
+    async def put(self, envs: list[Env]) -> float:
+        self.put_now(envs)
+        return 0.0
+
+    def put_now(self, envs: list[Env]) -> bool:
+        outputs = self.outputs
+        for env in envs:
+            outputs.append(env.item)
+            if env.ack is not None:
+                env.ack.done()
+        return True
+
+
+class DropSink:
+    """The outlet of ``run(collect=False)`` and ``open()``: outputs acked and dropped."""
+
+    async def put(self, envs: list[Env]) -> float:
+        self.put_now(envs)
+        return 0.0
+
+    def put_now(self, envs: list[Env]) -> bool:
+        for env in envs:
+            if env.ack is not None:
+                env.ack.done()
+        return True
+
+
+def teardown_scope() -> trio.CancelScope:
+    """Shielded from the run's cancellation, but for at most ``TEARDOWN_LIMIT`` s."""
+    return trio.CancelScope(shield=True, deadline=trio.current_time() + TEARDOWN_LIMIT)
+
+
+class StageRun:
+    """One stage during one run: its counters, its edges, its workers."""
+
+    def __init__(self, run: Run, stage: Stage[Any, Any], index: int) -> None:
+        opts = stage.options
+        self.run = run
+        self.stage = stage
+        self.opts = opts
+        self.name = opts.name
+        self.index = index
+        self.is_dead_letter = index < 0
+        # A dead-letter stage's input *is* Failed values; a main stage passes them on.
+        self.passthrough = not self.is_dead_letter
+        self.c = StageCounters(self.name)
+        self.multi = opts.kind in ("asyncgen", "syncgen")
+        self.batched = opts.batch is not None
+        self.keyed = opts.key is not None
+        self.takes_resource = opts.resource is not None or stage._has_worker_hooks
+        self.limiter = trio.CapacityLimiter(opts.max_workers)
+        self.bucket = TokenBucket(opts.rate, opts.burst or 1) if opts.rate else None
+        self.breaker: BreakerRuntime | None = None
+        if opts.breaker is not None:
+            self.breaker = run.breaker_for(opts.breaker, self.name)
+        self.simple = (
+            opts.timeout is None
+            and opts.retries is None
+            and self.bucket is None
+            and self.breaker is None
+        )
+        #: Seconds each worker task waited for a token or a breaker in its current item.
+        self.throttled: dict[trio.lowlevel.Task, float] = {}
+        self.process_pool: Any = None
+        if opts.run_in == "process":
+            from .._process import ProcessPool
+
+            self.process_pool = ProcessPool(self.name)
+        base = make_call(self)
+        self.call = base if self.simple else with_policies(self, base)
+        self.chunk_call = make_chunk_call(self)
+        self.stepper = make_stepper(self)
+        self.policy = POLICIES[opts.errors](self)
+        self.inbox = Edge(opts.buffer_size, run.now)
+        self.out: Outbox = DropSink()
+        self.reorder: Reorder | None = None
+        if opts.ordered:
+            self.reorder = Reorder(opts.max_workers, self)
+        # Keyed stages take window slots in the router, which sees items in order.
+        self.workers_take_window = opts.ordered and not self.keyed
+        self.retire = 0  # workers asked to retire by the autoscaler
+        self.workers_gone = trio.Event()
+        self.nursery: trio.Nursery | None = None  # where the workers run
+        # Items in a chunk run one after another: only while they are quick (see
+        # CHUNK_BELOW). Until a first measurement, one at a time.
+        self.chunked = False
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def connect(self, out: Outbox) -> None:
+        self.out = out
+        if self.reorder is not None:
+            self.reorder.out = out
+
+    def add_sender(self) -> None:
+        if isinstance(self.out, Edge):
+            self.out.add_sender()
+
+    def sender_done(self) -> None:
+        if isinstance(self.out, Edge):
+            self.out.sender_done()
+
+    def start_worker(self, nursery: trio.Nursery, inbox: Edge) -> None:
+        """Start one worker on ``inbox`` (registered now, so no edge closes between)."""
+        self.nursery = nursery
+        inbox.add_receiver()
+        self.add_sender()
+        nursery.start_soon(self.worker, inbox, name=f"pipeflow:{self.run.pipeline}:{self.name}")
+
+    # -- the worker ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _resource(self) -> AsyncIterator[Any]:
+        """A worker's resource, closed on every exit path. The close runs shielded from
+        the run's cancellation (a connection is closed properly even when the run is
+        cancelled), but for at most ``TEARDOWN_LIMIT`` seconds."""
+        if self.stage._has_worker_hooks:
+            res = await self.stage.open_worker()
+            try:
+                yield res
+            finally:
+                with teardown_scope():
+                    await self.stage.close_worker(res)
+        elif self.opts.resource is not None:
+            manager = self.opts.resource()
+            res = await manager.__aenter__()
+            try:
+                yield res
+            except BaseException as exc:
+                with teardown_scope():
+                    await manager.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            else:
+                with teardown_scope():
+                    await manager.__aexit__(None, None, None)
+        else:
+            yield None
+
+    async def worker(self, inbox: Edge) -> None:
+        c = self.c
+        now = self.run.now
+        c.workers += 1
+        c.workers_peak = max(c.workers_peak, c.workers)
+        c.worker_time -= now()
+        try:
+            if self.takes_resource:
+                async with self._resource() as res:
+                    await self._work(inbox, res)
+            else:
+                await self._work(inbox, None)
+        finally:
+            inbox.receiver_done()
+            self.sender_done()
+            c.workers -= 1
+            c.worker_time += now()
+            if c.workers == 0:
+                self.workers_gone.set()
+                if self is self.run.stages[-1]:
+                    # Every item has left the main stages: no more dead letters.
+                    self.run.close_dead_letters()
+
+    async def _take(self, inbox: Edge, limit: int) -> list[Env] | None:
+        """Wait for items; None when an autoscaled worker should retire instead."""
+        if not self.opts.autoscale:
+            return await inbox.take(limit)
+        from .shapers import take_or_retire
+
+        return await take_or_retire(self, inbox, limit)
+
+    async def _work(self, inbox: Edge, res: Any) -> None:
+        c = self.c
+        now = self.run.now
+        call = self.call
+        chunk_call = self.chunk_call
+        multi = self.multi
+        batched = self.batched
+        keyed = self.keyed
+        passthrough = self.passthrough
+        reorder = self.reorder
+        window = reorder if self.workers_take_window else None
+        policy = self.policy
+        # Only where items may be taken back by another worker: not a keyed worker's own
+        # edge (one key, one worker) and not an ordered stage's window.
+        stepper = self.stepper if not keyed and reorder is None else None
+        autoscale = self.opts.autoscale
+        min_workers = self.opts.min_workers
+        task = trio.lowlevel.current_task()
+        spins = 0
+        while True:
+            if autoscale and self.retire and c.workers > min_workers:
+                self.retire -= 1
+                return
+            limit = CHUNK if self.chunked else 1
+            if window is not None:
+                limit = await window.reserve(limit)
+            try:
+                chunk = inbox.take_nowait(limit)
+            except trio.WouldBlock:
+                try:
+                    got = await self._take(inbox, limit)
+                except trio.EndOfChannel:
+                    got = None
+                except BaseException:
+                    if window is not None:
+                        window.release(limit)
+                    raise
+                if got is None:
+                    if window is not None:
+                        window.release(limit)
+                    return
+                chunk = got
+                spins = 0
+            except trio.EndOfChannel:
+                if window is not None:
+                    window.release(limit)
+                return
+            else:
+                spins += len(chunk)
+            if window is not None and limit > len(chunk):
+                window.release(limit - len(chunk))
+
+            n = len(chunk)
+            if batched:
+                weight = sum(len(e.item) if type(e.item) is list else 1 for e in chunk)
+            else:
+                weight = n
+            c.items_in += weight
+            c.inflight += weight
+            outs: list[Env] = []  # unordered stages
+            results: list[tuple[int, list[Env]]] = []  # ordered stages: by input position
+            done = 0  # chunk[:done] are accounted for; their outputs are in outs/results
+            calls = 0
+            handed_over = False
+            c.busy_workers += 1
+            busy = True
+            t0 = now()
+            try:
+                if spins >= CHUNK:
+                    spins = 0
+                    await trio.lowlevel.checkpoint()
+                outcomes = None
+                if chunk_call is not None:
+                    outcomes = await chunk_call([e.item for e in chunk], res)
+                for env in chunk:
+                    item = env.item
+                    if passthrough and type(item) is Failed:
+                        # An upstream failure travelling as a value: pass it on untouched.
+                        c.items_in -= 1
+                        c.inflight -= 1
+                        c.passed += 1
+                        done += 1
+                        if reorder is not None:
+                            results.append((env.seq, [env]))
+                        else:
+                            outs.append(env)
+                        continue
+                    if keyed and type(item) is KeyFailed:
+                        env.item = item.item
+                        done += 1
+                        produced = await policy.fail(env, item.error, 1, 1)
+                        calls += 1
+                        if reorder is not None:
+                            results.append((env.seq, produced))
+                        else:
+                            outs.extend(produced)
+                        continue
+                    w = len(item) if batched else 1
+                    calls += 1
+                    error: Exception | None = None
+                    if outcomes is not None:
+                        error, result = outcomes[done]
+                    elif stepper is not None:
+                        # Step the coroutine once: most items of a quick stage finish
+                        # without waiting. One that waits is I/O: the items taken with
+                        # it go back for idle workers, and the outputs made so far go on.
+                        try:
+                            coro = stepper(item, res)
+                            trap = coro.send(None)
+                        except StopIteration as stop:
+                            result = stop.value
+                        except Exception as exc:
+                            error = exc
+                        else:
+                            if done + 1 < n:
+                                self._give_back(inbox, chunk, done + 1)
+                                n = len(chunk)
+                            if outs:
+                                self._hand_on_soon(outs)
+                                outs = []
+                            self.chunked = False
+                            try:
+                                result = await Resume(coro, trap)
+                            except Exception as exc:
+                                error = exc
+                    else:
+                        try:
+                            result = await call(item, res)
+                        except Exception as exc:
+                            error = exc
+                    done += 1
+                    if error is not None:
+                        attempts = 1
+                        if isinstance(error, GaveUp):
+                            attempts = error.attempts
+                            error = error.error
+                        # The hand-over to a dead-letter sink is not the item's work.
+                        t_fail = now()
+                        try:
+                            produced = await policy.fail(env, error, attempts, w)
+                        finally:
+                            self.throttled[task] = self.throttled.get(task, 0.0) + (now() - t_fail)
+                        if reorder is not None:
+                            results.append((env.seq, produced))
+                        else:
+                            outs.extend(produced)
+                        continue
+                    c.inflight -= w
+                    if not multi:
+                        c.ok += w
+                        c.items_out += 1
+                        env.item = result
+                        if reorder is not None:
+                            results.append((env.seq, [env]))
+                        else:
+                            outs.append(env)
+                        continue
+                    k = len(result)
+                    if k == 0:
+                        c.filtered += w
+                        if env.ack is not None:
+                            env.ack.done()
+                        if reorder is not None:
+                            results.append((env.seq, []))
+                        continue
+                    c.ok += w
+                    c.items_out += k
+                    ack = env.ack
+                    if ack is not None and k > 1:
+                        ack.add(k - 1)
+                    env.item = result[0]
+                    if reorder is not None:
+                        results.append((env.seq, [env, *(Env(x, ack) for x in result[1:])]))
+                    else:
+                        outs.append(env)
+                        outs.extend(Env(x, ack) for x in result[1:])
+                # Statistics once per chunk: two clock reads, histograms by weight.
+                busy = False
+                self._record(t0, chunk, calls, task)
+                inbox.wake_all = not self.chunked
+                handed_over = True
+                if reorder is not None:
+                    blocked = await reorder.deposit(results)
+                elif outs:
+                    blocked = await self.out.put(outs)
+                else:
+                    continue
+                if blocked:
+                    c.blocked_time += blocked
+            except BaseException:
+                if busy:
+                    self._record(t0, chunk, calls, task)
+                # A stop (or a failure) took these items from this worker: count them,
+                # list them, and keep the outputs made but not handed on.
+                self.run.unfinish(self, chunk[done:])
+                if not handed_over:
+                    self.run.strand(self, outs, results)
+                raise
+
+    def _hand_on_soon(self, outs: list[Env]) -> None:
+        """Hand ``outs`` on without waiting for the item now in this worker: at once if
+        they fit, else from a task of their own (the edge stays open for it)."""
+        if self.out.put_now(outs):
+            return
+        assert self.nursery is not None
+        self.add_sender()
+
+        async def hand_on() -> None:
+            try:
+                blocked = await self.out.put(outs)
+                self.c.blocked_time += blocked
+            finally:
+                self.sender_done()
+
+        self.nursery.start_soon(hand_on, name=f"pipeflow:{self.run.pipeline}:{self.name}:hand-on")
+
+    def _give_back(self, inbox: Edge, chunk: list[Env], start: int) -> None:
+        """Return ``chunk[start:]`` (not started) to the front of ``inbox``."""
+        back = chunk[start:]
+        del chunk[start:]
+        weight = sum(e.weight(self.batched) for e in back)
+        self.c.items_in -= weight
+        self.c.inflight -= weight
+        inbox.wake_all = True
+        inbox.put_back(back)
+
+    def _record(self, t0: float, chunk: list[Env], calls: int, task: trio.lowlevel.Task) -> None:
+        """A chunk's statistics: busy time, queue wait and durations, by weight."""
+        c = self.c
+        # Time spent waiting for a rate-limit token or a held breaker, or handing a
+        # failure to a dead-letter sink, is not work: it must not make the stage look
+        # busy (or name it the bottleneck).
+        d = self.run.now() - t0 - self.throttled.pop(task, 0.0)
+        c.busy_workers -= 1
+        c.busy_time += d
+        c.waits.observe_many(t0 - chunk[0].t, len(chunk))
+        if calls:
+            c.durations.observe_many(d / calls, calls)
+            # Only a stage with no per-item policy: retries, timeouts and rate limits
+            # wait, and their waits must overlap as they always have.
+            self.chunked = self.simple and d <= CHUNK_BELOW * calls
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        """Items waiting in front of this stage now."""
+        return len(self.inbox)
+
+    def stats(self, now: float, elapsed: float, *, final: bool = False) -> StageStats:
+        state = self.breaker.state if self.breaker is not None else None
+        return self.c.snapshot(
+            now, elapsed, queue_depth=self.queue_depth(), breaker_state=state, final=final
+        )

@@ -1,0 +1,321 @@
+"""Accounting after any stop: a fail-fast failure, an outer cancellation, a signal past
+the grace period, leaving ``stream()`` or ``open()`` early. Every stage's final stats
+keep ``items_in == ok + filtered + failed + dropped + cancelled``; what a stop took from
+a worker or a queue is in ``RunResult.unfinished``; and the cancellation paths raise
+nothing but the cancellation."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+import trio
+
+from pipeflow import Interrupted, Pipeline, PipelineClosed, StageError, stage
+from pipeflow.testing import assert_nothing_left_running
+
+
+def assert_conserved(result):
+    """The law of conservation, for every stage, and nothing left in flight."""
+    for s in result.stats.values():
+        assert s.items_in == s.ok + s.filtered + s.failed + s.dropped + s.cancelled, s
+        assert 0 == s.inflight, s
+    cancelled = {name: s.cancelled for name, s in result.stats.items()}
+    listed = {name: 0 for name in result.stats}
+    for name, _ in result.unfinished:
+        listed[name] += 1
+    assert cancelled == listed
+
+
+def slow_pipeline(seconds=1.0):
+    @stage(workers=3)
+    async def first(x):
+        await trio.sleep(seconds)
+        return x
+
+    @stage(workers=2, buffer=4)
+    async def second(x):
+        await trio.sleep(seconds)
+        return x
+
+    return Pipeline(first | second)
+
+
+async def test_fail_fast_counts_what_the_stop_took_as_cancelled(autojump_clock):
+    """Item 4 fails at t=1; the items in other workers and queues at that moment are
+    cancelled, listed as unfinished, and every stage balances."""
+
+    @stage(workers=3)
+    async def check(x):
+        await trio.sleep(1 + x % 3)
+        if x == 4:
+            raise ValueError(x)
+        return x
+
+    @stage(workers=2)
+    async def after(x):
+        await trio.sleep(5)
+        return x
+
+    with pytest.raises(StageError) as info:
+        await Pipeline(check | after).arun(range(20))
+    result = info.value.result
+    assert_conserved(result)
+    s = result.stats["check"]
+    assert 1 == s.failed
+    assert s.cancelled > 0
+    assert ("check", 4) not in result.unfinished
+    # Every source item that went in is accounted for exactly once somewhere.
+    taken = {item for _, item in result.unfinished}
+    assert len(taken) == len(result.unfinished)
+
+
+async def test_outer_cancellation_sets_the_stream_result_and_balances(autojump_clock):
+    """Cancelled from outside mid-run, stream() still sets outputs.result, and what the
+    cancellation took is counted and listed."""
+    pipeline = slow_pipeline()
+    outputs = None
+    read = []
+    with trio.move_on_after(2.5):
+        async with pipeline.stream(range(50)) as outputs:
+            async for out in outputs:
+                read.append(out)
+    assert outputs is not None
+    assert outputs.result is not None
+    result = outputs.result
+    assert_conserved(result)
+    assert result.unfinished
+    assert 2.5 == trio.current_time()
+    assert_nothing_left_running()
+
+
+async def test_leaving_stream_early_lists_the_unfinished_items(autojump_clock):
+    """A reader that stops after 3 outputs cancels the run; the items in flight are
+    cancelled, and the outputs never read are neither acked nor lost from the counts."""
+    pipeline = slow_pipeline()
+    async with pipeline.stream(range(100)) as outputs:
+        async for out in outputs:
+            if out == 2:
+                break
+    result = outputs.result
+    assert_conserved(result)
+    assert {name for name, _ in result.unfinished} <= {"first", "second"}
+    assert result.stats["first"].items_in < 100  # the source was read lazily
+
+
+async def test_open_cancelled_from_outside_counts_the_queued_items(autojump_clock):
+    """Items accepted by open() and still queued when the block is cancelled are counted
+    as cancelled, and flow.result is set."""
+    pipeline = slow_pipeline()
+    flow = None
+    with trio.move_on_after(1.5):
+        async with pipeline.open() as flow:
+            for i in range(8):
+                await flow.send(i)
+            await trio.sleep_forever()
+    assert flow is not None
+    assert flow.result is not None
+    result = flow.result
+    assert_conserved(result)
+    assert 8 == result.stats["first"].items_in
+    assert sorted(item for _, item in result.unfinished) == list(range(8))
+
+
+async def test_a_signal_past_the_grace_period_balances(autojump_clock):
+    """SIGINT with a grace period shorter than the items: Interrupted carries a result
+    whose stages balance and whose unfinished items are listed."""
+    pipeline = slow_pipeline(seconds=10)
+
+    async def interrupt():
+        await trio.sleep(1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(interrupt)
+        with pytest.raises(Interrupted) as info:
+            await pipeline.arun(range(30), grace=2.0, handle_signals=True)
+    result = info.value.result
+    assert_conserved(result)
+    # 3 mid-item in its workers, 3 in its queue, 1 the source was handing over.
+    assert 7 == result.stats["first"].cancelled
+    assert [0, 1, 2, 3, 4, 5, 6] == sorted(item for _, item in result.unfinished)
+    assert 3.0 == trio.current_time()
+
+
+async def test_flow_feeding_after_a_fail_fast_stop_raises_pipeline_closed(autojump_clock):
+    """Once the run has stopped on a failure, send, send_nowait and offer from another
+    task raise PipelineClosed naming the failure, not a Trio resource error."""
+
+    @stage
+    async def picky(x):
+        if x == "bad":
+            raise ValueError("no bad items")
+        await trio.sleep(1)
+        return x
+
+    errors = []
+
+    async def feeder(flow):
+        await trio.sleep(5)  # after the failure
+        for call in (flow.send, flow.send_nowait, flow.offer):
+            try:
+                result = call("x")
+                if hasattr(result, "__await__"):
+                    await result
+            except PipelineClosed as exc:
+                errors.append(str(exc))
+
+    async with trio.open_nursery() as outer:
+        with pytest.raises(StageError):  # noqa: PT012 - leaving the block raises it
+            async with Pipeline(picky, name="p").open() as flow:
+                outer.start_soon(feeder, flow)
+                await flow.send("bad")
+                await trio.sleep(10)
+    assert 3 == len(errors)
+    for message in errors:
+        assert message.startswith("pipeline 'p' takes no more items: it stopped on a failure")
+        assert "no bad items" in message
+
+
+async def test_feeding_a_closed_flow_raises_pipeline_closed(autojump_clock):
+    """After flow.close(), the flow refuses items with PipelineClosed."""
+
+    @stage
+    async def ok(x):
+        return x
+
+    async with Pipeline(ok).open() as flow:
+        flow.close()
+        with pytest.raises(PipelineClosed, match="its input is closed"):
+            flow.offer(1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_cancelling_a_keyed_run_at_random_raises_only_the_cancellation(seed, autojump_clock):
+    """A run with a key= stage cancelled at a random moment: no BrokenResourceError (the
+    key router handing an item to a worker already cancelled), and the stages balance."""
+    rng = random.Random(seed)
+
+    @stage(workers=4, key=lambda x: x % 7, ordered=rng.random() < 0.5)
+    async def keyed(x):
+        await trio.sleep(rng.random() * 0.1)
+        return x
+
+    @stage(workers=2)
+    async def after(x):
+        await trio.sleep(rng.random() * 0.05)
+        return x
+
+    outputs = None
+    with trio.move_on_after(rng.random() * 2):
+        async with Pipeline(keyed | after).stream(range(200)) as outputs:
+            async for _ in outputs:
+                pass
+    if outputs is not None and outputs.result is not None:
+        assert_conserved(outputs.result)
+    assert_nothing_left_running()
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_cancelling_open_while_feeding_is_a_clean_cancellation(seed, autojump_clock):
+    """open() cancelled from outside while the body feeds it with send and offer: the
+    cancellation is all that comes out (no BrokenResourceError from offer)."""
+    rng = random.Random(seed)
+
+    @stage(workers=2, buffer=2)
+    async def work(x):
+        await trio.sleep(rng.random() * 0.2)
+        return x
+
+    flow = None
+    with trio.move_on_after(rng.random()):
+        async with Pipeline(work).open() as flow:
+            i = 0
+            while True:
+                if i % 3:
+                    flow.offer(i)
+                    await trio.sleep(0.01)
+                else:
+                    await flow.send(i)
+                i += 1
+    assert flow is not None
+    assert flow.result is not None
+    assert_conserved(flow.result)
+    assert_nothing_left_running()
+
+
+def random_pipeline(rng):
+    """A pipeline of 2-4 stages drawn from every kind and shaper pipeflow has."""
+
+    async def pause():
+        await trio.sleep(rng.random() * 0.05)
+
+    def make(i):
+        kind = rng.choice(["async", "thread", "agen", "keyed", "batched", "ordered"])
+        name = f"s{i}_{kind}"
+        if kind == "thread":
+
+            @stage(workers=rng.randint(1, 4), name=name)
+            def plain(x):
+                return x
+
+            return plain
+        if kind == "agen":
+
+            @stage(workers=rng.randint(1, 4), name=name, ordered=rng.random() < 0.3)
+            async def spread(x):
+                await pause()
+                for _ in range(x % 3):
+                    yield x
+
+            return spread
+        if kind == "batched":
+
+            @stage(
+                workers=rng.randint(1, 3), name=name, batch=rng.randint(2, 6), batch_timeout=0.05
+            )
+            async def batch(xs):
+                await pause()
+                return len(xs)
+
+            return batch
+        options = {"workers": rng.randint(1, 5), "name": name}
+        if kind == "keyed":
+            options["key"] = lambda x: hash(x) % 5
+        if kind == "ordered":
+            options["ordered"] = True
+
+        @stage(**options)
+        async def work(x):
+            await pause()
+            return x
+
+        return work
+
+    chain = make(0)
+    for i in range(1, rng.randint(2, 4)):
+        chain = chain | make(i)
+    return Pipeline(chain)
+
+
+@pytest.mark.parametrize("seed", range(60))
+async def test_random_cancellation_of_mixed_pipelines(seed, autojump_clock):
+    """Mixed pipelines (async, thread, generator, keyed, batched, ordered) stopped at a
+    random time, from outside or by leaving stream() early: nothing is raised but the
+    cancellation, the stages balance, nothing is left running."""
+    rng = random.Random(seed)
+    pipeline = random_pipeline(rng)
+    stop_after = rng.randint(0, 40)
+    outputs = None
+    with trio.move_on_after(rng.random() * 3):
+        async with pipeline.stream(range(300)) as outputs:
+            seen = 0
+            async for _ in outputs:
+                seen += 1
+                if seen >= stop_after and rng.random() < 0.5:
+                    break
+    if outputs is not None and outputs.result is not None:
+        assert_conserved(outputs.result)
+    assert_nothing_left_running()

@@ -180,15 +180,12 @@ class Resume:
                     return stop.value
 
 
-def make_stepper(sr: StageRun) -> Callable[[Any, Any], Any] | None:
+def make_stepper(sr: StageRun) -> Callable[..., Any] | None:
     """For an ``async def`` stage with no per-attempt policy: a function that starts the
     item's coroutine (``target(item)``), for the worker to step. None for other stages."""
     if sr.opts.kind != "async" or not sr.simple:
         return None
-    target = sr.stage._target()
-    if sr.takes_resource:
-        return target
-    return lambda item, _: target(item)
+    return sr.stage._target()  # called as target(item), or target(item, resource)
 
 
 def with_policies(sr: StageRun, call: Call) -> Call:

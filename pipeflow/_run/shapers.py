@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 #: The reorder window of an ordered stage, in items per worker (at least _MIN_WINDOW).
 WINDOW_PER_WORKER = 4
-MIN_WINDOW = 16
+MIN_WINDOW = 64  # two chunks: a worker can take a chunk while the last one flushes
 
 # Autoscaling (workers=(min, max)): a watermark supervisor with hysteresis.
 SCALE_INTERVAL = 1.0  # seconds between decisions
@@ -57,39 +57,31 @@ class Reorder:
 
     def __init__(self, workers: int, sr: StageRun) -> None:
         self.size = max(MIN_WINDOW, WINDOW_PER_WORKER * workers)
-        self.per_worker = max(1, self.size // workers)
-        self.window = trio.Semaphore(self.size)
+        self.free = self.size  # window slots not held by an item
+        self._waiting = trio.lowlevel.ParkingLot()
         self.ready: dict[int, list[Env]] = {}
         self.next = 0
         self.flushing = False
         self.out: Outbox = sr.out
 
     async def reserve(self, limit: int) -> int:
-        """Take one slot (waiting if needed) and up to ``limit`` in all if free now."""
-        window = self.window
-        try:
-            window.acquire_nowait()
-        except trio.WouldBlock:
-            await window.acquire()
-        got = 1
-        limit = min(limit, self.per_worker)
-        while got < limit:
-            try:
-                window.acquire_nowait()
-            except trio.WouldBlock:
-                break
-            got += 1
+        """Take one slot (waiting if needed), and up to ``limit`` in all if free now."""
+        while not self.free:
+            await self._waiting.park()
+        got = min(limit, self.free)
+        self.free -= got
+        if self.free and self._waiting:
+            self._waiting.unpark()  # slots are left: the next waiter's turn
         return got
 
     def release(self, n: int) -> None:
-        for _ in range(n):
-            self.window.release()
+        if n:
+            self.free += n
+            if self._waiting:
+                self._waiting.unpark()
 
     async def take_slot(self) -> None:
-        try:
-            self.window.acquire_nowait()
-        except trio.WouldBlock:
-            await self.window.acquire()
+        await self.reserve(1)
 
     async def deposit(self, results: list[tuple[int, list[Env]]]) -> float:
         """Park outputs by input position; emit every run that is complete, in order.

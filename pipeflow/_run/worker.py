@@ -234,6 +234,7 @@ class StageRun:
         # Only where items may be taken back by another worker: not a keyed worker's own
         # edge (one key, one worker) and not an ordered stage's window.
         stepper = self.stepper if not keyed and reorder is None else None
+        one_arg = not self.takes_resource
         autoscale = self.opts.autoscale
         min_workers = self.opts.min_workers
         task = trio.lowlevel.current_task()
@@ -282,14 +283,17 @@ class StageRun:
             results: list[tuple[int, list[Env]]] = []  # ordered stages: by input position
             done = 0  # chunk[:done] are accounted for; their outputs are in outs/results
             calls = 0
+            ok_w = ok_n = 0  # items with one output (weight, count): counted per chunk
             handed_over = False
-            c.busy_workers += 1
-            busy = True
-            t0 = now()
+            busy = False
+            t0 = 0.0
             try:
                 if spins >= CHUNK:
                     spins = 0
                     await trio.lowlevel.checkpoint()
+                t0 = now()  # after the checkpoint: others' time is not this chunk's
+                c.busy_workers += 1
+                busy = True
                 outcomes = None
                 if chunk_call is not None:
                     outcomes = await chunk_call([e.item for e in chunk], res)
@@ -326,7 +330,7 @@ class StageRun:
                         # without waiting. One that waits is I/O: the items taken with
                         # it go back for idle workers, and the outputs made so far go on.
                         try:
-                            coro = stepper(item, res)
+                            coro = stepper(item) if one_arg else stepper(item, res)
                             trap = coro.send(None)
                         except StopIteration as stop:
                             result = stop.value
@@ -366,16 +370,16 @@ class StageRun:
                         else:
                             outs.extend(produced)
                         continue
-                    c.inflight -= w
                     if not multi:
-                        c.ok += w
-                        c.items_out += 1
+                        ok_w += w
+                        ok_n += 1
                         env.item = result
                         if reorder is not None:
                             results.append((env.seq, [env]))
                         else:
                             outs.append(env)
                         continue
+                    c.inflight -= w
                     k = len(result)
                     if k == 0:
                         c.filtered += w
@@ -396,6 +400,11 @@ class StageRun:
                         outs.append(env)
                         outs.extend(Env(x, ack) for x in result[1:])
                 # Statistics once per chunk: two clock reads, histograms by weight.
+                if ok_n:
+                    c.ok += ok_w
+                    c.items_out += ok_n
+                    c.inflight -= ok_w
+                    ok_w = ok_n = 0
                 busy = False
                 self._record(t0, chunk, calls, task)
                 inbox.wake_all = not self.chunked
@@ -409,6 +418,10 @@ class StageRun:
                 if blocked:
                     c.blocked_time += blocked
             except BaseException:
+                if ok_n:
+                    c.ok += ok_w
+                    c.items_out += ok_n
+                    c.inflight -= ok_w
                 if busy:
                     self._record(t0, chunk, calls, task)
                 # A stop (or a failure) took these items from this worker: count them,

@@ -101,9 +101,12 @@ class Reorder:
                     out.extend(ready.pop(self.next))
                     self.next += 1
                     n += 1
+                # In order now, so out of the window: workers may go on while this
+                # worker hands the run on (the window bounds the items waiting for
+                # their turn; the run in hand is bounded by the window too).
+                self.release(n)
                 if out:
                     blocked += await self.out.put(out)
-                self.release(n)
         finally:
             self.flushing = False
         return blocked

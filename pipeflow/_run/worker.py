@@ -245,7 +245,9 @@ class StageRun:
                 return
             limit = CHUNK if self.chunked else 1
             if window is not None:
-                limit = await window.reserve(limit)
+                # Slots for the items waiting now: a worker that waits for items holds
+                # one slot, not a chunk's worth that the others could use.
+                limit = await window.reserve(min(limit, max(1, len(inbox))))
             try:
                 chunk = inbox.take_nowait(limit)
             except trio.WouldBlock:

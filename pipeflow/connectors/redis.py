@@ -72,6 +72,8 @@ __all__ = [
 #: Ids per XACK / XCLAIM command: big enough to amortise a round trip, small enough
 #: not to stall Redis (each is O(n)).
 _CHUNK = 1000
+#: The acker waits this long (seconds) for more finished entries before an XACK.
+_ACK_GATHER = 0.001
 #: At most this often (seconds) the source trims its stream when ``maxlen`` is set.
 _TRIM_EVERY = 1.0
 #: On leaving, the source spends at most this long acking what it finished.
@@ -662,11 +664,12 @@ async def _close(consumer: _Consumer) -> None:
             if consumer.conn.client.overdue:
                 # A command was abandoned after Redis kept it waiting: it does not
                 # answer now, and a cancelled run must not wait for it.
-                consumer.log.warning(
-                    "redis_ack_failed",
-                    entries=len(consumer.to_ack),
-                    error="Redis did not answer in time; leaving without acking",
-                )
+                if consumer.held:
+                    consumer.log.warning(
+                        "redis_ack_failed",
+                        entries=len(consumer.to_ack),
+                        error="Redis did not answer in time; left without acking",
+                    )
                 return
             with trio.CancelScope(shield=True), trio.move_on_after(_CANCELLED_CLOSE_TIMEOUT):
                 await consumer.close()
@@ -792,7 +795,9 @@ class _Consumer:
             if self._ended:
                 raise StopAsyncIteration
             room = self.capacity - len(self.held)
-            if room <= 0:
+            if room <= 0 or (2 * room < self.capacity and self.to_ack):
+                # Full, or nearly and room is coming (acks on their way): one read of
+                # many entries after the acks costs far less than many small ones.
                 self._room = trio.Event()
                 await self._room.wait()
                 continue
@@ -962,6 +967,8 @@ class _Consumer:
         """Background task: XACK finished entries in batches, as they come."""
         while True:
             await self._ack_wanted.wait()
+            # Let the items finishing at the same moment join this XACK.
+            await trio.sleep(_ACK_GATHER)
             self._ack_wanted = trio.Event()
             await self.flush()
 

@@ -1,0 +1,309 @@
+"""A fleet on Redis Streams: 1, 2 and 4 members against a hand-written consumer.
+
+Every member drains one stream of jobs through one consumer group, works on each entry
+(``square = n * n``, in an ``async def`` stage), appends the result to a results stream
+and acknowledges the job. The pipeflow member is ``RedisStreamSource -> work ->
+RedisStreamSink(batch=100)``, what ``pipeflow run --source redis://...`` runs; the
+hand-written member is the minimal loop a careful programmer writes with the same
+client (``XREADGROUP COUNT 100``, then the ``XADD``s and one ``XACK`` in one round trip).
+
+Each member is a fresh process (``--member``) that imports everything, says it is ready
+and starts on a signal, so start-up is not timed; it reports its own CPU seconds
+(``time.process_time()``). A redis-server of its own (no persistence) runs on a free
+127.0.0.1 port; its CPU is read from ``/proc``. Figures: entries/s of the fleet
+(entries / the span from the first start to the last end), CPU per entry of the members
+(their CPU seconds summed / entries: what one member spends per entry), and of Redis.
+Targets: pipeflow's CPU per entry at most 1.5x the hand-written loop's, and 4 members
+at least 3x one member's rate where the machine has the cores for it (4 members and
+Redis: 6 or more).
+
+    python benchmarks/bench_fleet.py [--quick] [--json FILE] [--check]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import Row, bench_main, median, progress
+
+QUICK = {"entries": 2_000, "rounds": 1}
+FLEETS = (1, 2, 4)
+KINDS = ("hand-written", "pipeflow")
+#: Cores below which 4 members (and Redis) cannot run side by side.
+CORES_FOR_4 = 6
+STREAM, GROUP, RESULTS = "jobs", "bench", "results"
+
+
+# -- the members (subprocesses) --------------------------------------------------------------
+
+
+async def _pipeflow_member(url: str, consumer: str) -> int:
+    from pipeflow import Pipeline, stage
+    from pipeflow.connectors.redis import Entry, RedisStreamSink, RedisStreamSource
+
+    @stage(workers=8)
+    async def work(entry: Entry) -> Entry:
+        n = int(entry.fields["n"])
+        return entry.with_fields(n=n, square=n * n)
+
+    sink = RedisStreamSink(url, RESULTS, workers=2, batch=100, batch_timeout=0.01)
+    source = RedisStreamSource(
+        url, STREAM, group=GROUP, consumer=consumer, drain=True, claim_idle=60.0
+    )
+    result = await Pipeline(work | sink, name="fleet").arun(source, collect=False)
+    return result.stats["work"].items_in
+
+
+async def _hand_member(url: str, consumer: str) -> int:
+    from pipeflow.connectors._resp import Client, parse_url
+
+    client = Client(parse_url(url))
+    done = 0
+    try:
+        while True:
+            reply = await client.execute(
+                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 100, "STREAMS", STREAM, ">"
+            )
+            if not reply:
+                return done  # drained (no member of this benchmark crashes)
+            commands: list[tuple[Any, ...]] = []
+            ids = []
+            for entry_id, flat in reply[0][1]:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                n = int(fields["n"])
+                commands.append(
+                    ("XADD", RESULTS, "*", "n", n, "square", n * n, "source_id", entry_id)
+                )
+                ids.append(entry_id)
+            commands.append(("XACK", STREAM, GROUP, *ids))
+            await client.execute_many(commands)
+            done += len(ids)
+    finally:
+        await client.aclose()
+
+
+def member(url: str, consumer: str, kind: str) -> None:
+    """Drain the stream as ``consumer``; print start, end, entries and CPU seconds."""
+    import trio
+
+    run = _pipeflow_member if kind == "pipeflow" else _hand_member
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go"
+    cpu0, start = time.process_time(), time.time()
+    n = trio.run(run, url, consumer)
+    end, cpu = time.time(), time.process_time() - cpu0
+    print(json.dumps({"start": start, "end": end, "entries": n, "cpu": cpu}), flush=True)
+
+
+# -- the orchestration -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Server:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        import redis
+
+        self.dir = tempfile.mkdtemp(prefix="bench-fleet-")
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", self.dir]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        self.client = redis.Redis(port=self.port, decode_responses=True)
+        for _ in range(500):
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.01)
+
+    def fill(self, entries: int) -> None:
+        self.client.flushall()
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(entries):
+            pipe.xadd(STREAM, {"n": str(i), "payload": "x" * 64})
+            if i % 1000 == 999:
+                pipe.execute()
+        pipe.execute()
+        self.client.xgroup_create(STREAM, GROUP, "0")
+
+    def stop(self) -> None:
+        self.client.close()
+        os.kill(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fleet(server: _Server, entries: int, kind: str, members: int) -> dict[str, float]:
+    """One run: ``members`` processes of ``kind`` drain ``entries``."""
+    server.fill(entries)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--member", server.url, f"m{i}", kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(members)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a benchmark member did not start")
+        redis_cpu = _cpu_seconds(server.proc.pid)
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        reports = []
+        for p in procs:
+            out, _ = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise RuntimeError(f"a benchmark member failed (exit {p.returncode})")
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        redis_cpu = _cpu_seconds(server.proc.pid) - redis_cpu
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    done = sum(r["entries"] for r in reports)
+    written = server.client.xlen(RESULTS)
+    pending = server.client.xpending(STREAM, GROUP)["pending"]
+    if done != entries or written != entries or pending:
+        msg = f"{kind} x{members}: {done}/{entries} processed, {written} written, {pending} pending"
+        raise RuntimeError(msg)
+    span = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    return {
+        "rate": entries / span,
+        "cpu_us": 1e6 * sum(r["cpu"] for r in reports) / entries,
+        "redis_cpu_us": 1e6 * redis_cpu / entries,
+    }
+
+
+def measure(entries: int = 20_000, rounds: int = 3, fleets: tuple[int, ...] = FLEETS) -> list[Row]:
+    server = _Server()
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    cases = [(kind, members) for members in fleets for kind in KINDS]
+    try:
+        for r in range(rounds):
+            for kind, members in cases if r % 2 == 0 else cases[::-1]:
+                progress(f"fleet: round {r + 1}, {kind}, {members} member(s)")
+                runs.setdefault((kind, members), []).append(_fleet(server, entries, kind, members))
+    finally:
+        server.stop()
+
+    def fig(kind: str, members: int, what: str) -> float:
+        return median([run[what] for run in runs[(kind, members)]])
+
+    cores = os.cpu_count() or 1
+    detail: dict[str, Any] = {
+        "entries": entries,
+        "rounds": rounds,
+        "cores": cores,
+        "runs": {f"{kind} x{members}": values for (kind, members), values in runs.items()},
+    }
+    rows = []
+    for members in fleets:
+        label = f"{members} member{'s' if members > 1 else ''}"
+        pf_cpu, hand_cpu = (
+            fig("pipeflow", members, "cpu_us"),
+            fig("hand-written", members, "cpu_us"),
+        )
+        rows.append(
+            Row(
+                benchmark="fleet",
+                workload=f"fleet, {label}, member CPU per entry",
+                unit="us",
+                pipeflow=pf_cpu,
+                baseline=hand_cpu,
+                ratio=pf_cpu / hand_cpu,
+                target=("<=", 1.5),
+                detail=detail,
+            )
+        )
+        pf_rate, hand_rate = fig("pipeflow", members, "rate"), fig("hand-written", members, "rate")
+        rows.append(
+            Row(
+                benchmark="fleet",
+                workload=f"fleet, {label}, entries/s",
+                unit="items/s",
+                pipeflow=pf_rate,
+                baseline=hand_rate,
+                ratio=pf_rate / hand_rate,
+                detail=detail,
+            )
+        )
+        pf_redis = fig("pipeflow", members, "redis_cpu_us")
+        rows.append(
+            Row(
+                benchmark="fleet",
+                workload=f"fleet, {label}, Redis CPU per entry",
+                unit="us",
+                pipeflow=pf_redis,
+                baseline=fig("hand-written", members, "redis_cpu_us"),
+                ratio=pf_redis / max(fig("hand-written", members, "redis_cpu_us"), 1e-9),
+                detail=detail,
+            )
+        )
+    most = max(fleets)
+    for kind in KINDS if most > 1 else ():
+        one, four = fig(kind, 1, "rate"), fig(kind, most, "rate")
+        scales = kind == "pipeflow" and most == 4 and cores >= CORES_FOR_4
+        rows.append(
+            Row(
+                benchmark="fleet",
+                workload=f"fleet, {kind}, {most} members vs 1, entries/s",
+                unit="items/s",
+                pipeflow=four,
+                baseline=one,
+                ratio=four / one,
+                target=(">=", 3.0) if scales else None,
+                baseline_label="1 member",
+                pipeflow_note="" if cores >= CORES_FOR_4 else f"({cores} cores: no room to scale)",
+                detail=detail,
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(__doc__, measure, QUICK, argv)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--member":
+        member(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        sys.exit(main())

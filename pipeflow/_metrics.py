@@ -29,6 +29,7 @@ labelled ``pipeline`` and ``source``, read from the source's ``statistics()``.
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -46,6 +47,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from ._report import ReportError, describe_pipeline, parse_exposition
+from ._report.dashboard import Dashboard, render_dashboard
 from ._sources import SourceTotals
 from ._stats import BOUNDS, StageCounters
 
@@ -76,6 +79,9 @@ BUCKETS: tuple[float, ...] = (
 # Index of each exported bound in the statistics' histogram (counts[i] is the bucket
 # whose upper bound is BOUNDS[i]).
 _BUCKET_INDEX = tuple(BOUNDS.index(b) for b in BUCKETS)
+
+#: Seconds between two samples of the live dashboard at ``/``.
+DASHBOARD_INTERVAL = 1.0
 
 #: The metrics endpoint listens on loopback only: exposing it is the user's decision.
 HOST = "127.0.0.1"
@@ -446,7 +452,8 @@ def metrics_service(
     pipeline: Pipeline[Any, Any], port: int, *, host: str = HOST
 ) -> Callable[..., Awaitable[None]]:
     """The ``metrics_port=`` service: ``/metrics`` over HTTP on ``host``:``port``
-    (127.0.0.1 unless ``metrics_host=`` says otherwise).
+    (127.0.0.1 unless ``metrics_host=`` says otherwise), and the live dashboard at ``/``
+    (figures at ``/dashboard.json``).
 
     Returns an async function for ``nursery.start``: it listens, sets
     ``pipeline.metrics_address`` to the bound ``(host, port)`` (useful with port 0,
@@ -473,6 +480,7 @@ def metrics_service(
         registry = CollectorRegistry()
         register(pipeline, registry)
         pipeline.registry = registry
+    dashboard = Dashboard(structures={pipeline.name: describe_pipeline(pipeline)})
 
     async def serve_metrics(
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
@@ -494,9 +502,11 @@ def metrics_service(
             task_status.started(address)
 
             async def handler(stream: trio.SocketStream) -> None:
-                await _handle(stream, registry)
+                await _handle(stream, registry, dashboard)
 
-            await trio.serve_listeners(handler, listeners)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_sample_dashboard, registry, dashboard)
+                await trio.serve_listeners(handler, listeners)
         finally:
             if getattr(owner, "metrics_address", None) == address:
                 owner.metrics_address = None
@@ -506,7 +516,22 @@ def metrics_service(
     return serve_metrics
 
 
-async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _sample_dashboard(registry: CollectorRegistry, dashboard: Dashboard) -> None:
+    """Once a second, the registry's pipeflow figures into the dashboard's history (a few
+    milliseconds of work a second, only while an endpoint is served)."""
+    while True:
+        try:
+            scrape = parse_exposition(generate_latest(registry).decode("utf-8"))
+        except ReportError:
+            scrape = None  # nothing of pipeflow's in it yet
+        if scrape is not None:
+            dashboard.sample(trio.current_time(), scrape)
+        await trio.sleep(DASHBOARD_INTERVAL)
+
+
+async def _handle(
+    stream: trio.SocketStream, registry: CollectorRegistry, dashboard: Dashboard | None = None
+) -> None:
     """Answer one request on one connection, then close it (``Connection: close``)."""
     async with stream:
         try:
@@ -514,7 +539,7 @@ async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
                 head = await _read_head(stream)
                 if head is None:
                     return
-                await stream.send_all(_respond(head, registry))
+                await stream.send_all(_respond(head, registry, dashboard))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             # The client went away; the pipeline must not care.
             return
@@ -532,7 +557,7 @@ async def _read_head(stream: trio.SocketStream) -> bytes | None:
     return bytes(buf)
 
 
-def _respond(head: bytes, registry: CollectorRegistry) -> bytes:
+def _respond(head: bytes, registry: CollectorRegistry, dashboard: Dashboard | None = None) -> bytes:
     lines = head.decode("latin-1").splitlines()
     parts = lines[0].split() if lines else []
     if len(parts) != 3:
@@ -540,8 +565,20 @@ def _respond(head: bytes, registry: CollectorRegistry) -> bytes:
     method, target, _version = parts
     if method not in ("GET", "HEAD"):
         return _response("405 Method Not Allowed", b"GET /metrics\n", extra=["Allow: GET, HEAD"])
-    if target.split("?", 1)[0] != "/metrics":
-        return _response("404 Not Found", b"pipeflow serves its metrics at /metrics\n")
+    path = target.split("?", 1)[0]
+    head_only = method == "HEAD"
+    if dashboard is not None and path in ("/", "/index.html"):
+        page = render_dashboard(dashboard.snapshot()).encode("utf-8")
+        return _response(
+            "200 OK", page, content_type="text/html; charset=utf-8", head_only=head_only
+        )
+    if dashboard is not None and path == "/dashboard.json":
+        body = json.dumps(dashboard.snapshot(), ensure_ascii=False).encode("utf-8")
+        return _response("200 OK", body, content_type="application/json", head_only=head_only)
+    if path != "/metrics":
+        return _response(
+            "404 Not Found", b"pipeflow serves its metrics at /metrics and a dashboard at /\n"
+        )
     accept = ""
     for line in lines[1:]:
         name, _, value = line.partition(":")

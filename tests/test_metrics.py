@@ -338,7 +338,7 @@ async def test_metrics_port_uses_the_pipelines_registry():
 
 
 async def test_the_endpoint_answers_other_paths_and_methods():
-    """HEAD gives headers only; other paths 404; other methods 405."""
+    """HEAD gives headers only; / is the dashboard; other paths 404; other methods 405."""
     release = trio.Event()
 
     @stage
@@ -353,7 +353,8 @@ async def test_the_endpoint_answers_other_paths_and_methods():
             base = url(pipeline).removesuffix("/metrics")
             async with httpx.AsyncClient() as client:
                 head = await client.head(f"{base}/metrics")
-                missing = await client.get(f"{base}/")
+                missing = await client.get(f"{base}/nowhere")
+                page = await client.get(f"{base}/")
                 post = await client.post(f"{base}/metrics")
             release.set()
     assert (200, b"", True) == (
@@ -361,7 +362,11 @@ async def test_the_endpoint_answers_other_paths_and_methods():
         head.content,
         int(head.headers["content-length"]) > 0,
     )
-    assert (404, "pipeflow serves its metrics at /metrics\n") == (missing.status_code, missing.text)
+    assert (404, "pipeflow serves its metrics at /metrics and a dashboard at /\n") == (
+        missing.status_code,
+        missing.text,
+    )
+    assert (200, "text/html; charset=utf-8") == (page.status_code, page.headers["content-type"])
     assert (405, "GET, HEAD") == (post.status_code, post.headers["allow"])
 
 

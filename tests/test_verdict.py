@@ -61,7 +61,7 @@ async def test_a_batch_stage_is_sized_by_calls_not_items(autojump_clock):
     verdict, _ = verdict_of(report)
     assert "stage" == verdict.kind
     assert "write" == verdict.stage
-    assert "= 1.00 of 1 workers busy on average" in verdict.headline
+    assert "= 1.00 of 1 worker busy on average" in verdict.headline
     assert "3 workers for write" in verdict.text()  # twice the rate at 70%
     assert "write's batches stay as full as measured (100 items per call of 1 s)" in verdict.text()
 

@@ -28,6 +28,7 @@ from .._report import (
     view_from_report,
     views_from_scrapes,
 )
+from .._report.dashboard import Dashboard, render_dashboard
 from .errors import EXIT_OK, CliError
 from .loading import load_pipeline
 
@@ -130,6 +131,10 @@ def _graph_live(args: argparse.Namespace, *, unicode: bool, color: bool) -> int:
     live_screen = args.watch and args.output is None and sys.stdout.isatty()
     before = _scrape(url)
     t_before = start = time.monotonic()
+    # Watching into an HTML file: the live dashboard, as a page that reloads itself.
+    dashboard = Dashboard() if args.watch and args.output and args.format == "html" else None
+    if dashboard is not None:
+        dashboard.sample(t_before, before)
     try:
         while True:
             time.sleep(args.interval)
@@ -142,9 +147,13 @@ def _graph_live(args: argparse.Namespace, *, unicode: bool, color: bool) -> int:
                 print(f"pipeflow: {exc}: the run has ended", file=sys.stderr)
                 break
             t_after = time.monotonic()
-            views = views_from_scrapes(before, after, t_after - t_before, url)
-            views = [_add_series(v, series, t_after - start) for v in views]
-            text = render_many(views, args.format, unicode=unicode, color=color)
+            if dashboard is not None:
+                dashboard.sample(t_after, after)
+                text = render_dashboard(dashboard.snapshot(), poll=None)
+            else:
+                views = views_from_scrapes(before, after, t_after - t_before, url)
+                views = [_add_series(v, series, t_after - start) for v in views]
+                text = render_many(views, args.format, unicode=unicode, color=color)
             if live_screen:
                 sys.stdout.write("\x1b[H\x1b[2J")
             _emit(text, args.output)

@@ -6,15 +6,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
 from ..sizing import busy_workers, utilisation, workers_needed
 from .schema import ReportError
 from .verdict import judge
-from .view import GraphView, StageView
+from .view import GraphView, StageView, _structure_fields
 
 _BREAKER_STATES = {0.0: "closed", 1.0: "half_open", 2.0: "open"}
+
+
+def _configured(structure: Mapping[str, Any] | None, breaker: bool) -> dict[str, Any]:
+    """A stage's configured fields (workers, options, kind) when its structure is known;
+    a breaker gauge says it has a breaker either way."""
+    fields = _structure_fields(structure) if structure is not None else {"options": {}}
+    if breaker:
+        fields["options"] = {**fields["options"], "breaker": True}
+    return fields
+
 
 #: The metric names of the observability contract (DESIGN.md, "Observability").
 METRIC_PREFIX = "pipeflow_stage_"
@@ -135,17 +146,30 @@ def _apply(s: StageSample, name: str, labels: Mapping[str, str], value: float) -
 
 
 def views_from_scrapes(
-    before: Scrape, after: Scrape, seconds: float, target: str
+    before: Scrape,
+    after: Scrape,
+    seconds: float,
+    target: str,
+    *,
+    structures: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[GraphView]:
     """One view per pipeline: rates over the ``seconds`` between two scrapes.
 
     λ is the change of ``items_total`` (ok + filtered + failed) per second, W the mean
     of the duration histogram over the interval, utilisation λW/N with N the workers
-    gauge, and the verdict (see :mod:`.verdict`) on those figures.
+    gauge, and the verdict (see :mod:`.verdict`) on those figures. ``structures`` maps
+    a pipeline to its structure (``describe_pipeline``), when known: the verdict then
+    knows each stage's options.
     """
     views: list[GraphView] = []
     for pipeline, stages in after.items():
         earlier = before.get(pipeline, {})
+        structure = (structures or {}).get(pipeline, {})
+        configured = {
+            d["name"]: d
+            for d in structure.get("stages", [])
+            if isinstance(d, Mapping) and isinstance(d.get("name"), str)
+        }
         out: list[StageView] = []
         for name, now in stages.items():
             was = earlier.get(name, StageSample())
@@ -190,7 +214,7 @@ def views_from_scrapes(
                     recommended_workers=workers_needed(load)
                     if load is not None and lam > 0
                     else None,
-                    options={"breaker": True} if now.breaker is not None else {},
+                    **_configured(configured.get(name), now.breaker is not None),
                     seconds=dt,
                     done=max(done, 0.0),
                     busy_seconds=min(load, n) * dt if load is not None else None,

@@ -194,7 +194,7 @@ def judge(
         headline = (
             f"{b.name} limits the rate{when}: {util_text(b)} busy. Little's Law: L = λW = "
             f"{fmt_rate(b.throughput or 0.0)} {TIMES} {fmt_duration(b.per_item or 0.0)} "
-            f"per item = {load:.2f} of {pool} workers busy on average."
+            f"per item = {load:.2f} of {pool} worker{'' if pool == '1' else 's'} busy on average."
         )
         others = [s for s in limits[1:]]
         if others:

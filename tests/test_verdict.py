@@ -101,7 +101,7 @@ async def test_a_slow_source_is_named(autojump_clock):
     verdict, _ = verdict_of(await report_of(Pipeline(work, name="s"), slowly()))
     assert "source" == verdict.kind
     assert verdict.headline.startswith("The source limits the rate")
-    assert "no stage is 80% busy (busiest: work at 10%)" in verdict.headline
+    assert "no stage is 80% busy (busiest: work, 10% busy)" in verdict.headline
 
 
 async def test_an_outage_does_not_hide_a_saturated_stage(autojump_clock):

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mode = "live" if sys.stdout.isatty() else "lines"
     progress = Progress(sys.stdout, mode=mode, title="pipeflow demo: web scraper")
     series = Series(interval=1.0)
+    cpu = [time.process_time()]
 
     async def watch(pipeline: Pipeline[Any, Any]) -> None:
         t0 = trio.current_time()
+        cpu[0] = time.process_time()
         next_sample = 1.0
         k = 0
         try:
@@ -60,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     continue
                 t = trio.current_time() - t0
                 if t >= next_sample - 1e-9:
-                    series.sample(t, stats)
+                    series.sample(t, stats, time.process_time() - cpu[0])
                     next_sample += 1.0
                 progress.update(t, stats, series)
         finally:
@@ -68,7 +71,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     def show(result: RunResult[Any], pipeline: Pipeline[Any, Any]) -> None:
         # The same summary as pipeflow run's, from the same kind of report.
-        series.sample(max(result.elapsed, series.t[-1] if series.t else 0.0), result.stats)
+        last = series.t[-1] if series.t else 0.0
+        series.sample(max(result.elapsed, last), result.stats, time.process_time() - cpu[0])
         report = build_report(
             target="examples/scraper.py:pipeline",
             status="completed",

@@ -33,6 +33,7 @@ class Progress:
         self._bar_full, self._bar_empty = ("█", "░") if stdout_unicode() else ("#", ".")
 
     def update(self, t: float, stats: Mapping[str, StageStats], series: Series) -> None:
+        self._record(t, stats)
         if self.mode == "live":
             self._lines = self._view(t, stats, series)
             self._draw()
@@ -45,15 +46,16 @@ class Progress:
         last = list(stats.values())[-1]
         return last.ok + last.filtered + last.failed
 
+    def _record(self, t: float, stats: Mapping[str, StageStats]) -> None:
+        now = {n: (s.busy_seconds, s.throttled_seconds) for n, s in stats.items()}
+        self._history.append((t, now))
+        while len(self._history) > 2 and self._history[1][0] <= t - self.WINDOW:
+            self._history.pop(0)
+
     def _window(self, t: float, stats: Mapping[str, StageStats]) -> dict[str, tuple[float, ...]]:
         """Per stage over the last few seconds: workers busy on average (throttled waits
         are not busy time), workers throttled on average, and utilisation."""
-        self._history.append(
-            (t, {n: (s.busy_seconds, s.throttled_seconds) for n, s in stats.items()})
-        )
-        while len(self._history) > 2 and self._history[1][0] <= t - self.WINDOW:
-            self._history.pop(0)
-        t0, then = self._history[0]
+        t0, then = self._history[0] if self._history else (t, {})
         dt = t - t0
         out: dict[str, tuple[float, ...]] = {}
         for name, s in stats.items():

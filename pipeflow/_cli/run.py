@@ -13,6 +13,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -153,6 +154,7 @@ class _RunCommand:
         self.progress = Progress(sys.stdout, mode=mode, title=f"pipeflow run {self.target}")
         self.outcome = _Outcome()
         self.t0 = 0.0
+        self.cpu0 = 0.0
         self.metrics_url: str | None = None
         self.metrics_address: tuple[str, int] | None = None
 
@@ -200,6 +202,7 @@ class _RunCommand:
 
     async def execute(self) -> None:
         self.t0 = trio.current_time()
+        self.cpu0 = time.process_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch)
             try:
@@ -231,7 +234,7 @@ class _RunCommand:
             t = trio.current_time() - self.t0
             self.outcome.stats, self.outcome.stats_at = stats, t
             if t >= next_sample - 1e-9:
-                self.series.sample(t, stats)
+                self.series.sample(t, stats, time.process_time() - self.cpu0)
                 next_sample += 1.0
             self.progress.update(t, stats, self.series)
 
@@ -359,7 +362,9 @@ class _RunCommand:
             # The final figures: a new last sample, or they replace one taken as the run
             # ended (the two clocks started a moment apart).
             self.series.sample(
-                max(t_end, self.series.t[-1] if self.series.t else 0.0), result.stats
+                max(t_end, self.series.t[-1] if self.series.t else 0.0),
+                result.stats,
+                time.process_time() - self.cpu0,
             )
         if status == "completed" and data.get("errors"):
             n = len(data["errors"])

@@ -120,13 +120,19 @@ class Series:
         self._last_t = 0.0
         self._last_done: dict[str, int] = {}
         self._before: tuple[float, dict[str, int]] = (0.0, {})
+        #: CPU seconds the process used since the run started, per sample (when given).
+        self.process_cpu: list[float] = []
 
-    def sample(self, t: float, stats: Mapping[str, StageStats]) -> None:
+    def sample(
+        self, t: float, stats: Mapping[str, StageStats], process_cpu: float | None = None
+    ) -> None:
         dt = t - self._last_t
         if dt <= 0 and self.t and abs(t - self.t[-1]) < 1e-6:
             # The run's final statistics at the time of the last sample: they replace it
             # (a call that ended at that very moment must count).
             self.t.pop()
+            if len(self.process_cpu) > len(self.t):
+                self.process_cpu.pop()
             for columns in self.stages.values():
                 for column in columns.values():
                     if len(column) > len(self.t):
@@ -137,6 +143,8 @@ class Series:
             return
         self._before = (self._last_t, dict(self._last_done))
         self.t.append(round(t, 6))
+        if process_cpu is not None:
+            self.process_cpu.append(round(process_cpu, 6))
         for name, s in stats.items():
             columns = self.stages.setdefault(name, {f: [] for f in SERIES_FIELDS})
             done = s.ok + s.filtered + s.failed
@@ -162,7 +170,10 @@ class Series:
         return column[-1] if column else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"interval": self.interval, "t": list(self.t), "stages": self.stages}
+        d: dict[str, Any] = {"interval": self.interval, "t": list(self.t), "stages": self.stages}
+        if self.process_cpu and len(self.process_cpu) == len(self.t):
+            d["process_cpu"] = list(self.process_cpu)
+        return d
 
 
 def build_report(

@@ -124,14 +124,36 @@ def _capacity(s: StageView) -> float | None:
     return most
 
 
-def _cpu_bound(s: StageView) -> bool:
-    """A thread stage whose calls are mostly on CPU, or whose threads together keep at
-    least half a core busy with Python while more than one of them works (then each
-    waits for the GIL, and its share of CPU per call falls)."""
-    if s.cpu_share is None:
+def _cpu_bound(s: StageView, process_cpu: float | None) -> bool:
+    """A thread stage whose calls are mostly on CPU: their CPU time is most of their
+    busy time, or (several threads taking turns on the GIL, or a machine short of CPU
+    stretch each call) its threads use most of the CPU the whole process got, or at
+    least 0.7 of a core."""
+    if s.cpu_share is None or not s.seconds:
         return False
-    cores = (s.cpu_seconds or 0.0) / s.seconds if s.seconds else 0.0
-    return s.cpu_share >= CPU_BOUND or (cores >= 0.5 and (s.load or 0.0) > 1.0)
+    cpu = s.cpu_seconds or 0.0
+    cores = cpu / s.seconds
+    if s.cpu_share >= CPU_BOUND or cores >= GIL_CORES - 0.1:
+        return True
+    return process_cpu is not None and cores >= 0.2 and cpu >= 0.6 * process_cpu
+
+
+def _held(stages: Sequence[StageView]) -> list[str]:
+    """What a window left out: stages that a breaker or a rate limit held over the whole
+    run."""
+    out = []
+    for s in stages:
+        share = s.throttled_fraction or 0.0
+        if share < THROTTLED_LIMIT:
+            continue
+        what = "its circuit breaker" if s.options.get("breaker") else "its rate limit"
+        failed = f"; {s.failed} items failed" if s.failed else ""
+        out.append(
+            f"Over the whole run, {what} held {s.name}'s workers for "
+            f"{fmt_duration(s.throttled_seconds or 0.0)} ({fmt_pct(share)} of their time"
+            f"{failed})."
+        )
+    return out
 
 
 def _max_workers(s: StageView) -> int | None:
@@ -145,12 +167,17 @@ def judge(
     window: str | None = None,
     target: float = TARGET_UTILISATION,
     autoscale: Mapping[str, str] | None = None,
+    process_cpu: float | None = None,
+    whole_stages: Sequence[StageView] = (),
 ) -> Verdict:
     """The verdict on measured ``stages`` (figures over one window).
 
     ``whole`` maps a stage to its whole-run utilisation, shown beside the window's when
     they differ; ``window`` says which window it is (``"steady state 2.0-14.0 s"``);
-    ``autoscale`` maps an autoscaled stage to a sentence on how its pool settled.
+    ``autoscale`` maps an autoscaled stage to a sentence on how its pool settled;
+    ``process_cpu`` is the CPU seconds the whole process used over the window (when
+    known: it tells a thread stage starved of the GIL from one waiting on I/O);
+    ``whole_stages`` the whole run's figures, when the window is a part of it.
     """
     measured = [s for s in stages if s.measured and s.utilisation is not None]
     if not measured:
@@ -162,8 +189,9 @@ def judge(
     when = f" ({window})" if window else ""
 
     def util_text(s: StageView) -> str:
+        """``96% busy (56% over the whole run)``."""
         u = s.utilisation or 0.0
-        text = fmt_pct(u)
+        text = f"{fmt_pct(u)} busy"
         w = whole.get(s.name)
         if w is not None and abs(w - u) >= 0.05:
             text += f" ({fmt_pct(w)} over the whole run)"
@@ -179,7 +207,12 @@ def judge(
     # Process-wide: Python code in threads holds the GIL, one thread at a time.
     cores = sum((s.cpu_seconds or 0.0) / s.seconds for s in measured if s.seconds)
     gil = cores >= GIL_CORES
-    if gil:
+    limits_cpu = any(
+        _cpu_bound(s, process_cpu)
+        for s in measured
+        if (s.utilisation or 0.0) >= LIMIT_UTILISATION - 1e-9
+    )
+    if gil and not limits_cpu:
         advice.append(
             f"Thread stages ran Python on {cores:.2f} CPU cores: the GIL runs one thread "
             "at a time, so more threads will not go faster, and async stages wait for "
@@ -190,9 +223,9 @@ def judge(
         b = limits[0]
         n = _pool(b)
         load = b.load or 0.0
-        pool = f"{round(n)}" if abs(n - round(n)) < 0.05 else f"{n:.1f}"
+        pool = f"{round(n)}" if n >= 10 or abs(n - round(n)) < 0.05 else f"{n:.1f}"
         headline = (
-            f"{b.name} limits the rate{when}: {util_text(b)} busy. Little's Law: L = λW = "
+            f"{b.name} limits the rate{when}: {util_text(b)}. Little's Law: L = λW = "
             f"{fmt_rate(b.throughput or 0.0)} {TIMES} {fmt_duration(b.per_item or 0.0)} "
             f"per item = {load:.2f} of {pool} worker{'' if pool == '1' else 's'} busy on average."
         )
@@ -209,14 +242,18 @@ def judge(
         gain: float | None = None
         if b.throughput and nxt is not None:
             gain = nxt[1] / b.throughput
-        cpu_bound = [s for s in limits if _cpu_bound(s)]
+        cpu_bound = [s for s in limits if _cpu_bound(s, process_cpu)]
         for s in cpu_bound:
             used = (s.cpu_seconds or 0.0) / (s.seconds or 1.0)
+            of_process = (
+                f", {fmt_pct((s.cpu_seconds or 0.0) / process_cpu)} of the CPU the process got"
+                if process_cpu
+                else ""
+            )
             advice.append(
-                f"{s.name} is CPU-bound: its threads ran Python on {used:.2f} CPU cores "
-                f"({fmt_pct(s.cpu_share or 0.0)} of their busy time): the GIL runs one "
-                "thread at a time, so more threads will not help; run it with "
-                'run_in="process" (or make the work release the GIL).'
+                f"{s.name} is CPU-bound: its threads ran Python on {used:.2f} CPU cores"
+                f"{of_process}: the GIL runs one thread at a time, so more threads will "
+                'not help; run it with run_in="process" (or make the work release the GIL).'
             )
         sized: list[str] = []
         target_rate = nxt[1] if nxt is not None else None
@@ -242,8 +279,9 @@ def judge(
             nothing = f"no other stage limits below {FAR:g}x today's rate" + (
                 f" (next: {nxt[0].name} at {fmt_rate(nxt[1])})" if nxt is not None else ""
             )
+            fixing = " and ".join(s.name for s in limits)
             advice.append(
-                f"Fixing {b.name} pays: {nothing}. For twice today's rate "
+                f"Fixing {fixing} pays: {nothing}. For twice today's rate "
                 f"({fmt_rate(2 * rate)}) at {fmt_pct(target)} utilisation: {', '.join(sized)}; "
                 "for another rate, pipeflow size --rate R --latency W."
             )
@@ -287,6 +325,7 @@ def judge(
         for s in limits:
             if s.name in autoscale:
                 advice.append(autoscale[s.name])
+        advice += _held(whole_stages)
         return Verdict(
             kind="stage",
             stage=b.name,
@@ -301,7 +340,7 @@ def judge(
 
     busiest = max(measured, key=lambda s: s.utilisation or 0.0)
     calm = (
-        f"no stage is {fmt_pct(LIMIT_UTILISATION)} busy (busiest: {busiest.name} at "
+        f"no stage is {fmt_pct(LIMIT_UTILISATION)} busy (busiest: {busiest.name}, "
         f"{util_text(busiest)})"
     )
     throttled = sorted(
@@ -405,6 +444,7 @@ class Window:
     excluded: float
     deltas: Mapping[str, Mapping[str, float]]
     autoscale: Mapping[str, str]
+    process_cpu: float | None = None
 
     @property
     def label(self) -> str:
@@ -463,6 +503,12 @@ def steady_window(
             last_t = ti
     if len(keep) < 3:
         return None
+    cpu = series.get("process_cpu")
+    process = (
+        [float(cpu[i]) for i in keep]
+        if isinstance(cpu, list) and len(cpu) == n and all(isinstance(v, int | float) for v in cpu)
+        else None
+    )
     times = [times[i] for i in keep]
     cols = {name: {f: [v[i] for i in keep] for f, v in c.items()} for name, c in cols.items()}
     n = len(times)
@@ -477,7 +523,11 @@ def steady_window(
     p90 = ranked[min(n - 1, int(0.9 * n))]
     if p90 <= 0:
         return None
-    steady = [r >= 0.5 * p90 for r in rates]
+    gaps = [times[i] - (times[i - 1] if i > 0 else 0.0) for i in range(n)]
+    typical = sorted(gaps)[n // 2]
+    # A short last interval (the run ended just after a sample) is too short to judge.
+    short = [g < 0.5 * typical for g in gaps]
+    steady = [r >= 0.5 * p90 and not s for r, s in zip(rates, short, strict=True)]
     if not any(steady):
         return None
     first = steady.index(True)
@@ -487,12 +537,13 @@ def steady_window(
         workers = cols.get(name, {}).get("workers")
         if not workers:
             continue
-        settled = workers[end]
+        # Settled: the pool size most of the steady part's second half had.
+        half = [workers[i] for i in range(first, end + 1) if steady[i]]
+        half = sorted(half[len(half) // 2 :])
+        settled = half[len(half) // 2] if half else workers[end]
         margin = max(1.0, 0.1 * settled)
-        since = end
-        while since > 0 and abs(workers[since - 1] - settled) <= margin:
-            since -= 1
-        first = max(first, since)
+        since = next((i for i in range(end + 1) if abs(workers[i] - settled) <= margin), end)
+        first = max(first, min(since + 1, end))
         peak = max(workers[: end + 1])
         at = times[since]
         text = (
@@ -510,13 +561,16 @@ def steady_window(
         return None
     seconds = 0.0
     excluded = 0.0
+    process_cpu = 0.0
     deltas: dict[str, dict[str, float]] = {name: dict.fromkeys(_COUNTERS, 0.0) for name in order}
     for i in range(first, end + 1):
         dt = times[i] - (times[i - 1] if i > 0 else 0.0)
         if not steady[i]:
-            excluded += dt
+            excluded += 0.0 if short[i] else dt
             continue
         seconds += dt
+        if process is not None:
+            process_cpu += process[i] - (process[i - 1] if i > 0 else 0.0)
         for name in order:
             c = cols[name]
             for f in _COUNTERS:
@@ -529,4 +583,5 @@ def steady_window(
         excluded=excluded,
         deltas=deltas,
         autoscale=sentences,
+        process_cpu=process_cpu if process is not None else None,
     )

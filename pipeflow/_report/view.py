@@ -383,10 +383,19 @@ def verdict_of(
     except (ArithmeticError, ValueError):
         steady = None
     if steady is None or steady.seconds <= 0:
-        return judge(stages, window=window)
+        cpu = series.get("process_cpu") if series else None
+        process_cpu = float(cpu[-1]) if isinstance(cpu, list) and cpu else None
+        return judge(stages, window=window, process_cpu=process_cpu)
     windowed = [window_view(s, steady.deltas[s.name], steady.seconds) for s in stages]
     whole = {s.name: s.utilisation for s in stages if s.utilisation is not None}
-    return judge(windowed, whole=whole, window=steady.label, autoscale=steady.autoscale)
+    return judge(
+        windowed,
+        whole=whole,
+        window=steady.label,
+        autoscale=steady.autoscale,
+        process_cpu=steady.process_cpu,
+        whole_stages=stages,
+    )
 
 
 def node_summary(s: StageView) -> list[str]:

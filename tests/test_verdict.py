@@ -4,10 +4,13 @@ CPU time), judged as ``pipeflow graph report.json`` judges it."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Any
 
 import trio
+import trio.testing
 
 from pipeflow import Pipeline, stage
 from pipeflow._report import Series, build_report, describe_pipeline, view_from_report
@@ -217,3 +220,40 @@ async def test_the_html_page_shows_the_verdict_and_throttled_time(autojump_clock
     assert 'class="advice verdict" data-kind="rate_limit" data-stage="call"' in page
     assert "The rate limit of call (rate=10/s) limits the rate" in page
     assert "<th>throttled</th>" in page
+
+
+def test_graph_compares_a_run_with_the_run_it_was_advised_from(tmp_path, capsys):
+    """Advised 6 workers for a 2-worker stage, the second run has them: the comparison
+    says the advice was followed and how close the rate came to the prediction."""
+    from pipeflow._cli import main
+
+    @stage(workers=8)
+    async def fetch(x):
+        await trio.sleep(0.05)
+        return x
+
+    def parse_with(n: int) -> Any:
+        @stage(workers=n, name="parse")
+        async def parse(x):
+            await trio.sleep(0.25)
+            return x
+
+        return parse
+
+    async def both() -> None:
+        before = await report_of(Pipeline(fetch | parse_with(2), name="c"), range(80))
+        (tmp_path / "before.json").write_text(json.dumps(before))
+        sizes = view_from_report(before, "b").verdict.sizes
+        after = await report_of(Pipeline(fetch | parse_with(sizes["parse"]), name="c"), range(240))
+        (tmp_path / "after.json").write_text(json.dumps(after))
+
+    trio.run(both, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert 0 == main(["graph", str(tmp_path / "before.json"), str(tmp_path / "after.json")])
+    out = capsys.readouterr().out
+    assert "  parse  2 → 6 " in out
+    assert re.search(
+        r"advice followed \(6 workers for parse\): predicted [\d.]+/s, measured [\d.]+/s \([+-]\d+%: as predicted\)",
+        out,
+    )
+    assert 2 == main(["graph", str(tmp_path / "before.json"), "http://127.0.0.1:1/metrics"])
+    assert "comparing needs two run reports" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ from .._report import (
     view_from_report,
     views_from_scrapes,
 )
+from .._report.compare import compare, render_comparison
 from .._report.dashboard import Dashboard, render_dashboard
 from .errors import EXIT_OK, CliError
 from .loading import load_pipeline
@@ -107,19 +109,47 @@ def cmd_graph(args: argparse.Namespace) -> int:
     color = args.output is None and args.format == "text" and _stdout_color()
     if kind == "metrics":
         return _graph_live(args, unicode=unicode, color=color)
+    if args.after is not None:
+        return _compare(args, kind)
     if kind == "report":
-        try:
-            text = Path(args.target).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise CliError(f"cannot read report {args.target}: {reason}") from None
-        try:
-            view = view_from_report(load_report(text, args.target), args.target)
-        except ReportError as exc:
-            raise CliError(str(exc)) from None
+        view = _read_report(args.target)
     else:
         view = view_from_pipeline(load_pipeline(args.target), args.target)
     _emit(render(view, args.format, unicode=unicode, color=color), args.output)
+    if args.output:
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _read_report(path: str) -> GraphView:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CliError(f"cannot read report {path}: {reason}") from None
+    try:
+        return view_from_report(load_report(text, path), path)
+    except ReportError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _compare(args: argparse.Namespace, kind: str) -> int:
+    """``pipeflow graph before.json after.json``."""
+    for target, k in ((args.target, kind), (args.after, _target_kind(args.after))):
+        if k != "report":
+            raise CliError(f"comparing needs two run reports; {target!r} is not a report file")
+    if args.watch:
+        raise CliError("--watch draws one live endpoint, not a comparison of two reports")
+    if args.format not in ("text", "json"):
+        raise CliError(f"a comparison is text or json, not {args.format}")
+    before, after = _read_report(args.target), _read_report(args.after)
+    if args.format == "json":
+        text = json.dumps(compare(before, after), indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = render_comparison(before, after)
+        if not stdout_unicode() and args.output is None:
+            text = text.replace("→", "->").replace("λ", "lambda").replace(TIMES, "x")
+    _emit(text, args.output)
     if args.output:
         print(f"wrote {args.output}")
     return EXIT_OK

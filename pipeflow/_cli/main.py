@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     graph.add_argument("target", metavar="TARGET", help="MODULE:PIPELINE, REPORT.json or URL")
     graph.add_argument(
+        "after",
+        metavar="AFTER",
+        nargs="?",
+        help="a second report: compare the run of TARGET with this one (did the advice hold?)",
+    )
+    graph.add_argument(
         "--format",
         "-f",
         choices=FORMATS,

@@ -29,7 +29,8 @@ def summary(report: Mapping[str, Any], report_path: str | None = None) -> str:
             "note: the run stopped without its final statistics: these are from "
             f"{fmt_duration(stats_at)} in",
         ]
-    out += verdict_lines(view, unicode=stdout_unicode())
+    if report.get("status") != "failed":  # a failed run's story is its failure
+        out += verdict_lines(view, unicode=stdout_unicode())
     if report_path:
         out += [f"report: {report_path}"]
     return "\n".join(out)

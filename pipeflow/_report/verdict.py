@@ -76,6 +76,8 @@ class Verdict:
     advice: tuple[str, ...] = ()
     assumptions: tuple[str, ...] = ()
     window: str | None = None
+    sizes: Mapping[str, int] = attrs.field(factory=dict)
+    predicted: float | None = None
 
     @property
     def lines(self) -> list[str]:
@@ -98,6 +100,8 @@ class Verdict:
             "headline": self.headline,
             "advice": list(self.advice),
             "assumptions": list(self.assumptions),
+            "sizes": dict(self.sizes),
+            "predicted": self.predicted,
         }
 
 
@@ -136,6 +140,21 @@ def _cpu_bound(s: StageView, process_cpu: float | None) -> bool:
     if s.cpu_share >= CPU_BOUND or cores >= GIL_CORES - 0.1:
         return True
     return process_cpu is not None and cores >= 0.2 and cpu >= 0.6 * process_cpu
+
+
+def _predicted(
+    limits: Sequence[StageView], sizes: Mapping[str, int], next_limit: float | None
+) -> float | None:
+    """The rate the pipeline would reach with the stages sized as advised, if the source
+    can offer it: the lowest of their new capacities and the next limit."""
+    if not sizes:
+        return None
+    capacities = [
+        capacity(sizes[s.name], s.per_item) for s in limits if s.name in sizes and s.per_item
+    ]
+    if next_limit is not None:
+        capacities.append(next_limit)
+    return min(capacities) if capacities else None
 
 
 def _held(stages: Sequence[StageView]) -> list[str]:
@@ -256,6 +275,7 @@ def judge(
                 'not help; run it with run_in="process" (or make the work release the GIL).'
             )
         sized: list[str] = []
+        sizes: dict[str, int] = {}
         target_rate = nxt[1] if nxt is not None else None
         far = rate is not None and rate > 0 and (target_rate is None or target_rate > FAR * rate)
         if far and rate:
@@ -275,6 +295,7 @@ def judge(
             top = _max_workers(s)
             extra = f" (its max is {top})" if top is not None and need > top else ""
             sized.append(f"{_plural(need, 'worker')} for {s.name}{extra}")
+            sizes[s.name] = need
         if far and rate and sized:
             nothing = f"no other stage limits below {FAR:g}x today's rate" + (
                 f" (next: {nxt[0].name} at {fmt_rate(nxt[1])})" if nxt is not None else ""
@@ -336,6 +357,8 @@ def judge(
             advice=tuple(advice),
             assumptions=tuple(assumptions),
             window=window,
+            sizes=sizes,
+            predicted=_predicted(limits, sizes, nxt[1] if nxt is not None else None),
         )
 
     busiest = max(measured, key=lambda s: s.utilisation or 0.0)

@@ -593,13 +593,14 @@ def test_demo_refuses_bad_arguments(capsys):
     ("stage", "message"),
     [
         ({"throughput": "fast"}, "stage 'a': throughput is 'fast', not a number"),
-        ({"items_in": 1.5}, "stage 'a': items_in is 1.5, not a whole number"),
+        ({"items_in": 1.5}, "stage 'a': items_in is 1.5, not a whole number >= 0"),
+        ({"busy_seconds": -1}, "stage 'a': busy_seconds is -1, not a number >= 0"),
         (
             {"throughput": 1e200, "duration_mean": 1e200},
             "stage 'a': its figures are too large to compute with",
         ),
     ],
-    ids=["a string", "a fraction of an item", "L = 1e200 x 1e200"],
+    ids=["a string", "a fraction of an item", "a negative time", "L = 1e200 x 1e200"],
 )
 def test_a_report_with_a_malformed_figure_is_one_line(app, capsys, stage, message):
     """A report figure of the wrong type, or too large to compute with: one line, 2."""

@@ -32,7 +32,8 @@ def _demo_script() -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The first thing a newcomer runs: the seed's web scraper on a local site."""
+    """The first thing a newcomer runs: the Go worker-pool guide's web scraper, on a
+    local site."""
     path = _demo_script()
     spec = importlib.util.spec_from_file_location("pipeflow_demo_scraper", path)
     assert spec is not None

@@ -38,6 +38,8 @@ def fmt_duration(seconds: float) -> str:
         return f"{s * 1e3:.3g} ms"
     if s < 60:
         return f"{s:.3g} s"
+    if s >= 360_000:  # beyond 100 hours, hours and minutes say nothing more
+        return f"{s / 3600:,.0f}h" if s < 3.6e12 else f"{s:.3g} s"
     minutes, rest = divmod(round(s), 60)
     if minutes < 60:
         return f"{minutes}m {rest:02d}s"

@@ -244,6 +244,8 @@ def _num(d: Mapping[str, Any], key: str, where: str, context: str = "") -> float
         return None
     if not _is_number(v):
         raise _invalid(where, f"{context}{key} is {short_repr(v)}, not a number")
+    if v < 0:
+        raise _invalid(where, f"{context}{key} is {short_repr(v)}, not a number >= 0")
     return float(v)
 
 
@@ -252,8 +254,8 @@ def _int(d: Mapping[str, Any], key: str, where: str, context: str = "") -> int |
     v = d.get(key)
     if v is None:
         return None
-    if not (_is_number(v) and float(v).is_integer()):
-        raise _invalid(where, f"{context}{key} is {short_repr(v)}, not a whole number")
+    if not (_is_number(v) and float(v).is_integer() and v >= 0):
+        raise _invalid(where, f"{context}{key} is {short_repr(v)}, not a whole number >= 0")
     return int(v)
 
 

@@ -216,10 +216,6 @@ async def test_cancelling_a_run_is_prompt_while_redis_does_not_answer(tmp_path):
     assert elapsed < 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisStreamSource._iterate runs no heartbeat: an entry held by the loop body longer than claim_idle is taken over and processed again",
-)
 async def test_an_entry_held_by_a_direct_iteration_is_kept_fresh(r, url):
     """`async for entry in source`: while the loop body works on an entry for longer
     than claim_idle, the consumer is alive and keeps it; another consumer must not take

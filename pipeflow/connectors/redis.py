@@ -28,7 +28,7 @@ exponential backoff for up to ``retry_for`` seconds, logged (``redis_unavailable
 
 Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
 ``redis_consumer_removed``, ``redis_unavailable``, ``redis_reconnected``,
-``redis_ack_failed``.
+``redis_ack_failed``, ``redis_heartbeat_failed``.
 """
 
 from __future__ import annotations
@@ -639,14 +639,28 @@ class RedisStreamSource:
     async def _iterate(self) -> AsyncIterator[Entry]:
         conn = self._connect()
         consumer = _Consumer(self, conn, capacity=1)
+        # While the loop's body works on an entry, none of this generator's code runs:
+        # the heartbeat that keeps the entry from being taken over runs as a system
+        # task, for exactly as long as this generator (its finally cancels it).
+        beating = trio.CancelScope()
+
+        async def heartbeat() -> None:
+            with beating:
+                try:
+                    await consumer.heartbeat()
+                except Exception as exc:  # Redis gone: the next read will say so
+                    consumer.log.warning("redis_heartbeat_failed", error=repr(exc))
+
         try:
             await consumer.create_group()
             consumer.inline_acks = True  # no acker task: acks go out before each read
+            trio.lowlevel.spawn_system_task(heartbeat, name=f"pipeflow:redis:{self.stream}:beat")
             async for entry, ack in consumer:
                 yield entry
                 # The loop asked for the next entry: the body is done with this one.
                 ack.done()
         finally:
+            beating.cancel()
             await _close(consumer)
 
 

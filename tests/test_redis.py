@@ -459,9 +459,9 @@ def own_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.mark.parametrize("signals", [1, 2])
 async def test_ctrl_c_is_prompt_while_redis_is_frozen(own_server, tmp_path, signals):
     """Redis stops answering (SIGSTOP: a frozen server, a partition) mid-run: Ctrl+C on
-    `pipeflow run --grace 1` still exits within 2 s (the grace period, then a prompt
-    cancel), and a second Ctrl+C at once (with --grace 5: long before the grace period
-    would end; the bound leaves room for the interpreter's exit on a loaded machine)."""
+    `pipeflow run --grace 1` still exits soon after the grace period (a prompt cancel,
+    not a socket timeout), and a second Ctrl+C at once (with --grace 5: long before the
+    grace period would end)."""
     with own_server.client() as client:
         add_jobs(client, 300)
         # With two signals, a grace period the test would notice being waited out.
@@ -489,7 +489,10 @@ async def test_ctrl_c_is_prompt_while_redis_is_frozen(own_server, tmp_path, sign
                 member.kill()
             member.wait()
     log = (tmp_path / "m.log").read_text()
-    assert elapsed < (2.0 if signals == 1 else 1.5), log
+    # Measured on an idle 2-core machine: 1.3-1.6 s after one Ctrl+C (--grace 1), 0.3-0.5 s
+    # after a second one; with Redis-bound waits it took 20 s. The bounds leave room for
+    # the interpreter's exit on a loaded machine (load average 8 adds up to a second).
+    assert elapsed < (3.0 if signals == 1 else 2.5), log
     assert 130 == member.returncode, log  # 128 + SIGINT, as a shell reports it
     assert "pipeflow: stopped by SIGINT" in log
     assert "Traceback" not in log

@@ -2,10 +2,9 @@
 (``code``, :class:`Name` roles, ``::`` literal blocks, ``>>>`` examples) and
 mkdocstrings renders Markdown, so each docstring is translated when it is loaded.
 
-- a role becomes a code span, linked to the API reference when it names a public
-  object documented there: a name of ``pipeflow`` links to its section of
-  docs/reference.md (the only page that shows docstrings), a documented member to
-  its entry;
+- a role becomes a code span, linked (through mkdocs-autorefs) to the API reference
+  when it names a public object documented there: a name of ``pipeflow`` or one of its
+  documented members;
 - a paragraph ending in ``::`` ends in ``:``, and the indented block after it becomes
   a fenced Python block;
 - a run of ``>>>`` lines (and their output) becomes a fenced ``pycon`` block.
@@ -33,17 +32,14 @@ def _documented(obj: object) -> bool:
 
 
 def _target(name: str, context: str | None) -> str | None:
-    """Where a link to ``name``, as written in a docstring of the public class
-    ``context`` (None outside one), points: ``(#anchor)`` or ``[identifier]``; None
-    when the reference does not document it."""
+    """The reference's identifier for ``name`` as written in a docstring of the
+    public class ``context`` (None outside one), as ``[identifier]``; None when the
+    reference does not document it."""
     name = name.removeprefix("pipeflow.")
     head, _, rest = name.partition(".")
     if head in pipeflow.__all__:
-        if not rest:
-            # The section's own anchor: `Stage` comes after `stage` on the page.
-            return "(#stage-1)" if head == "Stage" else f"(#{head.lower()})"
         obj: Any = getattr(pipeflow, head)
-        for part in rest.split("."):
+        for part in filter(None, rest.split(".")):
             if part.startswith("_") or not hasattr(obj, part):
                 return None
             obj = getattr(obj, part)
@@ -93,6 +89,10 @@ def _blocks(text: str) -> str:
             ):
                 body.append(lines[i])
                 i += 1
+            if not body:  # the block is not indented (a slip): take the next paragraph
+                while i < len(lines) and lines[i].strip():
+                    body.append(lines[i])
+                    i += 1
             while body and not body[-1].strip():
                 body.pop()
             out += ["", " " * base + "```python"]

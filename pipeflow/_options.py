@@ -1,19 +1,27 @@
 """Stage options: one frozen value object, validated when the stage is declared.
 
+:class:`StageOptions` is the one definition of what a stage option is: its fields, their
+defaults and their validators. :class:`StageKeywords` is the same set as keyword types,
+for ``**options: Unpack[StageKeywords]`` in ``Stage.__init__`` and ``stage()`` (so mypy
+checks option names and types at call sites); a test keeps the two in step.
+
 Every check names the stage, the option and the value the user gave, so a typo fails at
 decoration time with a message that points at the line to fix, not deep inside a run.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 import attrs
 
+from ._policies import CircuitBreaker, Retry
+
 if TYPE_CHECKING:
-    from ._policies import CircuitBreaker, Retry
+    from ._stage import Stage
 
 ErrorPolicy = Literal["fail_fast", "collect", "skip", "embed"]
 RunIn = Literal["task", "thread", "process"]
@@ -48,28 +56,204 @@ def _check_positive_number(stage: str, option: str, value: object, *, allow_none
         _fail(stage, option, "a finite number > 0", value, ValueError)
 
 
+# -- validators: each names the stage (already set: attrs runs validators after every
+# field is assigned), the option and the value. Checks that involve two options sit on
+# the later one, so the order of the messages is the order of the fields.
+
+
+def _check_name(opts: StageOptions, a: attrs.Attribute[Any], name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"stage option name= must be a non-empty str, got {name!r}")
+
+
+def _check_workers(opts: StageOptions, a: attrs.Attribute[Any], workers: object) -> None:
+    stage = opts.name
+    if _is_int(workers):
+        assert isinstance(workers, int)
+        if workers < 1:
+            _fail(stage, "workers", "an int >= 1 or a (min, max) tuple", workers, ValueError)
+    elif isinstance(workers, tuple):
+        if len(workers) != 2 or not all(_is_int(w) for w in workers):
+            _fail(stage, "workers", "an int >= 1 or a (min, max) tuple of ints", workers, TypeError)
+        lo, hi = workers
+        if not 1 <= lo <= hi:
+            _fail(stage, "workers", "a (min, max) tuple with 1 <= min <= max", workers, ValueError)
+    else:
+        _fail(stage, "workers", "an int >= 1 or a (min, max) tuple", workers, TypeError)
+
+
+def _check_buffer(opts: StageOptions, a: attrs.Attribute[Any], buffer: object) -> None:
+    if buffer is not None:
+        if not _is_int(buffer):
+            _fail(opts.name, "buffer", "an int >= 0 (or None for the default)", buffer, TypeError)
+        assert isinstance(buffer, int)
+        if buffer < 0:
+            _fail(opts.name, "buffer", "an int >= 0 (or None for the default)", buffer, ValueError)
+
+
+def _check_ordered(opts: StageOptions, a: attrs.Attribute[Any], ordered: object) -> None:
+    if not isinstance(ordered, bool):
+        _fail(opts.name, "ordered", "True or False", ordered, TypeError)
+
+
+def _check_key(opts: StageOptions, a: attrs.Attribute[Any], key: object) -> None:
+    if key is not None and not callable(key):
+        _fail(opts.name, "key", "a callable item -> key", key, TypeError)
+
+
+def _check_seconds(opts: StageOptions, a: attrs.Attribute[Any], value: object) -> None:
+    _check_positive_number(opts.name, a.name, value, allow_none=True)
+
+
+def _to_retry(retries: Any) -> Any:
+    """``retries=3`` -> ``Retry(attempts=3)``, ``0`` -> None; anything else as it is,
+    for the validator to judge (a negative count, a string)."""
+    if _is_int(retries) and retries >= 0:
+        return Retry(attempts=retries) if retries else None
+    return retries
+
+
+def _check_retries(opts: StageOptions, a: attrs.Attribute[Any], retries: object) -> None:
+    if retries is None or isinstance(retries, Retry):
+        return
+    exc = ValueError if _is_int(retries) else TypeError  # an int here is negative
+    _fail(opts.name, "retries", "an int >= 0 or a pipeflow.Retry", retries, exc)
+
+
+def _check_errors(opts: StageOptions, a: attrs.Attribute[Any], errors: object) -> None:
+    if errors not in ERROR_POLICIES:
+        choices = ", ".join(repr(p) for p in ERROR_POLICIES)
+        _fail(opts.name, "errors", f"one of {choices}", errors, ValueError)
+
+
+def _check_max_failures(opts: StageOptions, a: attrs.Attribute[Any], value: object) -> None:
+    stage = opts.name
+    if value is None:
+        return
+    if _is_int(value):
+        assert isinstance(value, int)
+        if value < 0:
+            _fail(stage, "max_failures", "an int >= 0 or a fraction", value, ValueError)
+    elif isinstance(value, float):
+        if not 0.0 < value < 1.0:
+            _fail(stage, "max_failures", "a fraction between 0 and 1", value, ValueError)
+    else:
+        _fail(stage, "max_failures", "an int >= 0 or a fraction", value, TypeError)
+    if opts.errors in ("fail_fast", "embed"):
+        expected = 'used with errors="collect" or errors="skip"'
+        _fail(stage, "max_failures", expected, value, ValueError)
+
+
+def _check_rate(opts: StageOptions, a: attrs.Attribute[Any], rate: object) -> None:
+    if rate is not None:
+        if not _is_number(rate):
+            _fail(opts.name, "rate", "a number of items per second > 0", rate, TypeError)
+        assert isinstance(rate, int | float)
+        if not (rate > 0 and math.isfinite(rate)):
+            expected = "a finite number of items per second > 0"
+            _fail(opts.name, "rate", expected, rate, ValueError)
+
+
+def _check_burst(opts: StageOptions, a: attrs.Attribute[Any], burst: object) -> None:
+    if burst is not None:
+        if not _is_int(burst):
+            _fail(opts.name, "burst", "an int >= 1", burst, TypeError)
+        assert isinstance(burst, int)
+        if burst < 1:
+            _fail(opts.name, "burst", "an int >= 1", burst, ValueError)
+        if opts.rate is None:
+            _fail(opts.name, "burst", "used together with rate=", burst, ValueError)
+
+
+def _check_batch(opts: StageOptions, a: attrs.Attribute[Any], batch: object) -> None:
+    if batch is not None:
+        if not _is_int(batch):
+            _fail(opts.name, "batch", "an int >= 1", batch, TypeError)
+        assert isinstance(batch, int)
+        if batch < 1:
+            _fail(opts.name, "batch", "an int >= 1", batch, ValueError)
+
+
+def _check_batch_timeout(opts: StageOptions, a: attrs.Attribute[Any], value: object) -> None:
+    stage = opts.name
+    _check_positive_number(stage, "batch_timeout", value, allow_none=True)
+    if value is not None and opts.batch is None:
+        _fail(stage, "batch_timeout", "used together with batch=", value, ValueError)
+    # key= against workers= and batch=, once all three are known to be valid.
+    if opts.key is not None and isinstance(opts.workers, tuple):
+        msg = (
+            f"stage {stage!r}: option key= needs a fixed number of workers (each key has "
+            f"its own worker), got workers={opts.workers!r}"
+        )
+        raise ValueError(msg)
+    if opts.key is not None and opts.batch is not None:
+        raise ValueError(f"stage {stage!r}: options key= and batch= cannot be combined")
+
+
+def _check_run_in(opts: StageOptions, a: attrs.Attribute[Any], run_in: object) -> None:
+    stage = opts.name
+    if run_in not in RUN_IN_CHOICES:
+        choices = ", ".join(repr(r) for r in RUN_IN_CHOICES)
+        _fail(stage, "run_in", f"one of {choices}", run_in, ValueError)
+    if opts.kind in ("async", "asyncgen") and run_in != "task":
+        msg = (
+            f"stage {stage!r}: option run_in={run_in!r} needs a plain (sync) function; "
+            f"an async function always runs as a Trio task"
+        )
+        raise TypeError(msg)
+    if run_in == "process" and opts.kind == "syncgen":
+        msg = f"stage {stage!r}: option run_in='process' does not take a generator function"
+        raise TypeError(msg)
+
+
+def _check_resource(opts: StageOptions, a: attrs.Attribute[Any], resource: object) -> None:
+    if resource is not None and not callable(resource):
+        expected = "a callable returning an async context manager"
+        _fail(opts.name, "resource", expected, resource, TypeError)
+    if resource is not None and opts.run_in == "process":
+        msg = f"stage {opts.name!r}: option resource= cannot be used with run_in='process'"
+        raise ValueError(msg)
+
+
+def _check_breaker(opts: StageOptions, a: attrs.Attribute[Any], breaker: object) -> None:
+    if breaker is not None and not isinstance(breaker, CircuitBreaker):
+        _fail(opts.name, "breaker", "a pipeflow.CircuitBreaker", breaker, TypeError)
+
+
+def _check_dead_letter(opts: StageOptions, a: attrs.Attribute[Any], sink: object) -> None:
+    if sink is not None and not callable(sink):
+        from ._stage import Stage
+
+        if not isinstance(sink, Stage):
+            _fail(opts.name, "dead_letter", "a callable or a Stage", sink, TypeError)
+
+
 @attrs.frozen(kw_only=True)
 class StageOptions:
-    """The validated options of one stage. Build with :func:`make_options`."""
+    """The validated options of one stage: the one list of stage options.
 
-    name: str
+    Build with :func:`make_options` (which picks ``run_in`` from the kind of function)
+    and change with :meth:`evolve`; both validate every option again.
+    """
+
+    name: str = attrs.field(validator=_check_name)
     kind: Kind
-    workers: int | tuple[int, int] = 1
-    buffer: int | None = None
-    ordered: bool = False
-    key: Callable[[Any], Any] | None = None
-    timeout: float | None = None
-    retries: Retry | None = None
-    errors: ErrorPolicy = "fail_fast"
-    max_failures: int | float | None = None
-    rate: float | None = None
-    burst: int | None = None
-    batch: int | None = None
-    batch_timeout: float | None = None
-    run_in: RunIn = "task"
-    resource: Callable[[], Any] | None = None
-    breaker: CircuitBreaker | None = None
-    dead_letter: Any = None
+    workers: int | tuple[int, int] = attrs.field(default=1, validator=_check_workers)
+    buffer: int | None = attrs.field(default=None, validator=_check_buffer)
+    ordered: bool = attrs.field(default=False, validator=_check_ordered)
+    key: Callable[[Any], Any] | None = attrs.field(default=None, validator=_check_key)
+    timeout: float | None = attrs.field(default=None, validator=_check_seconds)
+    retries: Retry | None = attrs.field(default=None, converter=_to_retry, validator=_check_retries)
+    errors: ErrorPolicy = attrs.field(default="fail_fast", validator=_check_errors)
+    max_failures: int | float | None = attrs.field(default=None, validator=_check_max_failures)
+    rate: float | None = attrs.field(default=None, validator=_check_rate)
+    burst: int | None = attrs.field(default=None, validator=_check_burst)
+    batch: int | None = attrs.field(default=None, validator=_check_batch)
+    batch_timeout: float | None = attrs.field(default=None, validator=_check_batch_timeout)
+    run_in: RunIn = attrs.field(default="task", validator=_check_run_in)
+    resource: Callable[[], Any] | None = attrs.field(default=None, validator=_check_resource)
+    breaker: CircuitBreaker | None = attrs.field(default=None, validator=_check_breaker)
+    dead_letter: Any = attrs.field(default=None, validator=_check_dead_letter)
 
     @property
     def min_workers(self) -> int:
@@ -88,181 +272,75 @@ class StageOptions:
         """The input channel's capacity: the option, else one slot per (max) worker."""
         return self.max_workers if self.buffer is None else self.buffer
 
+    def evolve(self, **changes: Any) -> StageOptions:
+        """A copy with some options changed, every option validated again."""
+        _check_known(self.name, changes)
+        if "run_in" in changes and changes["run_in"] is None:
+            changes["run_in"] = _default_run_in(self.kind)
+        return attrs.evolve(self, **changes)
 
-def make_options(
-    *,
-    name: object,
-    kind: Kind,
-    workers: object = 1,
-    buffer: object = None,
-    ordered: object = False,
-    key: object = None,
-    timeout: object = None,
-    retries: object = 0,
-    errors: object = "fail_fast",
-    max_failures: object = None,
-    rate: object = None,
-    burst: object = None,
-    batch: object = None,
-    batch_timeout: object = None,
-    run_in: object = None,
-    resource: object = None,
-    breaker: object = None,
-    dead_letter: object = None,
-) -> StageOptions:
-    """Validate every option and return them frozen; raise naming stage, option and value."""
-    from ._policies import CircuitBreaker, Retry
 
-    if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"stage option name= must be a non-empty str, got {name!r}")
-    stage = name
+class StageKeywords(TypedDict, total=False):
+    """The keyword arguments of ``Stage.__init__``, ``stage()`` and ``with_options``:
+    :class:`StageOptions`' fields (but ``kind``) with the types a user passes."""
 
-    if _is_int(workers):
-        assert isinstance(workers, int)
-        if workers < 1:
-            _fail(stage, "workers", "an int >= 1 or a (min, max) tuple", workers, ValueError)
-    elif isinstance(workers, tuple):
-        if len(workers) != 2 or not all(_is_int(w) for w in workers):
-            _fail(stage, "workers", "an int >= 1 or a (min, max) tuple of ints", workers, TypeError)
-        lo, hi = workers
-        if not 1 <= lo <= hi:
-            _fail(stage, "workers", "a (min, max) tuple with 1 <= min <= max", workers, ValueError)
+    workers: int | tuple[int, int]
+    buffer: int | None
+    name: str | None
+    ordered: bool
+    key: Callable[[Any], Any] | None
+    timeout: float | None
+    retries: int | Retry
+    errors: ErrorPolicy
+    max_failures: int | float | None
+    rate: float | None
+    burst: int | None
+    batch: int | None
+    batch_timeout: float | None
+    run_in: RunIn | None
+    resource: Callable[[], Any] | None
+    breaker: CircuitBreaker | None
+    dead_letter: Callable[[Any], Any] | Stage[Any, Any] | None
+
+
+#: The option names a user may pass, in the order of the fields.
+OPTION_NAMES: tuple[str, ...] = tuple(
+    f.name for f in attrs.fields(StageOptions) if f.name != "kind"
+)
+
+
+def _default_run_in(kind: Kind) -> RunIn:
+    return "task" if kind in ("async", "asyncgen") else "thread"
+
+
+def _check_known(stage: object, options: dict[str, Any]) -> None:
+    """Refuse an unknown option, naming the stage, the option and the closest valid one."""
+    unknown = [k for k in options if k not in OPTION_NAMES]
+    if not unknown:
+        return
+    who = f"stage {stage!r}" if isinstance(stage, str) else "stage"
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+        hint = f"did you mean {close[0]}=?" if close else ""
+        parts.append((name, hint))
+    if len(parts) == 1:
+        name, hint = parts[0]
+        msg = f"{who}: unknown option {name}="
+        msg += f"; {hint}" if hint else f"; the options are {', '.join(OPTION_NAMES)}"
     else:
-        _fail(stage, "workers", "an int >= 1 or a (min, max) tuple", workers, TypeError)
+        listed = ", ".join(f"{n}= ({h})" if h else f"{n}=" for n, h in parts)
+        msg = f"{who}: unknown options {listed}; the options are {', '.join(OPTION_NAMES)}"
+    raise TypeError(msg)
 
-    if buffer is not None:
-        if not _is_int(buffer):
-            _fail(stage, "buffer", "an int >= 0 (or None for the default)", buffer, TypeError)
-        assert isinstance(buffer, int)
-        if buffer < 0:
-            _fail(stage, "buffer", "an int >= 0 (or None for the default)", buffer, ValueError)
 
-    if not isinstance(ordered, bool):
-        _fail(stage, "ordered", "True or False", ordered, TypeError)
+def make_options(*, kind: Kind, **options: Any) -> StageOptions:
+    """Validate every option and return them frozen; raise naming stage, option and value.
 
-    if key is not None and not callable(key):
-        _fail(stage, "key", "a callable item -> key", key, TypeError)
-
-    _check_positive_number(stage, "timeout", timeout, allow_none=True)
-
-    retry: Retry | None
-    if isinstance(retries, Retry):
-        retry = retries
-    elif _is_int(retries):
-        assert isinstance(retries, int)
-        if retries < 0:
-            _fail(stage, "retries", "an int >= 0 or a pipeflow.Retry", retries, ValueError)
-        retry = Retry(attempts=retries) if retries else None
-    else:
-        _fail(stage, "retries", "an int >= 0 or a pipeflow.Retry", retries, TypeError)
-
-    if errors not in ERROR_POLICIES:
-        choices = ", ".join(repr(p) for p in ERROR_POLICIES)
-        _fail(stage, "errors", f"one of {choices}", errors, ValueError)
-
-    if max_failures is not None:
-        if _is_int(max_failures):
-            assert isinstance(max_failures, int)
-            if max_failures < 0:
-                _fail(stage, "max_failures", "an int >= 0 or a fraction", max_failures, ValueError)
-        elif isinstance(max_failures, float):
-            if not 0.0 < max_failures < 1.0:
-                _fail(stage, "max_failures", "a fraction between 0 and 1", max_failures, ValueError)
-        else:
-            _fail(stage, "max_failures", "an int >= 0 or a fraction", max_failures, TypeError)
-        if errors in ("fail_fast", "embed"):
-            _fail(
-                stage,
-                "max_failures",
-                'used with errors="collect" or errors="skip"',
-                max_failures,
-                ValueError,
-            )
-
-    if rate is not None:
-        if not _is_number(rate):
-            _fail(stage, "rate", "a number of items per second > 0", rate, TypeError)
-        assert isinstance(rate, int | float)
-        if not (rate > 0 and math.isfinite(rate)):
-            _fail(stage, "rate", "a finite number of items per second > 0", rate, ValueError)
-    if burst is not None:
-        if not _is_int(burst):
-            _fail(stage, "burst", "an int >= 1", burst, TypeError)
-        assert isinstance(burst, int)
-        if burst < 1:
-            _fail(stage, "burst", "an int >= 1", burst, ValueError)
-        if rate is None:
-            _fail(stage, "burst", "used together with rate=", burst, ValueError)
-
-    if batch is not None:
-        if not _is_int(batch):
-            _fail(stage, "batch", "an int >= 1", batch, TypeError)
-        assert isinstance(batch, int)
-        if batch < 1:
-            _fail(stage, "batch", "an int >= 1", batch, ValueError)
-    _check_positive_number(stage, "batch_timeout", batch_timeout, allow_none=True)
-    if batch_timeout is not None and batch is None:
-        _fail(stage, "batch_timeout", "used together with batch=", batch_timeout, ValueError)
-
-    if key is not None and isinstance(workers, tuple):
-        msg = (
-            f"stage {stage!r}: option key= needs a fixed number of workers (each key has "
-            f"its own worker), got workers={workers!r}"
-        )
-        raise ValueError(msg)
-    if key is not None and batch is not None:
-        msg = f"stage {stage!r}: options key= and batch= cannot be combined"
-        raise ValueError(msg)
-
-    is_async = kind in ("async", "asyncgen")
-    if run_in is None:
-        run_in = "task" if is_async else "thread"
-    if run_in not in RUN_IN_CHOICES:
-        choices = ", ".join(repr(r) for r in RUN_IN_CHOICES)
-        _fail(stage, "run_in", f"one of {choices}", run_in, ValueError)
-    if is_async and run_in != "task":
-        msg = (
-            f"stage {stage!r}: option run_in={run_in!r} needs a plain (sync) function; "
-            f"an async function always runs as a Trio task"
-        )
-        raise TypeError(msg)
-    if run_in == "process" and kind == "syncgen":
-        msg = f"stage {stage!r}: option run_in='process' does not take a generator function"
-        raise TypeError(msg)
-
-    if resource is not None and not callable(resource):
-        expected = "a callable returning an async context manager"
-        _fail(stage, "resource", expected, resource, TypeError)
-    if resource is not None and run_in == "process":
-        msg = f"stage {stage!r}: option resource= cannot be used with run_in='process'"
-        raise ValueError(msg)
-
-    if breaker is not None and not isinstance(breaker, CircuitBreaker):
-        _fail(stage, "breaker", "a pipeflow.CircuitBreaker", breaker, TypeError)
-
-    if dead_letter is not None and not callable(dead_letter):
-        from ._stage import Stage
-
-        if not isinstance(dead_letter, Stage):
-            _fail(stage, "dead_letter", "a callable or a Stage", dead_letter, TypeError)
-
-    return StageOptions(
-        name=stage,
-        kind=kind,
-        workers=workers,  # type: ignore[arg-type]
-        buffer=buffer,
-        ordered=ordered,  # type: ignore[arg-type]
-        key=key,  # type: ignore[arg-type]
-        timeout=timeout,  # type: ignore[arg-type]
-        retries=retry,
-        errors=errors,  # type: ignore[arg-type]
-        max_failures=max_failures,  # type: ignore[arg-type]
-        rate=rate,
-        burst=burst,
-        batch=batch,
-        batch_timeout=batch_timeout,  # type: ignore[arg-type]
-        run_in=run_in,  # type: ignore[arg-type]
-        resource=resource,  # type: ignore[arg-type]
-        breaker=breaker,  # type: ignore[arg-type]
-        dead_letter=dead_letter,
-    )
+    ``options`` are :class:`StageKeywords`; ``run_in`` left out (or None) follows the kind
+    of function: a Trio task for ``async def``, a worker thread for a plain ``def``.
+    """
+    _check_known(options.get("name"), options)
+    if options.get("run_in") is None:
+        options["run_in"] = _default_run_in(kind)
+    return StageOptions(kind=kind, **options)

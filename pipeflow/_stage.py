@@ -12,13 +12,12 @@ import functools
 import inspect
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Unpack, overload
 
-from ._options import ErrorPolicy, Kind, RunIn, StageOptions, make_options
+from ._options import Kind, StageKeywords, StageOptions, make_options
 
 if TYPE_CHECKING:
     from ._chain import Chain
-    from ._policies import CircuitBreaker, Retry
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -70,47 +69,19 @@ class Stage(Generic[In, Out]):
 
     options: StageOptions
 
-    def __init__(
-        self,
-        *,
-        workers: int | tuple[int, int] = 1,
-        buffer: int | None = None,
-        name: str | None = None,
-        ordered: bool = False,
-        key: Callable[[Any], Any] | None = None,
-        timeout: float | None = None,
-        retries: int | Retry = 0,
-        errors: ErrorPolicy = "fail_fast",
-        max_failures: int | float | None = None,
-        rate: float | None = None,
-        burst: int | None = None,
-        batch: int | None = None,
-        batch_timeout: float | None = None,
-        run_in: RunIn | None = None,
-        resource: Callable[[], Any] | None = None,
-        breaker: CircuitBreaker | None = None,
-        dead_letter: Callable[[Any], Any] | Stage[Any, Any] | None = None,
-    ) -> None:
-        self.options = make_options(
-            name=_snake(type(self).__name__) if name is None else name,
-            kind=self._detect_kind(),
-            workers=workers,
-            buffer=buffer,
-            ordered=ordered,
-            key=key,
-            timeout=timeout,
-            retries=retries,
-            errors=errors,
-            max_failures=max_failures,
-            rate=rate,
-            burst=burst,
-            batch=batch,
-            batch_timeout=batch_timeout,
-            run_in=run_in,
-            resource=resource,
-            breaker=breaker,
-            dead_letter=dead_letter,
-        )
+    def __init__(self, **options: Unpack[StageKeywords]) -> None:
+        cls = type(self)
+        if cls.process is Stage.process and cls._target is Stage._target:
+            msg = (
+                f"{cls.__name__} subclasses pipeflow.Stage but has no process() "
+                f"method, so it would fail on every item: define `async def "
+                f"process(self, item)` (or a plain `def`) returning the item's output"
+            )
+            raise TypeError(msg)
+        kw: dict[str, Any] = dict(options)
+        if kw.get("name") is None:
+            kw["name"] = _snake(cls.__name__)
+        self.options = make_options(kind=self._detect_kind(), **kw)
 
     # -- what subclasses implement ------------------------------------------------------
 
@@ -142,38 +113,15 @@ class Stage(Generic[In, Out]):
     def name(self) -> str:
         return self.options.name
 
-    def with_options(self, **changes: Any) -> Stage[In, Out]:
+    def with_options(self, **changes: Unpack[StageKeywords]) -> Stage[In, Out]:
         """A copy of this stage with some options changed (and validated again).
 
         Handy to reuse one function twice in a pipeline under another name::
 
             clean_again = clean.with_options(name="clean_again", workers=2)
         """
-        current = {
-            "workers": self.options.workers,
-            "buffer": self.options.buffer,
-            "name": self.options.name,
-            "ordered": self.options.ordered,
-            "key": self.options.key,
-            "timeout": self.options.timeout,
-            "retries": self.options.retries or 0,
-            "errors": self.options.errors,
-            "max_failures": self.options.max_failures,
-            "rate": self.options.rate,
-            "burst": self.options.burst,
-            "batch": self.options.batch,
-            "batch_timeout": self.options.batch_timeout,
-            "run_in": self.options.run_in,
-            "resource": self.options.resource,
-            "breaker": self.options.breaker,
-            "dead_letter": self.options.dead_letter,
-        }
-        unknown = set(changes) - set(current)
-        if unknown:
-            raise TypeError(f"stage {self.name!r}: unknown option(s) {sorted(unknown)}")
-        current.update(changes)
         clone = copy.copy(self)
-        clone.options = make_options(kind=self.options.kind, **current)
+        clone.options = self.options.evolve(**changes)
         return clone
 
     def __repr__(self) -> str:
@@ -196,12 +144,13 @@ class Stage(Generic[In, Out]):
 class FunctionStage(Stage[In, Out]):
     """A stage made from a function by :func:`stage`. Calling it calls the function."""
 
-    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], **options: Unpack[StageKeywords]) -> None:
         if not callable(fn):
             raise TypeError(f"@stage needs a function, got {fn!r}")
         self.fn = fn
         functools.update_wrapper(self, fn)
-        options.setdefault("name", getattr(fn, "__name__", None) or type(fn).__name__)
+        if options.get("name") is None:
+            options["name"] = getattr(fn, "__name__", None) or type(fn).__name__
         super().__init__(**options)
         if self.options.resource is not None:
             _check_takes_resource(fn, self.options.name)
@@ -249,26 +198,7 @@ def stage(fn: Callable[[A], B], /) -> FunctionStage[A, B]: ...
 @overload
 def stage(fn: Callable[..., Any], /) -> FunctionStage[Any, Any]: ...
 @overload
-def stage(
-    *,
-    workers: int | tuple[int, int] = ...,
-    buffer: int | None = ...,
-    name: str | None = ...,
-    ordered: bool = ...,
-    key: Callable[[Any], Any] | None = ...,
-    timeout: float | None = ...,
-    retries: int | Retry = ...,
-    errors: ErrorPolicy = ...,
-    max_failures: int | float | None = ...,
-    rate: float | None = ...,
-    burst: int | None = ...,
-    batch: int | None = ...,
-    batch_timeout: float | None = ...,
-    run_in: RunIn | None = ...,
-    resource: Callable[[], Any] | None = ...,
-    breaker: CircuitBreaker | None = ...,
-    dead_letter: Callable[[Any], Any] | Stage[Any, Any] | None = ...,
-) -> _Decorator: ...
+def stage(**options: Unpack[StageKeywords]) -> _Decorator: ...
 
 
 def stage(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:

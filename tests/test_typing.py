@@ -31,3 +31,13 @@ def test_a_mismatched_pipe_is_a_type_error():
     proc = mypy(HERE / "chain_mismatch.py")
     assert 1 == proc.returncode
     assert 'Unsupported operand types for | ("FunctionStage[str, int]"' in proc.stdout
+
+
+def test_a_misspelt_or_mistyped_option_is_a_type_error():
+    """stage(), a Stage subclass and with_options take one typed set of keywords."""
+    proc = mypy(HERE / "option_misspelt.py")
+    assert 1 == proc.returncode
+    out = proc.stdout
+    assert 'option_misspelt.py:8: error: Unexpected keyword argument "worker"' in out, out
+    assert 'option_misspelt.py:18: error: Argument "ordered" to "Upper"' in out, out
+    assert 'option_misspelt.py:19: error: Argument "retries" to "with_options"' in out, out

@@ -93,6 +93,7 @@ class RedisServer:
                         return
                 except redis.ConnectionError:
                     if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.crash()  # not left running behind a failed test
                         tail = (self.directory / "redis.log").read_text()[-2000:]
                         raise RuntimeError(f"redis-server did not start: {tail}") from None
                     time.sleep(0.02)

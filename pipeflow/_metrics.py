@@ -245,7 +245,9 @@ class _Families:
         )
         self.duration = HistogramMetricFamily(
             "pipeflow_stage_duration_seconds",
-            "Seconds a stage took per item, retries included (pool.duration_seconds).",
+            "Seconds a stage took per call: one item, or one batch for a batch stage (its "
+            "items are counted in pipeflow_stage_items_total); retries included, waits for "
+            "a rate-limit token or a held breaker excluded (pool.duration_seconds).",
             labels=_LABELS,
         )
         self.queue_wait = HistogramMetricFamily(

@@ -478,7 +478,7 @@ def test_graph_of_a_report_names_the_bottleneck(report, capsys):
     data = json.loads(report.read_text())
     assert f"pipeline 'words' · report {report} · completed in " in out
     assert f"─ {data['bottleneck']} ◀ limits the rate ─" in out
-    assert "in 20 · out 20" in out
+    assert "in 20 · done 20" in out
     assert "util " in out
     assert "p99 " in out
     assert "blocked " in out

@@ -20,8 +20,11 @@ def _stage_lines(s: StageView) -> list[str]:
         counts = []
         if s.items_in is not None:
             counts.append(f"in {fmt_count(s.items_in)}")
-        if s.items_out is not None:
-            counts.append(f"out {fmt_count(s.items_out)}")
+        if s.done is not None and s.items_out is not None:  # (live views: in only)
+            counts.append(f"done {fmt_count(s.done)}")
+        if s.items_out is not None and (s.done is None or s.items_out != s.done):
+            # A batch stage emits one output per batch, a flat-mapping stage any number.
+            counts.append(f"{fmt_count(s.items_out)} outputs")
         if s.failed:
             counts.append(f"failed {fmt_count(s.failed)}")
         if counts:

@@ -178,3 +178,23 @@ def test_graph_watch_writes_a_page_that_refreshes(tmp_path: Path):
     page = (tmp_path / "page.html").read_text()
     assert '<meta http-equiv="refresh" content="2">' in page
     assert "slow limits the rate" in page
+
+
+async def test_graph_of_the_dashboard_address_reads_the_metrics_beside_it():
+    """`pipeflow graph http://HOST:PORT/` (the address of the page a user has open) draws
+    the pipeline from the metrics the same endpoint serves at /metrics."""
+    import subprocess
+    import sys
+
+    def check(base: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeflow", "graph", base + "/", "--interval", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    proc = await serve_while(check, seconds_first=0.5)
+    assert 0 == proc.returncode, proc.stderr
+    assert "is the live dashboard; reading http://127.0.0.1:" in proc.stderr
+    assert "pipeline 'shop' · live from http://127.0.0.1:" in proc.stdout

@@ -10,6 +10,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,37 @@ def _emit(text: str, output: str | None) -> None:
 
 
 def _scrape(url: str) -> Scrape:
+    body = _fetch(url)
+    try:
+        return parse_exposition(body)
+    except ReportError as exc:
+        raise CliError(f"{url}: {exc}") from None
+
+
+def _is_dashboard(body: str) -> bool:
+    """pipeflow's own dashboard page, or its figures (``/``, ``/dashboard.json``)."""
+    head = body[:2000]
+    return "<title>pipeflow" in head or ('"pipelines"' in head and '"charts"' in head)
+
+
+def _metrics_url(url: str) -> str:
+    """``url``, or the metrics next to it when ``url`` is pipeflow's dashboard: the same
+    endpoint serves both, and the address a user has at hand is often the page's."""
+    try:
+        body = _fetch(url)
+    except CliError:
+        return url  # the first scrape says what is wrong
+    if _is_dashboard(body):
+        metrics = urllib.parse.urljoin(url, "/metrics")
+        print(f"pipeflow: {url} is the live dashboard; reading {metrics}", file=sys.stderr)
+        return metrics
+    return url
+
+
+def _fetch(url: str) -> str:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
-            body = response.read().decode("utf-8", errors="replace")
+            body: str = response.read().decode("utf-8", errors="replace")
     except urllib.error.HTTPError as exc:
         raise CliError(f"{url} answered HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -77,10 +106,7 @@ def _scrape(url: str) -> Scrape:
         raise CliError(
             f"no valid HTTP answer from {url}: {type(exc).__name__}: {exc!s:.80}"
         ) from None
-    try:
-        return parse_exposition(body)
-    except ReportError as exc:
-        raise CliError(f"{url}: {exc}") from None
+    return body
 
 
 def _target_kind(target: str) -> str:
@@ -156,7 +182,7 @@ def _compare(args: argparse.Namespace, kind: str) -> int:
 
 
 def _graph_live(args: argparse.Namespace, *, unicode: bool, color: bool) -> int:
-    url = args.target
+    url = _metrics_url(args.target)
     series: dict[str, dict[str, Any]] = {}
     live_screen = args.watch and args.output is None and sys.stdout.isatty()
     before = _scrape(url)

@@ -301,10 +301,12 @@ def judge(
                 f" (next: {nxt[0].name} at {fmt_rate(nxt[1])})" if nxt is not None else ""
             )
             fixing = " and ".join(s.name for s in limits)
+            most = _predicted(limits, sizes, nxt[1] if nxt is not None else None)
+            upto = f" (up to {fmt_rate(most)} with every worker busy)" if most else ""
             advice.append(
                 f"Fixing {fixing} pays: {nothing}. For twice today's rate "
-                f"({fmt_rate(2 * rate)}) at {fmt_pct(target)} utilisation: {', '.join(sized)}; "
-                "for another rate, pipeflow size --rate R --latency W."
+                f"({fmt_rate(2 * rate)}) at {fmt_pct(target)} utilisation: {', '.join(sized)}"
+                f"{upto}; for another rate, pipeflow size --rate R --latency W."
             )
         elif target_rate is not None and nxt is not None and rate:
             if gain is not None and gain < 1.15 and not others:

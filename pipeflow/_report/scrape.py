@@ -5,10 +5,11 @@ and views of the rates between two scrapes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+from prometheus_client.metrics_core import Metric
 
 from ..sizing import busy_workers, utilisation, workers_needed
 from .schema import ReportError
@@ -94,11 +95,18 @@ def parse_exposition(text: str) -> Scrape:
     """
     from prometheus_client.parser import text_string_to_metric_families
 
-    scrape: Scrape = {}
     try:
         families = list(text_string_to_metric_families(text))
     except ValueError as exc:
         raise ReportError(f"not a Prometheus text exposition ({exc})") from None
+    return scrape_families(families)
+
+
+def scrape_families(families: Iterable[Metric]) -> Scrape:
+    """pipeflow's metrics out of metric families: parsed from a text exposition, or
+    straight from ``registry.collect()`` (what the endpoint's dashboard does once a
+    second, without writing and parsing text). ReportError if there are none."""
+    scrape: Scrape = {}
     for family in families:
         for sample in family.samples:
             name = sample.name

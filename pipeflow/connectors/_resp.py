@@ -366,11 +366,13 @@ class Client:
             raise reply
         return reply
 
-    async def execute_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    async def execute_many(
+        self, commands: Sequence[Sequence[Any]], *, blocks_for: float = 0.0
+    ) -> list[Any]:
         """Run several commands in one round trip (a pipeline, not a transaction); their
         replies, error replies as :class:`RedisError` values in the list."""
         payload = b"".join(_pack(c) for c in commands)
-        return await self._request(payload, len(commands), 0.0)
+        return await self._request(payload, len(commands), blocks_for)
 
     async def _request(self, payload: bytes, replies: int, blocks_for: float) -> list[Any]:
         if self._closed:

@@ -226,12 +226,17 @@ class _Conn:
         )
 
     async def call_many(
-        self, what: str, commands: Sequence[Sequence[Any]], *, patience: float | None = None
+        self,
+        what: str,
+        commands: Sequence[Sequence[Any]],
+        *,
+        patience: float | None = None,
+        blocks_for: float = 0.0,
     ) -> list[Any]:
         """The replies to ``commands``, sent in one round trip, retried as a whole while
         Redis is unreachable; an error reply raises the first one."""
         replies: list[Any] = await self._retrying(
-            what, patience, self.client.execute_many, commands
+            what, patience, self.client.execute_many, commands, blocks_for=blocks_for
         )
         for reply in replies:
             if isinstance(reply, RedisError):
@@ -777,6 +782,7 @@ class _Consumer:
         self._block_ms = max(1, round(source.block * 1000))  # BLOCK 0 would wait forever
         self._next_trim = -math.inf
         self._trimmed = True  # nothing acked, nothing to trim
+        self._acking = 0  # XACKs in flight
         self._ended = False
         self.joined = False
         self.inline_acks = False
@@ -808,14 +814,20 @@ class _Consumer:
                 return entry, _EntryAck(self, entry.id)
             if self._ended:
                 raise StopAsyncIteration
-            room = self.capacity - len(self.held)
-            if room <= 0 or (2 * room < self.capacity and self.to_ack):
-                # Full, or nearly and room is coming (acks on their way): one read of
-                # many entries after the acks costs far less than many small ones.
+            # Finished entries not yet acked make room too: the read acks them first,
+            # in the same round trip.
+            room = self.capacity - len(self.held) + len(self.to_ack)
+            if room <= 0 or (2 * room < self.capacity and self._acking):
+                # Full, or nearly and room is coming (an XACK on its way): one read of
+                # many entries after it costs far less than many small ones.
                 self._room = trio.Event()
                 await self._room.wait()
                 continue
-            got = await self._fetch(room)
+            got = await self._fetch()
+            if got is None:
+                self._room = trio.Event()
+                await self._room.wait()
+                continue
             if got:
                 self.buffer.extend(got)
                 continue
@@ -833,8 +845,18 @@ class _Consumer:
                 # claims happen in _fetch, when due).
                 await trio.sleep(min(self.source.block, _DRAIN_POLL))
 
-    async def _fetch(self, room: int) -> list[Entry]:
+    async def _fetch(self) -> list[Entry] | None:
+        """Entries read (own pending ones first, then reclaimed, then new ones); None
+        if there is no room after all (the acker took the finished ones meanwhile)."""
         s = self.source
+        room = self.capacity - len(self.held)  # without acking what finished
+        if room <= 0:
+            if not self.to_ack or self._own_cursor is not None:
+                # Nothing to ack here, or our own pending entries come first (they are
+                # read without acking): wait for the acker's XACK.
+                return None
+            # Only finished entries make room: the read of new ones acks them first.
+            return await self._read_new(0)
         n = room if s.count is None else min(room, s.count)
         if self.conn.reconnects != self._reconnects:
             # A read whose answer was lost still delivered its entries to us: find them
@@ -876,31 +898,43 @@ class _Consumer:
             if claimed:
                 self.log.info("redis_entries_claimed", count=len(claimed), first=claimed[0].id)
                 return claimed
+        return await self._read_new(room)
+
+    async def _read_new(self, room: int) -> list[Entry]:
+        """New entries, as many as there is ``room`` for once what finished is acked
+        (in the same round trip)."""
+        s = self.source
+        ids = self._take_acks()
+        n = room + len(ids)
+        n = n if s.count is None else min(n, s.count)
         # Draining, a read need not wait: an empty answer is what ends the source.
         block = None if s.drain else self._block_ms
-        return self._accept(await self._read(">", n, block=block))
+        return self._accept(await self._read(">", n, block=block, acks=ids))
 
-    async def _read(self, start: str, n: int, *, block: int | None) -> list[Any]:
+    async def _read(
+        self, start: str, n: int, *, block: int | None, acks: list[str] | None = None
+    ) -> list[Any]:
         s = self.source
-        if block is None:
-            reply: Any = await self.conn.call(
-                "XREADGROUP", "GROUP", s.group, s.consumer, "COUNT", n, "STREAMS", s.stream, start
-            )
+        read: list[Any] = ["XREADGROUP", "GROUP", s.group, s.consumer, "COUNT", n]
+        if block is not None:
+            read += ["BLOCK", block]
+        read += ["STREAMS", s.stream, start]
+        blocks_for = 0.0 if block is None else block / 1000
+        ids = acks or []
+        if not ids:
+            reply: Any = await self.conn.call(*read, blocks_for=blocks_for)
         else:
-            reply = await self.conn.call(
-                "XREADGROUP",
-                "GROUP",
-                s.group,
-                s.consumer,
-                "COUNT",
-                n,
-                "BLOCK",
-                block,
-                "STREAMS",
-                s.stream,
-                start,
-                blocks_for=block / 1000,
-            )
+            # Ack what finished and read more, in one round trip (XACK goes first).
+            try:
+                _, reply = await self.conn.call_many(
+                    "XACK+XREADGROUP",
+                    [["XACK", s.stream, s.group, *ids], read],
+                    blocks_for=blocks_for,
+                )
+            except BaseException:
+                self.to_ack[:0] = ids
+                raise
+            self._acked(ids)
         if not reply:
             return []
         entries: list[Any] = reply[0][1]
@@ -976,6 +1010,20 @@ class _Consumer:
         """An entry's item has wholly left the pipeline: ack it soon (cheap, synchronous)."""
         self.to_ack.append(entry_id)
         self._ack_wanted.set()
+        if 2 * len(self.to_ack) >= self.capacity:
+            self._room.set()  # a reader waiting for room can read now, acking these
+
+    def _take_acks(self) -> list[str]:
+        """Up to a chunk of finished ids, taken for one XACK (given back if it fails)."""
+        ids = self.to_ack[:_CHUNK]
+        del self.to_ack[: len(ids)]
+        return ids
+
+    def _acked(self, ids: list[str]) -> None:
+        self.held.difference_update(ids)
+        self.source._counts.acked += len(ids)
+        self._trimmed = False
+        self._room.set()
 
     async def acker(self) -> None:
         """Background task: XACK finished entries in batches, as they come."""
@@ -989,14 +1037,16 @@ class _Consumer:
     async def flush(self, *, patience: float | None = None) -> None:
         s = self.source
         while self.to_ack:
-            ids = self.to_ack[:_CHUNK]
-            await self.conn.call("XACK", s.stream, s.group, *ids, patience=patience)
-            # Entries finished meanwhile were appended after these.
-            del self.to_ack[: len(ids)]
-            self.held.difference_update(ids)
-            s._counts.acked += len(ids)
-            self._trimmed = False
-            self._room.set()
+            ids = self._take_acks()
+            self._acking += 1
+            try:
+                await self.conn.call("XACK", s.stream, s.group, *ids, patience=patience)
+            except BaseException:
+                self.to_ack[:0] = ids  # still to ack (XACK twice is harmless)
+                raise
+            finally:
+                self._acking -= 1
+            self._acked(ids)
         if s.maxlen is not None and trio.current_time() >= self._next_trim:
             await self.trim(patience)
 

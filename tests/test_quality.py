@@ -32,6 +32,15 @@ def test_ruff_lint_and_format_are_clean():
     assert 0 == fmt.returncode, fmt.stdout + fmt.stderr
 
 
+def test_layers():
+    """Modules import only from the layers below them (the contracts in pyproject.toml,
+    checked by import-linter): the core never imports its edges, the runner's own
+    modules go one way."""
+    proc = run(sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()")
+    assert 0 == proc.returncode, proc.stdout + proc.stderr
+    assert "2 kept, 0 broken" in proc.stdout
+
+
 def test_public_names_are_complete():
     """Every public name in pipeflow's namespace is in __all__, and every name in
     __all__ exists."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._errors import CircuitOpen, Failed, short_repr
+from .._process import process_call
 from .envelope import KeyFailed
 
 if TYPE_CHECKING:
@@ -88,8 +89,6 @@ def make_call(sr: StageRun) -> Call:
         return call_inline
 
     if opts.run_in == "process":
-        from .._process import process_call
-
         assert sr.process_pool is not None
         return process_call(target, sr.limiter, sr.process_pool)
 

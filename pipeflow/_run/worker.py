@@ -17,13 +17,14 @@ import trio
 
 from .._errors import Failed
 from .._policies import BreakerRuntime, TokenBucket
+from .._process import ProcessPool
 from .._stage import Stage
 from .._stats import StageCounters, StageStats
 from .calls import GaveUp, Resume, make_call, make_chunk_call, make_stepper, with_policies
 from .edge import CHUNK, Edge
 from .envelope import Env, KeyFailed
 from .failures import POLICIES, TEARDOWN_LIMIT
-from .shapers import Reorder
+from .shapers import Reorder, take_or_retire
 
 if TYPE_CHECKING:
     from .run import Run
@@ -115,8 +116,6 @@ class StageRun:
         self.throttled: dict[trio.lowlevel.Task, float] = {}
         self.process_pool: Any = None
         if opts.run_in == "process":
-            from .._process import ProcessPool
-
             self.process_pool = ProcessPool(self.name)
         base = make_call(self)
         self.call = base if self.simple else with_policies(self, base)
@@ -215,8 +214,6 @@ class StageRun:
         """Wait for items; None when an autoscaled worker should retire instead."""
         if not self.opts.autoscale:
             return await inbox.take(limit)
-        from .shapers import take_or_retire
-
         return await take_or_retire(self, inbox, limit)
 
     async def _work(self, inbox: Edge, res: Any) -> None:

@@ -1,0 +1,89 @@
+"""pipeflow.abc: what a connector author implements (an acking source), exercised the
+way its documentation shows."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import trio
+
+from pipeflow import Pipeline, StageError, stage
+from pipeflow.abc import AckingSource
+
+
+class ListSource:
+    """The acking source of pipeflow.abc's documentation."""
+
+    def __init__(self, items):
+        self.items = items
+        self.acked = []
+        self.capacity = None
+
+    @contextlib.asynccontextmanager
+    async def __pipeflow_open__(self, *, capacity):
+        self.capacity = capacity
+
+        async def pairs():
+            for item in self.items:
+                yield item, ItemAck(self.acked, item)
+
+        yield pairs()
+
+
+class ItemAck:
+    def __init__(self, acked, item):
+        self.acked, self.item, self.pending = acked, item, 1
+
+    def add(self, n):
+        self.pending += n
+
+    def done(self):
+        self.pending -= 1
+        if self.pending == 0:
+            self.acked.append(self.item)
+
+
+def test_a_list_source_is_an_acking_source():
+    """The documented example satisfies the AckingSource protocol."""
+    assert isinstance(ListSource([]), AckingSource)
+    assert not isinstance([1, 2], AckingSource)
+
+
+async def test_every_item_is_acked_once_after_it_leaves(autojump_clock):
+    """Items acked once done: flat-mapped children first (acked when the last child
+    leaves), filtered items too; the source is told how much the run can hold."""
+
+    @stage(workers=3)
+    async def spread(x):
+        await trio.sleep(0.1 * (x % 4))
+        for i in range(x % 3):
+            yield (x, i)
+
+    source = ListSource(list(range(30)))
+    result = await Pipeline(spread).arun(source)
+    assert sorted(source.acked) == list(range(30))
+    assert source.capacity is not None
+    assert source.capacity > 0
+    assert 30 == result.stats["spread"].items_in
+
+
+async def test_a_fail_fast_stop_acks_only_what_finished(autojump_clock):
+    """After a fail-fast failure the failed item and the unfinished ones are not acked
+    (the source delivers them again); what left the pipeline is."""
+
+    @stage(workers=2)
+    async def picky(x):
+        await trio.sleep(1)
+        if x == 5:
+            raise ValueError(x)
+        return x
+
+    source = ListSource(list(range(20)))
+    with pytest.raises(StageError) as info:
+        await Pipeline(picky).arun(source)
+    result = info.value.result
+    unfinished = {item for _, item in result.unfinished}
+    assert 5 not in source.acked
+    assert not unfinished & set(source.acked)
+    assert set(source.acked) == set(result.outputs)

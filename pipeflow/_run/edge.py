@@ -48,6 +48,7 @@ class Edge:
         "broken",
         "capacity",
         "now",
+        "numbered",
         "seq",
         "stamp",
         "stranded",
@@ -62,6 +63,9 @@ class Edge:
         # An edge behind a shaper that already numbered the items (a key router, a
         # batcher) keeps their numbers and entry times.
         self.stamp = stamp
+        # Sequence numbers only where the receiver needs them (ordered and keyed
+        # stages); set by the stage.
+        self.numbered = False
         # Wake a waiting receiver per item (receivers that take one item at a time), or
         # one per CHUNK items (receivers that take what is waiting): set by the stage.
         self.wake_all = True
@@ -180,7 +184,7 @@ class Edge:
         self._add([env])
 
     def _add(self, envs: list[Env]) -> None:
-        if self.stamp:
+        if self.stamp and self.numbered:
             seq = self.seq
             for env in envs:
                 env.seq = seq
@@ -189,7 +193,14 @@ class Edge:
         self._buf.extend(envs)
         lot = self._recv_lot
         if lot:
-            n = len(envs) if self.wake_all else -(-len(envs) // CHUNK)
+            if self.wake_all:
+                n = len(envs)
+            elif self._receivers > len(lot) + self._waking:
+                # A receiver of quick items is at work and will take these when it
+                # comes back: waking another would only cost a scheduler round.
+                return
+            else:
+                n = -(-len(envs) // CHUNK)
             self._waking += len(lot.unpark(count=n))
 
     # -- receiving ---------------------------------------------------------------------------

@@ -123,6 +123,7 @@ class StageRun:
         self.stepper = make_stepper(self)
         self.policy = POLICIES[opts.errors](self)
         self.inbox = Edge(opts.buffer_size, run.now)
+        self.inbox.numbered = opts.ordered or opts.key is not None
         self.out: Outbox = DropSink()
         self.reorder: Reorder | None = None
         if opts.ordered:

@@ -1,4 +1,5 @@
-"""Review of the runner and Pipeline against the semantics users rely on (docs/design.md).
+"""Combinations of runner features against the semantics users rely on
+(docs/design.md): dead letters with batches, ordered flows, acking sources, budgets.
 
 Each test below first showed a real bug (as a strict xfail) and now guards its fix;
 the others pin down combinations that turned out right and were not covered elsewhere.

@@ -1,6 +1,6 @@
-"""Review of the ``pipeflow`` command (``_cli.py``, ``_report.py``, ``_metrics.py``,
-``_plugins.py``) against DESIGN.md ("Observability", "CLI") and issue 5, as a user meets
-it: through ``main(argv)`` and through ``python -m pipeflow``.
+"""Bad input to the ``pipeflow`` command (``pipeflow/_cli/``, ``pipeflow/_report/``,
+``_metrics.py``, ``_plugins.py``), and the reports of failed or stopped runs, as a user
+meets them: through ``main(argv)`` and through ``python -m pipeflow``.
 
 The contract under test: every bad input is exactly one line on stderr starting
 ``pipeflow: error:`` and exit status 2, never a traceback. Each strict xfail below is a

@@ -1,4 +1,4 @@
-"""Review of the Redis Streams connector and the runner's acking protocol.
+"""The Redis Streams connector and the runner's acking protocol: who acks what, when.
 
 Bugs found in review are strict xfails (each says what should happen); the other tests
 pin down behaviour worth keeping. Everything runs against a real redis-server on

@@ -257,3 +257,28 @@ def test_graph_compares_a_run_with_the_run_it_was_advised_from(tmp_path, capsys)
     )
     assert 2 == main(["graph", str(tmp_path / "before.json"), "http://127.0.0.1:1/metrics"])
     assert "comparing needs two run reports" in capsys.readouterr().err
+
+
+def test_the_live_view_does_not_count_throttled_waits_as_busy():
+    """16 workers waiting for rate tokens (the busy gauge says 16): the lines view shows
+    the busy time over the last seconds, about 0.2 workers, and the throttled ones apart;
+    it counts items done, not batches."""
+    import io
+
+    from pipeflow._cli.progress import Progress
+    from pipeflow._stats import StageCounters
+
+    out = io.StringIO()
+    progress = Progress(out, mode="lines", title="t")
+    c = StageCounters("call")
+    c.workers = c.busy_workers = 16  # all of them inside the call, waiting for a token
+    c.worker_time = -16 * 0.0
+    for t in (1.0, 2.0, 3.0, 4.0, 5.0):
+        c.busy_time += 0.2  # 20 items of 10 ms a second
+        c.throttled_time += 15.8
+        c.ok += 20
+        c.items_out += 1  # a batch stage: one output per 20 items
+        progress.update(t, {"call": c.snapshot(t, t)}, Series())
+    line = out.getvalue().strip()
+    assert "100 done" in line
+    assert "call 0.2/16 busy" in line

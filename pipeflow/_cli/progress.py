@@ -27,7 +27,7 @@ class Progress:
         self.mode = mode  # "live", "lines" or "off"
         self.title = title
         self._drawn = 0
-        self._history: list[tuple[float, dict[str, tuple[float, float]]]] = []
+        self._history: list[tuple[float, dict[str, tuple[float, float, float]]]] = []
         self._lines: list[str] = []
         self._next_line = self.LINE_EVERY
         self._bar_full, self._bar_empty = ("█", "░") if stdout_unicode() else ("#", ".")
@@ -47,27 +47,36 @@ class Progress:
         return last.ok + last.filtered + last.failed
 
     def _record(self, t: float, stats: Mapping[str, StageStats]) -> None:
-        now = {n: (s.busy_seconds, s.throttled_seconds) for n, s in stats.items()}
+        # Worker-seconds alive so far: mean_workers is averaged over the run's elapsed
+        # time, which t (taken by the watcher) follows within a tick.
+        now = {
+            n: (s.busy_seconds, s.throttled_seconds, s.mean_workers * t) for n, s in stats.items()
+        }
         self._history.append((t, now))
         while len(self._history) > 2 and self._history[1][0] <= t - self.WINDOW:
             self._history.pop(0)
 
     def _window(self, t: float, stats: Mapping[str, StageStats]) -> dict[str, tuple[float, ...]]:
         """Per stage over the last few seconds: workers busy on average (throttled waits
-        are not busy time), workers throttled on average, and utilisation."""
+        are not busy time), workers throttled on average, and utilisation (busy over the
+        workers alive on average then: a pool that shrinks as the run drains is not
+        "at the limit")."""
         t0, then = self._history[0] if self._history else (t, {})
         dt = t - t0
         out: dict[str, tuple[float, ...]] = {}
         for name, s in stats.items():
-            busy0, thr0 = then.get(name, (0.0, 0.0))
+            busy0, thr0, alive0 = then.get(name, (0.0, 0.0, 0.0))
+            pool = float(max(s.workers, 1))
             if dt > 0:
                 busy = (s.busy_seconds - busy0) / dt
                 throttled = (s.throttled_seconds - thr0) / dt
+                alive = (s.mean_workers * t - alive0) / dt
+                pool = max(alive, 1.0) if alive > 0 else pool
             else:
                 busy, throttled = 0.0, 0.0
             # A call's busy time is counted when it ends: clamp to the pool.
-            busy = min(busy, float(max(s.workers, 1)))
-            out[name] = (busy, throttled, busy / max(s.workers, 1))
+            busy = min(busy, pool)
+            out[name] = (busy, throttled, busy / pool)
         return out
 
     def _view(self, t: float, stats: Mapping[str, StageStats], series: Series) -> list[str]:

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from .worker import StageRun
 
 Call = Callable[[Any, Any], Awaitable[Any]]
-#: ``await chunk_call(items, resource)`` -> one ``(error, result)`` per item.
-ChunkCall = Callable[[list[Any], Any], Awaitable[list[tuple[Exception | None, Any]]]]
+#: ``await chunk_call(items, resource)`` -> (one ``(error, result)`` per item, the wall
+#: seconds the items took in the thread).
+ChunkCall = Callable[[list[Any], Any], Awaitable[tuple[list[tuple[Exception | None, Any]], float]]]
 
 
 class GaveUp(Exception):
@@ -126,8 +127,11 @@ def make_chunk_call(sr: StageRun) -> ChunkCall | None:
 
     c = sr.c
 
-    def run_all(items: list[Any], res: Any) -> tuple[list[tuple[Exception | None, Any]], float]:
+    def run_all(
+        items: list[Any], res: Any
+    ) -> tuple[list[tuple[Exception | None, Any]], float, float]:
         t = time.thread_time()  # CPU time in the thread, as for one call (see make_call)
+        t_wall = time.perf_counter()
         out: list[tuple[Exception | None, Any]] = []
         for item in items:
             if (passthrough and type(item) is Failed) or type(item) is KeyFailed:
@@ -137,14 +141,16 @@ def make_chunk_call(sr: StageRun) -> ChunkCall | None:
                 out.append((None, body(item, res)))
             except Exception as exc:
                 out.append((exc, None))
-        return out, time.thread_time() - t
+        return out, time.thread_time() - t, time.perf_counter() - t_wall
 
-    async def chunk_call(items: list[Any], res: Any) -> list[tuple[Exception | None, Any]]:
-        out, cpu = await trio.to_thread.run_sync(
+    async def chunk_call(
+        items: list[Any], res: Any
+    ) -> tuple[list[tuple[Exception | None, Any]], float]:
+        out, cpu, wall = await trio.to_thread.run_sync(
             run_all, items, res, limiter=limiter, thread_name=thread_name
         )
         c.cpu_time += cpu
-        return out
+        return out, wall
 
     return chunk_call
 

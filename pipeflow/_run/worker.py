@@ -295,8 +295,9 @@ class StageRun:
                 c.busy_workers += 1
                 busy = True
                 outcomes = None
+                in_thread = -1.0  # seconds the items took in a worker thread, if they did
                 if chunk_call is not None:
-                    outcomes = await chunk_call([e.item for e in chunk], res)
+                    outcomes, in_thread = await chunk_call([e.item for e in chunk], res)
                 for env in chunk:
                     item = env.item
                     if passthrough and type(item) is Failed:
@@ -406,7 +407,7 @@ class StageRun:
                     c.inflight -= ok_w
                     ok_w = ok_n = 0
                 busy = False
-                self._record(t0, chunk, calls, task)
+                self._record(t0, chunk, calls, task, in_thread)
                 inbox.wake_all = not self.chunked
                 handed_over = True
                 if reorder is not None:
@@ -458,8 +459,17 @@ class StageRun:
         inbox.wake_all = True
         inbox.put_back(back)
 
-    def _record(self, t0: float, chunk: list[Env], calls: int, task: trio.lowlevel.Task) -> None:
-        """A chunk's statistics: busy time, queue wait and durations, by weight."""
+    def _record(
+        self,
+        t0: float,
+        chunk: list[Env],
+        calls: int,
+        task: trio.lowlevel.Task,
+        in_thread: float = -1.0,
+    ) -> None:
+        """A chunk's statistics: busy time, queue wait and durations, by weight.
+        ``in_thread``: the items' own time in a worker thread, without the round trip
+        to it, which is what decides whether the stage's items are quick."""
         c = self.c
         # Time spent waiting for a rate-limit token or a held breaker, or handing a
         # failure to a dead-letter sink, is not work: it must not make the stage look
@@ -472,7 +482,8 @@ class StageRun:
             c.durations.observe_many(d / calls, calls)
             # Only a stage with no per-item policy: retries, timeouts and rate limits
             # wait, and their waits must overlap as they always have.
-            self.chunked = self.simple and d <= CHUNK_BELOW * calls
+            work = in_thread if in_thread >= 0.0 else d
+            self.chunked = self.simple and work <= CHUNK_BELOW * calls
 
     # -- reading -----------------------------------------------------------------------------
 

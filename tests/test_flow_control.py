@@ -465,3 +465,22 @@ async def test_fail_fast_error_carries_the_stopped_runs_result():
         await Pipeline(fails_on_three).arun(range(10))
     stats = info.value.result.stats["fails_on_three"]
     assert (3, 1) == (stats.ok, stats.failed)
+
+
+async def test_workers_waiting_for_a_rate_token_are_not_busy(autojump_clock):
+    """8 workers behind rate=1/s: while they wait for tokens the stage shows 8 workers
+    and none busy (the workers_busy gauge and the live views read this)."""
+
+    @stage(workers=8, rate=1.0)
+    async def limited(x):
+        return x
+
+    seen = []
+
+    async with Pipeline(limited).open() as flow:
+        for i in range(8):
+            await flow.send(i)
+        await trio.sleep(2.5)
+        s = flow.stats()["limited"]
+        seen.append((s.workers, s.busy_workers))
+    assert [(8, 0)] == seen

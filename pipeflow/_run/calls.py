@@ -216,10 +216,16 @@ def with_policies(sr: StageRun, call: Call) -> Call:
             try:
                 if breaker is not None or bucket is not None:
                     waited_from = now()
-                    if breaker is not None:
-                        probe = await breaker.admit()
-                    if bucket is not None:
-                        await bucket.acquire()
+                    # A worker waiting for a token or a held breaker is not busy (the
+                    # workers_busy gauge, the live views).
+                    c.busy_workers -= 1
+                    try:
+                        if breaker is not None:
+                            probe = await breaker.admit()
+                        if bucket is not None:
+                            await bucket.acquire()
+                    finally:
+                        c.busy_workers += 1
                     waited = now() - waited_from
                     if waited:
                         # Waiting for a token or a held breaker is not work: it must not

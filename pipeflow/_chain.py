@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._stage import Stage
 
@@ -63,3 +63,17 @@ class Chain(Generic[In, Out]):
 
     def __repr__(self) -> str:
         return "Chain(" + " | ".join(s.name for s in self.stages) + ")"
+
+    if not TYPE_CHECKING:  # for mypy, a Chain has no such attributes at all
+
+        def __getattr__(self, name: str) -> Any:
+            if name in _PIPELINE_METHODS:
+                msg = (
+                    f"{self!r} is a chain of stages, not a pipeline: wrap the chain in "
+                    f"Pipeline(...) to {name} it, e.g. Pipeline(a | b).{name}(...)"
+                )
+                raise AttributeError(msg)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+_PIPELINE_METHODS = frozenset({"run", "arun", "stream", "open", "current_stats"})

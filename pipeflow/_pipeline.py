@@ -14,7 +14,7 @@ import contextlib
 import functools
 import math
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar, overload
 
 import attrs
@@ -111,6 +111,61 @@ def _check_grace(grace: object) -> None:
         raise ValueError(f"grace= must be a finite number of seconds >= 0, got {grace!r}")
 
 
+def _refuse_inside_trio(pipeline: str) -> None:
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return  # not inside Trio: run() may start it
+    msg = (
+        f"pipeline {pipeline!r}: run() starts Trio, but this code already runs inside "
+        f"Trio; inside Trio, use `await pipeline.arun(...)`"
+    )
+    raise RuntimeError(msg)
+
+
+T = TypeVar("T")
+
+
+class Opening(contextlib.AbstractAsyncContextManager[T]):
+    """What :meth:`Pipeline.open` and :meth:`Pipeline.stream` return: an async context
+    manager, to use with ``async with``. Reaching for what it yields without ``async
+    with`` (``flow.send``, ``async for`` over it) raises an error that says how to write
+    it, instead of an ``AttributeError`` about a private class."""
+
+    __slots__ = ("_call", "_manager", "_name")
+
+    def __init__(
+        self, manager: contextlib.AbstractAsyncContextManager[T], call: str, name: str
+    ) -> None:
+        self._manager = manager
+        self._call = call  # "pipeline.open()"
+        self._name = name  # "flow"
+
+    async def __aenter__(self) -> T:
+        return await self._manager.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._manager.__aexit__(*exc_info)
+
+    def _misused(self, what: str) -> str:
+        return (
+            f"{what}: {self._call} returns an async context manager, not the "
+            f"{self._name}; use `async with {self._call} as {self._name}:` and use "
+            f"{self._name} inside the block"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(self._misused(f"no attribute {name!r}"))
+
+    def __aiter__(self) -> Any:
+        raise TypeError(self._misused("cannot iterate with async for"))
+
+    def __await__(self) -> Any:
+        raise TypeError(self._misused("cannot await it"))
+
+
 class Outputs(Generic[Out]):
     """The outputs of :meth:`Pipeline.stream` (or :meth:`Pipeline.open` with
     ``outputs=True``): ``async for out in outputs``; ``await outputs.receive()``.
@@ -203,6 +258,10 @@ class Flow(Generic[In, Out]):
         self._closed = False
         self.outputs: Outputs[Out] | None = Outputs(run) if run.outlet_edge is not None else None
         self.result: RunResult[Out] | None = None
+        # send() calls made and sends that started: a difference at the end of the block
+        # is a `flow.send(item)` without `await` (its coroutine never ran).
+        self._sends_created = 0
+        self._sends_started = 0
 
     def _check_open(self) -> None:
         run = self._run
@@ -216,8 +275,14 @@ class Flow(Generic[In, Out]):
             return
         raise PipelineClosed(f"pipeline {run.pipeline!r} takes no more items: {why}")
 
-    async def send(self, item: In) -> None:
-        """Put an item in, waiting while the pipeline is full (backpressure)."""
+    def send(self, item: In) -> Coroutine[Any, Any, None]:
+        """Put an item in, waiting while the pipeline is full (backpressure):
+        ``await flow.send(item)``."""
+        self._sends_created += 1
+        return self._send(item)
+
+    async def _send(self, item: In) -> None:
+        self._sends_started += 1
         self._check_open()
         try:
             await self._edge.put([Env(item)])
@@ -226,6 +291,10 @@ class Flow(Generic[In, Out]):
             raise PipelineClosed(
                 f"pipeline {self._run.pipeline!r} takes no more items: it was cancelled"
             ) from None
+
+    # Python's own warning for a never-awaited send names the method the user called.
+    _send.__name__ = "send"
+    _send.__qualname__ = "Flow.send"
 
     def send_nowait(self, item: In) -> None:
         """Put an item in or raise :class:`PipelineFull` at once (answer 429)."""
@@ -432,6 +501,7 @@ class Pipeline(Generic[In, Out]):
         :class:`Interrupted` (a ``KeyboardInterrupt``) carrying the partial result.
         """
         _check_source(source)
+        _refuse_inside_trio(self.name)
         return trio.run(
             functools.partial(
                 self.arun,
@@ -481,15 +551,14 @@ class Pipeline(Generic[In, Out]):
             raise Interrupted(run.interrupted_by, result)
         return result
 
-    @contextlib.asynccontextmanager
-    async def stream(
+    def stream(
         self,
         source: Iterable[In] | Any,
         *,
         buffer: int = CHUNK,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
-    ) -> AsyncIterator[Outputs[Out]]:
+    ) -> Opening[Outputs[Out]]:
         """Outputs as they are produced::
 
             async with pipeline.stream(urls) as outputs:
@@ -502,6 +571,15 @@ class Pipeline(Generic[In, Out]):
         outputs may wait for the reader (32 by default, so that the last stage hands
         them over in chunks; ``buffer=0`` makes each output wait for the reader).
         """
+        manager = self._stream(
+            source, buffer=buffer, metrics_port=metrics_port, metrics_host=metrics_host
+        )
+        return Opening(manager, "pipeline.stream(source)", "outputs")
+
+    @contextlib.asynccontextmanager
+    async def _stream(
+        self, source: Any, *, buffer: int, metrics_port: int | None, metrics_host: str
+    ) -> AsyncIterator[Outputs[Out]]:
         _check_source(source)
         _check_buffer(buffer, "buffer")
         run = self._new_run("channel", outlet_buffer=buffer)
@@ -524,15 +602,14 @@ class Pipeline(Generic[In, Out]):
             if outputs is not None:
                 outputs.result = _result(run)
 
-    @contextlib.asynccontextmanager
-    async def open(
+    def open(
         self,
         *,
         outputs: bool = False,
         output_buffer: int = CHUNK,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
-    ) -> AsyncIterator[Flow[In, Out]]:
+    ) -> Opening[Flow[In, Out]]:
         """A long-lived pipeline fed by the caller::
 
             async with pipeline.open() as flow:
@@ -546,7 +623,20 @@ class Pipeline(Generic[In, Out]):
         backpressure: an unread output holds up the pipeline (and leaving the block
         waits for it), so a reader that stops early should cancel the block instead.
         ``flow.result`` holds the :class:`RunResult` after the block, however it ended.
+        A ``flow.send(item)`` that was never awaited is reported when the block ends.
         """
+        manager = self._open(
+            outputs=outputs,
+            output_buffer=output_buffer,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
+        return Opening(manager, "pipeline.open()", "flow")
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self, *, outputs: bool, output_buffer: int, metrics_port: int | None, metrics_host: str
+    ) -> AsyncIterator[Flow[In, Out]]:
         _check_buffer(output_buffer, "output_buffer")
         run = self._new_run("channel" if outputs else "drop", outlet_buffer=output_buffer)
         flow: Flow[In, Out] | None = None
@@ -563,3 +653,12 @@ class Pipeline(Generic[In, Out]):
         finally:
             if flow is not None:
                 flow.result = _result(run)
+        # Reached only when the block ended normally (an error in it propagates above).
+        if flow is not None and flow._sends_started != flow._sends_created:
+            n = flow._sends_created - flow._sends_started
+            were, items = ("s were", "their items") if n != 1 else (" was", "its item")
+            msg = (
+                f"pipeline {run.pipeline!r}: {n} flow.send(...) call{were} never awaited, "
+                f"so {items} never entered the pipeline: write `await flow.send(item)`"
+            )
+            raise RuntimeError(msg)

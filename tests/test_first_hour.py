@@ -8,8 +8,9 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 
-from pipeflow import Stage, stage
+from pipeflow import Pipeline, Stage, stage
 from pipeflow._options import OPTION_NAMES, StageKeywords, StageOptions
 
 
@@ -94,3 +95,100 @@ def test_a_stage_subclass_without_process_is_refused_when_constructed():
         "Forgot subclasses pipeflow.Stage but has no process() method, so it would fail "
         "on every item: define `async def process(self, item)`"
     ), str(info.value)
+
+
+@stage
+async def double(x: int) -> int:
+    return x * 2
+
+
+@stage
+async def inc(x: int) -> int:
+    return x + 1
+
+
+async def test_run_inside_trio_says_use_arun():
+    """Pipeline.run() called from Trio code says to await arun() instead."""
+    with pytest.raises(RuntimeError) as info:
+        Pipeline(double, name="p").run([1])
+    assert (
+        "pipeline 'p': run() starts Trio, but this code already runs inside Trio; "
+        "inside Trio, use `await pipeline.arun(...)`"
+    ) == str(info.value)
+    assert [2] == (await Pipeline(double).arun([1])).outputs
+
+
+def test_running_a_chain_says_wrap_it_in_pipeline():
+    """(a | b).run(...) and friends say to wrap the chain in Pipeline(...)."""
+    chain: Any = double | inc
+    with pytest.raises(AttributeError) as info:
+        chain.run([1, 2])
+    assert str(info.value).startswith(
+        "Chain(double | inc) is a chain of stages, not a pipeline: wrap the chain in "
+        "Pipeline(...) to run it"
+    )
+    for method in ("arun", "stream", "open"):
+        with pytest.raises(AttributeError, match=re.escape("wrap the chain in Pipeline(...)")):
+            getattr(chain, method)
+    with pytest.raises(AttributeError, match="'Chain' object has no attribute 'colour'"):
+        chain.colour  # noqa: B018
+    assert [3, 5] == Pipeline(chain).run([1, 2]).outputs
+
+
+async def test_open_without_async_with_says_how():
+    """flow = p.open(); flow.send(1) says to use `async with pipeline.open() as flow:`."""
+    flow: Any = Pipeline(double).open()
+    for name in ("send", "send_nowait", "offer", "close", "outputs", "result"):
+        with pytest.raises(AttributeError) as info:
+            getattr(flow, name)
+        assert (
+            f"no attribute {name!r}: pipeline.open() returns an async context manager, not "
+            f"the flow; use `async with pipeline.open() as flow:` and use flow inside the block"
+        ) == str(info.value)
+    with pytest.raises(TypeError, match=re.escape("use `async with pipeline.open() as flow:`")):
+        await flow
+
+
+async def test_stream_without_async_with_says_how():
+    """async for over p.stream(src) itself says to use `async with ... as outputs:`."""
+    outputs: Any = Pipeline(double).stream([1, 2])
+    with pytest.raises(TypeError) as info:
+        async for _ in outputs:
+            pass
+    assert str(info.value).startswith(
+        "cannot iterate with async for: pipeline.stream(source) returns an async context "
+        "manager, not the outputs; use `async with pipeline.stream(source) as outputs:`"
+    )
+    async with Pipeline(double).stream([1, 2]) as outs:
+        assert [2, 4] == [x async for x in outs]
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'Flow.send' was never awaited:RuntimeWarning")
+async def test_a_send_without_await_is_reported_at_the_end_of_the_block():
+    """flow.send(i) without await: the block's end says how many and what to write."""
+    p = Pipeline(double, name="p")
+    flow: Any = None
+
+    async def feed() -> None:
+        nonlocal flow
+        async with p.open() as flow:
+            await flow.send(1)
+            for i in range(3):
+                flow.send(i)  # the mistake: Python itself only warns
+
+    with pytest.raises(RuntimeError) as info:
+        await feed()
+    assert (
+        "pipeline 'p': 3 flow.send(...) calls were never awaited, so their items never "
+        "entered the pipeline: write `await flow.send(item)`"
+    ) == str(info.value)
+    assert flow.result is not None
+    assert 1 == flow.result.stats["double"].ok
+
+
+async def test_sends_from_tasks_started_in_the_block_are_not_reported():
+    """A send handed to a task (start_soon) is awaited by that task: no false report."""
+    async with Pipeline(double).open() as flow, trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(flow.send, i)
+    assert 5 == flow.result.stats["double"].ok

@@ -3,15 +3,26 @@ to do. One test per mistake, asserting the message the user reads."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
+import structlog
 import trio
+from structlog.testing import capture_logs
 
-from pipeflow import Pipeline, Stage, stage
+from pipeflow import Pipeline, Stage, StageError, stage
 from pipeflow._options import OPTION_NAMES, StageKeywords, StageOptions
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found():
+    """capture_logs() leaves structlog configured; later tests see the defaults."""
+    yield
+    structlog.reset_defaults()
 
 
 class Upper(Stage[str, str]):
@@ -192,3 +203,109 @@ async def test_sends_from_tasks_started_in_the_block_are_not_reported():
         for i in range(5):
             nursery.start_soon(flow.send, i)
     assert 5 == flow.result.stats["double"].ok
+
+
+async def fetch_later(url: str) -> str:
+    return url
+
+
+@pytest.mark.parametrize("run_in", ["thread", "task"])
+async def test_a_plain_def_returning_a_coroutine_says_declare_it_async(run_in: str):
+    """A plain def that returns a coroutine: 'declare it `async def`', and no warning."""
+
+    @stage(run_in=run_in)  # type: ignore[call-overload]
+    def fetch_page(url: str) -> Any:
+        return fetch_later(url)  # the mistake: an async call behind a plain def
+
+    with pytest.raises(StageError) as info:
+        await Pipeline(fetch_page).arun(["a"])
+    assert (
+        "stage 'fetch_page' returned a coroutine: declare it `async def` (the result of a "
+        "plain `def` is used as it is, never awaited)"
+    ) == str(info.value.error)
+    assert str(info.value).startswith("stage 'fetch_page' failed on item 'a': TypeError:")
+
+
+@pytest.mark.parametrize("run_in", ["thread", "task"])
+async def test_stop_iteration_from_a_plain_function_names_stage_item_and_itself(run_in: str):
+    """StopIteration from a plain function is reported as such, with the stage and item."""
+
+    @stage(run_in=run_in, errors="collect")  # type: ignore[call-overload]
+    def first_word(line: str) -> str:
+        return next(iter(line.split()))  # StopIteration on an empty line
+
+    result = await Pipeline(first_word).arun(["a b", ""])
+    assert ["a"] == result.outputs
+    (error,) = result.errors
+    assert (
+        "stage 'first_word' failed on item '': RuntimeError: stage 'first_word' raised "
+        "StopIteration on item ''"
+    ) == str(error)
+    assert isinstance(error.error.__cause__, StopIteration)
+
+
+def connection_that_fails(on: str):
+    @contextlib.asynccontextmanager
+    async def database() -> AsyncIterator[str]:
+        if on == "open":
+            raise ConnectionError("database down")
+        yield "conn"
+        raise ConnectionError("connection reset while closing")
+
+    return database
+
+
+async def test_a_resource_that_cannot_open_names_the_stage_and_the_resource():
+    """The resource's own error, noted with the stage and the resource."""
+
+    @stage(workers=2, resource=connection_that_fails("open"))
+    async def store(x: int, conn: str) -> int:
+        return x
+
+    with pytest.raises(ConnectionError, match="database down") as info:
+        await Pipeline(store).arun([1, 2])
+    assert "stage 'store': its resource resource=database() failed to open" in (
+        info.value.__notes__
+    )
+
+
+async def test_a_resource_that_cannot_close_keeps_the_result_and_logs_it():
+    """Every item succeeded: the run keeps its result; the close error is logged, naming
+    the stage and the resource."""
+
+    @stage(workers=2, resource=connection_that_fails("close"))
+    async def store(x: int, conn: str) -> int:
+        return x
+
+    with capture_logs() as logs:
+        result = await Pipeline(store).arun(range(20))
+    assert list(range(20)) == sorted(result.outputs)
+    assert 20 == result.stats["store"].ok
+    closes = [e for e in logs if e["event"] == "resource_close_failed"]
+    assert 2 == len(closes)  # one per worker
+    assert {
+        "stage": "store",
+        "resource": "resource=database()",
+        "error": "ConnectionError: connection reset while closing",
+        "log_level": "error",
+    }.items() <= closes[0].items()
+
+
+async def test_a_class_stage_whose_close_worker_fails_keeps_the_result():
+    """The same for a Stage subclass's close_worker()."""
+
+    class Store(Stage[int, int]):
+        async def open_worker(self) -> str:
+            return "conn"
+
+        async def close_worker(self, resource: Any) -> None:
+            raise OSError("disk gone")
+
+        async def process(self, item: int, conn: str) -> int:  # type: ignore[override]
+            return item
+
+    with capture_logs() as logs:
+        result = await Pipeline(Store()).arun(range(3))
+    assert [0, 1, 2] == sorted(result.outputs)
+    (event,) = [e for e in logs if e["event"] == "resource_close_failed"]
+    assert "Store.open_worker()/close_worker()" == event["resource"]

@@ -17,6 +17,7 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -43,17 +44,36 @@ class GaveUp(Exception):
 
 
 def _sync_body(sr: StageRun) -> Callable[[Any, Any], Any]:
-    """The plain function as one call: a generator's outputs gathered in a list."""
+    """The plain function as one call: a generator's outputs gathered in a list.
+
+    Two mistakes are answered here, where the function returns: a coroutine (an ``async``
+    function behind a plain ``def``), and a ``StopIteration``, which would otherwise
+    surface as "coroutine raised StopIteration" once it crossed an ``await``."""
     target = sr.stage._target()
-    takes_resource = sr.takes_resource
     gen = sr.opts.kind == "syncgen"
-    if takes_resource:
-        if gen:
-            return lambda item, res: list(target(item, res))
-        return target
+    name = sr.name
     if gen:
+        if sr.takes_resource:
+            return lambda item, res: list(target(item, res))
         return lambda item, _: list(target(item))
-    return lambda item, _: target(item)
+    takes_resource = sr.takes_resource
+
+    def call_sync(item: Any, res: Any) -> Any:
+        try:
+            out = target(item, res) if takes_resource else target(item)
+        except StopIteration as exc:
+            msg = f"stage {name!r} raised StopIteration on item {short_repr(item)}"
+            raise RuntimeError(msg) from exc
+        if type(out) is CoroutineType:
+            out.close()  # never run: no "was never awaited" warning on top of this error
+            msg = (
+                f"stage {name!r} returned a coroutine: declare it `async def` (the "
+                f"result of a plain `def` is used as it is, never awaited)"
+            )
+            raise TypeError(msg)
+        return out
+
+    return call_sync
 
 
 def make_call(sr: StageRun) -> Call:

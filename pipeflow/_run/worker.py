@@ -78,6 +78,13 @@ class DropSink:
         return True
 
 
+def _resource_name(stage: Any, hooks: bool) -> str:
+    if hooks:
+        return f"{type(stage).__name__}.open_worker()/close_worker()"
+    factory = stage.options.resource
+    return f"resource={getattr(factory, '__name__', None) or repr(factory)}()"
+
+
 def teardown_scope() -> trio.CancelScope:
     """Shielded from the run's cancellation, but for at most ``TEARDOWN_LIMIT`` s."""
     return trio.CancelScope(shield=True, deadline=trio.current_time() + TEARDOWN_LIMIT)
@@ -165,28 +172,47 @@ class StageRun:
     async def _resource(self) -> AsyncIterator[Any]:
         """A worker's resource, closed on every exit path. The close runs shielded from
         the run's cancellation (a connection is closed properly even when the run is
-        cancelled), but for at most ``TEARDOWN_LIMIT`` seconds."""
-        if self.stage._has_worker_hooks:
-            res = await self.stage.open_worker()
-            try:
-                yield res
-            finally:
-                with teardown_scope():
-                    await self.stage.close_worker(res)
-        elif self.opts.resource is not None:
-            manager = self.opts.resource()
-            res = await manager.__aenter__()
-            try:
-                yield res
-            except BaseException as exc:
-                with teardown_scope():
-                    await manager.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            else:
-                with teardown_scope():
-                    await manager.__aexit__(None, None, None)
-        else:
+        cancelled), but for at most ``TEARDOWN_LIMIT`` seconds.
+
+        An error opening it stops the run, noted with the stage and the resource; an
+        error closing it is logged (``resource_close_failed``, naming both) and does not
+        undo the run: its items are done, and its result is kept."""
+        hooks = self.stage._has_worker_hooks
+        if not hooks and self.opts.resource is None:
             yield None
+            return
+        what = _resource_name(self.stage, hooks)
+        try:
+            if hooks:
+                res = await self.stage.open_worker()
+            else:
+                manager = self.opts.resource()  # type: ignore[misc]
+                res = await manager.__aenter__()
+        except Exception as exc:
+            exc.add_note(f"stage {self.name!r}: its resource {what} failed to open")
+            raise
+        error: BaseException | None = None
+        try:
+            yield res
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with teardown_scope():
+                try:
+                    if hooks:
+                        await self.stage.close_worker(res)
+                    elif error is None:
+                        await manager.__aexit__(None, None, None)
+                    else:
+                        await manager.__aexit__(type(error), error, error.__traceback__)
+                except Exception as exc:
+                    self.run.log.error(
+                        "resource_close_failed",
+                        stage=self.name,
+                        resource=what,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
 
     async def worker(self, inbox: Edge) -> None:
         c = self.c

@@ -11,6 +11,9 @@ import contextlib
 import importlib
 import multiprocessing
 import pickle
+import re
+import sys
+import tokenize
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -76,6 +79,40 @@ def picklable_target(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
 
 def check_picklable(fn: Callable[..., Any], stage: str) -> None:
     picklable_target(fn, stage)
+    check_main_guard(stage)
+
+
+_GUARD = re.compile(
+    r"""^\s*if\s+\(?\s*(__name__\s*==\s*['"]__main__['"]|['"]__main__['"]\s*==\s*__name__)""",
+    re.MULTILINE,
+)
+
+
+def _missing_guard_message(stage: str, script: str) -> str:
+    return (
+        f"stage {stage!r}: run_in='process' starts worker processes that import the main "
+        f'script {script} again, and it has no `if __name__ == "__main__":` guard, so '
+        f"each would run the pipeline again. Put the code that runs the pipeline under "
+        f'`if __name__ == "__main__":` at the end of the script.'
+    )
+
+
+def check_main_guard(stage: str) -> None:
+    """Refuse a main script without ``if __name__ == "__main__":``: worker processes
+    (started by a fork server, or spawned where there is none) import the main script
+    again, and without the guard each would run the pipeline again, fail, and bury the
+    reason under one traceback per process."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return  # an interactive session, python -c, a notebook: nothing is re-imported
+    try:
+        with tokenize.open(path) as f:
+            source = f.read()
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return
+    if not _GUARD.search(source):
+        raise RuntimeError(_missing_guard_message(stage, path))
 
 
 class ProcessPool:
@@ -89,7 +126,8 @@ class ProcessPool:
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[None]:
         trio_parallel = _import_trio_parallel(self.stage)
-        # forkserver where the platform has it: a new worker forks from a small, clean
+        # forkserver where the platform has it (spawn elsewhere); both start a worker
+        # by importing the main script again. A new worker forks from a small, clean
         # server process (safe in a threaded program, unlike fork) and starts about
         # twice as fast as a spawned interpreter, which matters since each run starts
         # its own workers.

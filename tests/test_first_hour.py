@@ -4,8 +4,12 @@ to do. One test per mistake, asserting the message the user reads."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -16,6 +20,8 @@ from structlog.testing import capture_logs
 
 from pipeflow import Pipeline, Stage, StageError, stage
 from pipeflow._options import OPTION_NAMES, StageKeywords, StageOptions
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -309,3 +315,47 @@ async def test_a_class_stage_whose_close_worker_fails_keeps_the_result():
     assert [0, 1, 2] == sorted(result.outputs)
     (event,) = [e for e in logs if e["event"] == "resource_close_failed"]
     assert "Store.open_worker()/close_worker()" == event["resource"]
+
+
+SCRIPT = """\
+from pipeflow import Pipeline, stage
+from tests.cpu_work import cube
+
+cubes = cube
+{run}
+"""
+
+
+def run_script(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "cubes.py"
+    script.write_text(SCRIPT.format(run=body), encoding="utf-8")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_a_process_stage_in_a_script_without_main_guard_is_one_short_error(tmp_path):
+    """No `if __name__ == "__main__":`: one error naming the guard, no process started."""
+    proc = run_script(tmp_path, "print(Pipeline(cubes).run(range(3)).outputs)")
+    assert 1 == proc.returncode
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        f"RuntimeError: stage 'cube': run_in='process' starts worker processes that "
+        f"import the main script {tmp_path / 'cubes.py'} again, and it has no "
+        f'`if __name__ == "__main__":` guard, so each would run the pipeline again. Put the '
+        f'code that runs the pipeline under `if __name__ == "__main__":` at the end of the '
+        f"script."
+    ) == last
+    assert len(proc.stderr.splitlines()) < 15, proc.stderr
+    assert "" == proc.stdout
+
+
+def test_a_process_stage_in_a_guarded_script_runs(tmp_path):
+    """With the guard (either quotes), the same script runs."""
+    body = "if __name__ == '__main__':\n    print(sorted(Pipeline(cubes).run(range(3)).outputs))"
+    proc = run_script(tmp_path, body)
+    assert "[0, 1, 8]\n" == proc.stdout, proc.stderr

@@ -54,6 +54,7 @@ def test_public_names_are_complete():
     [
         "pipeflow.testing",
         "pipeflow.sizing",
+        "pipeflow.plugins",
         "pipeflow.connectors.redis",
         "pipeflow.stages",
         "pipeflow.stages.http",

@@ -221,11 +221,10 @@ def _check_breaker(opts: StageOptions, a: attrs.Attribute[Any], breaker: object)
 
 
 def _check_dead_letter(opts: StageOptions, a: attrs.Attribute[Any], sink: object) -> None:
-    if sink is not None and not callable(sink):
-        from ._stage import Stage
-
-        if not isinstance(sink, Stage):
-            _fail(opts.name, "dead_letter", "a callable or a Stage", sink, TypeError)
+    # A Stage is the one thing that carries StageOptions: no import of the layer above.
+    is_stage = isinstance(getattr(sink, "options", None), StageOptions)
+    if sink is not None and not callable(sink) and not is_stage:
+        _fail(opts.name, "dead_letter", "a callable or a Stage", sink, TypeError)
 
 
 @attrs.frozen(kw_only=True)

@@ -197,10 +197,12 @@ class Outputs(Generic[Out]):
                     taken.extend(await self._edge.take(CHUNK))
                 except trio.EndOfChannel:
                     self.ended = True
+                    self._run.outlet_drained.set()
                     raise
                 self._spins = 0
             except trio.EndOfChannel:
                 self.ended = True
+                self._run.outlet_drained.set()
                 await trio.lowlevel.checkpoint()
                 raise
         self._spins += 1

@@ -83,8 +83,16 @@ class FailurePolicy:
                 err = StageError(f"{sr.name}.dead_letter", failed, sink_error)
                 sr.run.fail(err)
                 raise err from sink_error
+            except BaseException:
+                # A stop cut the hand-over: the item still failed here.
+                c.inflight -= weight
+                self.record(failed)
+                raise
         c.inflight -= weight
         return self.finish(env, failed, ack_taken, weight)
+
+    def record(self, failed: Failed[Any]) -> None:
+        """Keep the failure where the policy keeps failures (collect: the run's errors)."""
 
     def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
         raise NotImplementedError
@@ -137,10 +145,13 @@ class Collect(Skip):
 
     name = "collect"
 
-    def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
+    def record(self, failed: Failed[Any]) -> None:
         self.sr.run.errors.append(
             StageError(self.sr.name, failed.item, failed.error, attempts=failed.attempts)
         )
+
+    def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
+        self.record(failed)
         return super().finish(env, failed, ack_taken, weight)
 
 

@@ -63,7 +63,11 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
                             async with trio.open_nursery() as nursery:
                                 run.cancel_scope = nursery.cancel_scope
                                 run.start(nursery)
-                                yield nursery
+                                try:
+                                    yield nursery
+                                except BaseException as exc:
+                                    run.body_error = exc
+                                    raise
                         except BaseException as exc:
                             # Held until the dead-letter stages have taken what they
                             # were given: raised here, it would cancel them at once.
@@ -133,6 +137,10 @@ class Run:
         #: ``(stage, item)`` for every item a stop took from a worker or a queue.
         self.unfinished: list[tuple[str, Any]] = []
         self.first_failure: BaseException | None = None
+        #: What the caller's code in the ``async with`` block raised, if anything.
+        self.body_error: BaseException | None = None
+        #: Set once the reader of ``stream()`` has taken the last output.
+        self.outlet_drained = trio.Event()
         self.t_start = 0.0
         self.t_end: float | None = None
         self._breakers: dict[int, BreakerRuntime] = {}
@@ -199,6 +207,8 @@ class Run:
     async def wait_drained(self) -> None:
         """Until every item has left the pipeline (main stages, then dead letters)."""
         await self.stages[-1].workers_gone.wait()
+        if self.outlet_edge is not None:
+            await self.outlet_drained.wait()  # outputs are acked as the reader takes them
         for dl in self.dead_letter_runs:
             await dl.workers_gone.wait()
 
@@ -494,6 +504,11 @@ class Run:
         the user must dig through; but a group with anything that is not an ``Exception``
         (KeyboardInterrupt) or with several unrelated errors is re-raised as it is.
         """
+        body = self.body_error
+        if self.first_failure is None and isinstance(body, BaseExceptionGroup):
+            # The caller's own group (from a nursery in the block) comes out whole, so
+            # that ``except*`` sees every error in it.
+            return body
         leaves = list(_leaves(group))
         real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
         if any(not isinstance(e, Exception) for e in real):

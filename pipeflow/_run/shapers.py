@@ -129,6 +129,8 @@ async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
     now = sr.run.now
     seq = 0
     buf: list[Env] = []
+    taken: list[Env] = []
+    done = 0
     deadline = math.inf
 
     async def flush() -> None:
@@ -157,7 +159,9 @@ async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
                     envs = await inbox.take(CHUNK)
             except trio.EndOfChannel:
                 break
-            for env in envs:
+            taken = envs
+            for pos, env in enumerate(envs, 1):
+                done = pos  # taken[done:] is what a stop during a flush below strands
                 if type(env.item) is Failed and not sr.is_dead_letter:
                     # Failures from upstream pass a main stage unbatched; a dead-letter
                     # stage's input is all Failed values, and those it batches.
@@ -170,11 +174,14 @@ async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
                 buf.append(env)
                 if len(buf) >= size:
                     await flush()
+            taken = []
         if buf:
             await flush()
     except BaseException:
-        # Items gathered for a batch that a stop cut short: still in front of the stage.
+        # Items gathered for a batch, or taken for one, that a stop cut short: still in
+        # front of the stage.
         inbox.stranded.extend(buf)
+        inbox.stranded.extend(taken[done:])
         raise
     finally:
         inbox.receiver_done()
@@ -219,10 +226,18 @@ async def router(sr: StageRun, inbox: Edge, outs: list[Edge]) -> None:
                         env.item = KeyFailed(item, exc)
                         index = env.seq % n
                 groups.setdefault(index, []).append(env)
-            for index, group in groups.items():
-                # A worker that is gone (the run is stopping) strands its items on its
-                # edge, where the stop's accounting finds them.
-                await outs[index].put(group)
+            pending = list(groups.items())
+            sent = 0
+            try:
+                for index, group in pending:
+                    # A worker that is gone (the run is stopping) strands its items on
+                    # its edge, where the stop's accounting finds them.
+                    sent += 1
+                    await outs[index].put(group)
+            except BaseException:
+                for index, group in pending[sent:]:
+                    outs[index].stranded.extend(group)
+                raise
     finally:
         inbox.receiver_done()
         for edge in outs:

@@ -128,6 +128,18 @@ class StageRun:
         self.call = base if self.simple else with_policies(self, base)
         self.chunk_call = make_chunk_call(self)
         self.stepper = make_stepper(self)
+        # Take chunks only where an item that turns out to wait cannot hold the others
+        # back: async functions are stepped (see _work), plain functions in threads go
+        # to one call per chunk, inline plain functions cannot wait; an ordered or keyed
+        # stage's items wait for each other anyway. Async generators and process stages
+        # take one item at a time.
+        self.can_chunk = opts.run_in != "process" and (
+            self.stepper is not None
+            or self.chunk_call is not None
+            or (opts.run_in == "task" and opts.kind in ("sync", "syncgen"))
+            or opts.ordered
+            or self.keyed
+        )
         self.policy = POLICIES[opts.errors](self)
         self.inbox = Edge(opts.buffer_size, run.now)
         self.inbox.numbered = opts.ordered or opts.key is not None
@@ -509,7 +521,7 @@ class StageRun:
             # Only a stage with no per-item policy: retries, timeouts and rate limits
             # wait, and their waits must overlap as they always have.
             work = in_thread if in_thread >= 0.0 else d
-            self.chunked = self.simple and work <= CHUNK_BELOW * calls
+            self.chunked = self.can_chunk and self.simple and work <= CHUNK_BELOW * calls
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -1,0 +1,726 @@
+"""Runner v2 as a hostile user drives it: stops at random moments over mixed pipelines,
+items that are fast and then suddenly slow, acking sources, order with failures and
+flat-maps. The xfail tests are bugs found this way (strict: they must still fail); the
+others guard the combinations that hold."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import threading
+
+import pytest
+import trio
+
+from pipeflow import Failed, Pipeline, PipelineFull, StageError, stage
+from pipeflow.testing import assert_nothing_left_running
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def assert_balanced(result, pipeline=None):
+    """Conservation in every stage, nothing in flight, ``unfinished`` matching the
+    ``cancelled`` counts; with ``pipeline``, also that what each stage handed on is what
+    the next one counted in (nothing vanishes on the edge between two stages)."""
+    for s in result.stats.values():
+        assert s.items_in == s.ok + s.filtered + s.failed + s.dropped + s.cancelled, s
+        assert 0 == s.inflight, s
+    cancelled = {name: s.cancelled for name, s in result.stats.items()}
+    listed = dict.fromkeys(result.stats, 0)
+    for name, _ in result.unfinished:
+        listed[name] += 1
+    assert cancelled == listed
+    if pipeline is None:
+        return
+    stages = pipeline.stages
+    for a, b in itertools.pairwise(stages):
+        if a.options.batch is not None or b.options.batch is not None:
+            continue  # a batch is one item on the edge and several in the counts
+        sa, sb = result.stats[a.name], result.stats[b.name]
+        embedded = sa.failed if a.options.errors == "embed" else 0
+        assert sa.items_out + sa.passed + embedded == sb.items_in + sb.passed, (sa, sb)
+
+
+class Ledger:
+    """A fake acking source's record: which items were acked, how often."""
+
+    def __init__(self, n):
+        self.n = n
+        self.pulled = []
+        self.acked = []
+        self.errors = []
+
+
+class FakeAck:
+    def __init__(self, ledger, item):
+        self.ledger = ledger
+        self.item = item
+        self.pending = 1
+
+    def add(self, n):
+        self.pending += n
+
+    def done(self):
+        self.pending -= 1
+        if self.pending == 0:
+            self.ledger.acked.append(self.item)
+        elif self.pending < 0:
+            self.ledger.errors.append(self.item)
+
+
+class AckingSource:
+    """The smallest acking source: ``__pipeflow_open__(capacity=...)`` yielding
+    ``(item, ack)`` pairs (the runner's backpressure bounds what it holds)."""
+
+    ack = None  # the Ack class; FakeAck unless a subclass says otherwise
+
+    def __init__(self, n):
+        self.ledger = Ledger(n)
+
+    @contextlib.asynccontextmanager
+    async def __pipeflow_open__(self, *, capacity):
+        ledger = self.ledger
+
+        async def entries():
+            for i in range(ledger.n):
+                await trio.lowlevel.checkpoint()
+                ledger.pulled.append(i)
+                yield i, (self.ack or FakeAck)(ledger, i)
+
+        yield entries()
+
+
+def fails(salt, x, rate):
+    """Whether item ``x`` fails in the stage ``salt``: fixed per (stage, item)."""
+    return isinstance(x, int) and random.Random(f"{salt}:{x}").random() < rate
+
+
+def mixed_stage(rng, i, fail_rate, errors, dead_letter):
+    """One stage of a random kind that keeps item identity (maps and filters), with
+    quick items and every 40th item slow."""
+    kind = rng.choice(
+        ["async", "filter", "thread", "syncfilter", "inline", "ordered", "auto", "resource"]
+    )
+    options = {"name": f"s{i}_{kind}", "workers": rng.randint(1, 4), "errors": errors}
+    if rng.random() < 0.3:
+        options["buffer"] = rng.randint(0, 6)
+    if dead_letter is not None:
+        options["dead_letter"] = dead_letter
+    name = options["name"]
+
+    async def pause(x):
+        if isinstance(x, int) and x % 40 == 39:
+            await trio.sleep(0.3)
+
+    def check(x):
+        if fails(name, x, fail_rate):
+            raise ValueError(f"{name} fails on {x}")
+
+    if kind == "filter":
+
+        @stage(**options, ordered=rng.random() < 0.4)
+        async def keep_some(x):
+            await pause(x)
+            check(x)
+            if x % 5:
+                yield x
+
+        return keep_some
+    if kind == "thread":
+
+        @stage(**options)
+        def plain(x):
+            check(x)
+            return x
+
+        return plain
+    if kind == "syncfilter":
+
+        @stage(**options)
+        def keep_odd(x):
+            check(x)
+            if x % 2:
+                yield x
+
+        return keep_odd
+    if kind == "inline":
+
+        @stage(**options, run_in="task")
+        def inline(x):
+            check(x)
+            return x
+
+        return inline
+    if kind == "resource":
+        opened = []
+
+        @contextlib.asynccontextmanager
+        async def connection():
+            opened.append(1)
+            try:
+                yield "conn"
+            finally:
+                await trio.sleep(0.001)
+                opened.pop()
+
+        @stage(**options, resource=connection)
+        async def with_conn(x, conn):
+            await pause(x)
+            check(x)
+            return x
+
+        with_conn.opened = opened
+        return with_conn
+    if kind == "ordered":
+        options["ordered"] = True
+    if kind == "auto":
+        options["workers"] = (1, 6)
+
+    @stage(**options)
+    async def work(x):
+        await pause(x)
+        check(x)
+        return x
+
+    return work
+
+
+def mixed_pipeline(rng, errors, dead_letter=None):
+    fail_rate = rng.choice([0.0, 0.05, 0.2])
+    chain = mixed_stage(rng, 0, fail_rate, errors, dead_letter)
+    for i in range(1, rng.randint(2, 4)):
+        chain = chain | mixed_stage(rng, i, fail_rate, errors, dead_letter)
+    return Pipeline(chain)
+
+
+def assert_resources_closed(pipeline):
+    for st in pipeline.stages:
+        assert getattr(st, "opened", []) == [], st.name
+
+
+# -- what holds ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(30))
+async def test_random_stops_of_mixed_pipelines_lose_nothing_between_stages(seed, autojump_clock):
+    """Maps and filters of every kind (async, generators, threads, inline, ordered,
+    autoscaled, with resources) under collect/skip/embed, stopped from outside or by
+    leaving stream() at a random moment: every stage balances, every item a stage handed
+    on is counted by the next, resources are closed, nothing is left running."""
+    rng = random.Random(seed)
+    letters = []
+    errors = rng.choice(["collect", "skip", "embed"])
+    pipeline = mixed_pipeline(rng, errors, dead_letter=letters.append)
+    pulled = []
+
+    def source():
+        for i in range(200):
+            pulled.append(i)
+            yield i
+
+    leave_after = rng.choice([None, rng.randint(0, 60)])
+    outputs = None
+    with trio.move_on_after(rng.random() * 2):
+        async with pipeline.stream(source(), buffer=rng.choice([0, 1, 32])) as outputs:
+            seen = 0
+            async for _ in outputs:
+                seen += 1
+                if leave_after is not None and seen >= leave_after:
+                    break
+    assert outputs is not None
+    assert outputs.result is not None
+    result = outputs.result
+    assert_balanced(result, pipeline)
+    first = result.stats[pipeline.stages[0].name]
+    assert first.items_in + first.passed == len(pulled)
+    assert_resources_closed(pipeline)
+    assert_nothing_left_running()
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_full_runs_of_mixed_pipelines_account_for_every_item(seed, autojump_clock):
+    """Without a stop, each input is an output (or its Failed value), a collected error,
+    a dead letter or a filtered item, exactly once."""
+    rng = random.Random(seed)
+    letters = []
+    errors = rng.choice(["collect", "skip", "embed"])
+    pipeline = mixed_pipeline(rng, errors, dead_letter=letters.append)
+    result = await pipeline.arun(range(150))
+    assert_balanced(result, pipeline)
+    assert result.unfinished == []
+    outs = [o.item if isinstance(o, Failed) else o for o in result.outputs]
+    assert len(outs) == len(set(outs))
+    dead = [f.item for f in letters]
+    assert len(dead) == sum(s.failed for s in result.stats.values())
+    if errors == "collect":
+        assert sorted(e.item for e in result.errors) == sorted(dead)
+    filtered = sum(s.filtered for s in result.stats.values())
+    kept = len(outs) + (0 if errors == "embed" else len(dead))
+    assert kept + filtered == 150
+    assert set(outs) | set(dead) <= set(range(150))
+    assert_resources_closed(pipeline)
+
+
+async def test_ordered_outputs_keep_input_order_with_failures_filters_and_flat_maps(
+    autojump_clock,
+):
+    """Three ordered stages (embed failures, a flat-map that also filters, a plain
+    function in threads) with random delays: outputs come out in input order."""
+    rng = random.Random(7)
+    delays = {i: rng.random() * 0.01 for i in range(300)}
+
+    @stage(workers=5, ordered=True, errors="embed")
+    async def check(x):
+        await trio.sleep(delays[x])
+        if x % 11 == 0:
+            raise ValueError(x)
+        return x
+
+    @stage(workers=4, ordered=True)
+    async def spread(x):
+        await trio.sleep(delays[x.item if isinstance(x, Failed) else x])
+        for k in range(x % 3):
+            yield (x, k)
+
+    @stage(workers=3, ordered=True)
+    def plain(pair):
+        return pair
+
+    result = await Pipeline(check | spread | plain).arun(range(300))
+    expected = []
+    for x in range(300):
+        if x % 11 == 0:
+            expected.append(("failed", x))
+        else:
+            expected += [(x, k) for k in range(x % 3)]
+    got = [("failed", o.item) if isinstance(o, Failed) else o for o in result.outputs]
+    assert got == expected
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_async_stage_fast_then_slow_spreads_the_slow_items(ordered, autojump_clock):
+    """After 200 instant items (the stage takes chunks), 8 items of 1 s each arriving at
+    once run on all 4 workers: 2 s, not 8."""
+
+    @stage(workers=4, ordered=ordered)
+    async def work(x):
+        if x >= 200:
+            await trio.sleep(1)
+        return x
+
+    async with Pipeline(work).open() as flow:
+        for i in range(200):
+            await flow.send(i)
+        await trio.sleep(0.1)
+        start = trio.current_time()
+        for i in range(200, 208):
+            flow.send_nowait(i)
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert_balanced(flow.result)
+
+
+async def test_acking_source_acks_every_finished_item_exactly_once(autojump_clock):
+    """Through a flat-map, a batch stage and embedded failures with a dead-letter stage,
+    each source item is acked exactly once, after the whole run."""
+    source = AckingSource(120)
+    letters = []
+
+    @stage(name="letters", workers=2)
+    async def keep_letter(failed):
+        await trio.sleep(0.01)
+        letters.append(failed)
+
+    @stage(workers=3, errors="collect", dead_letter=keep_letter)
+    async def spread(x):
+        await trio.sleep(0.001 * (x % 4))
+        if x % 13 == 5:
+            raise ValueError(x)
+        for _ in range(x % 3):
+            yield x
+
+    @stage(workers=2, batch=5, batch_timeout=0.05)
+    async def batched(xs):
+        await trio.sleep(0.01)
+        return len(xs)
+
+    result = await Pipeline(spread | batched).arun(source)
+    ledger = source.ledger
+    assert ledger.errors == []
+    assert sorted(ledger.acked) == list(range(120))
+    assert len(letters) == len(result.errors) == result.stats["spread"].failed
+    assert_balanced(result)
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_acking_source_never_acks_what_a_stop_left_unfinished(seed, autojump_clock):
+    """A fail-fast stop at a random item: no unfinished item is acked, no item is acked
+    twice, and every acked item really left the pipeline."""
+    rng = random.Random(seed)
+    source = AckingSource(200)
+    bad = rng.randint(20, 150)
+
+    @stage(workers=rng.randint(1, 4))
+    async def first(x):
+        await trio.sleep(rng.random() * 0.01)
+        return x
+
+    @stage(workers=rng.randint(1, 4), ordered=rng.random() < 0.5)
+    async def second(x):
+        await trio.sleep(rng.random() * 0.02)
+        if x == bad:
+            raise ValueError(x)
+        if x % 3:
+            yield x
+
+    with pytest.raises(StageError) as info:
+        await Pipeline(first | second).arun(source)
+    result = info.value.result
+    ledger = source.ledger
+    assert ledger.errors == []
+    assert len(ledger.acked) == len(set(ledger.acked))
+    unfinished = {x for _, x in result.unfinished}
+    assert not unfinished & set(ledger.acked)
+    assert bad not in ledger.acked
+    assert set(result.outputs) <= set(ledger.acked)
+    assert_balanced(result)
+
+
+async def test_flow_with_a_slow_reader_gets_every_output(autojump_clock):
+    """open(outputs=True) read one output per second from another task: the reader
+    gets every output, in 9 s, and nothing is unfinished."""
+    read = []
+
+    @stage(workers=2)
+    async def work(x):
+        return x
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery, Pipeline(work).open(outputs=True) as flow:
+
+        async def reader():
+            async for out in flow.outputs:
+                read.append((trio.current_time() - start, out))
+                await trio.sleep(1)
+
+        nursery.start_soon(reader)
+        for i in range(10):
+            await flow.send(i)
+    assert sorted(out for _, out in read) == list(range(10))
+    assert read[-1][0] == pytest.approx(9.0)
+    assert flow.result.unfinished == []
+    assert_balanced(flow.result)
+
+
+async def test_batch_timeout_flushes_a_partial_batch_on_time(autojump_clock):
+    """batch=10, batch_timeout=0.5: three items at t=0 reach the function at t=0.5."""
+    calls = []
+
+    @stage(batch=10, batch_timeout=0.5)
+    async def batched(xs):
+        calls.append((trio.current_time(), list(xs)))
+        return xs
+
+    async def source():
+        for i in range(3):
+            yield i
+        await trio.sleep(5)
+
+    start = trio.current_time()
+    await Pipeline(batched).arun(source())
+    assert [(t - start, xs) for t, xs in calls] == [(0.5, [0, 1, 2])]
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_feeding_open_from_three_tasks_then_cancelling_counts_every_accepted_item(
+    seed, autojump_clock
+):
+    """Three tasks feed open() with send, send_nowait and offer until an outer
+    cancellation: only the cancellation comes out, the stages balance, and the first
+    stage counts every accepted and every dropped item (a send cut by the stop may count
+    or not)."""
+    rng = random.Random(seed)
+    options = {"workers": rng.randint(1, 4), "buffer": rng.randint(0, 5)}
+    if rng.random() < 0.3:
+        options["ordered"] = True
+
+    @stage(**options)
+    async def first(x):
+        await trio.sleep(rng.random() * 0.05)
+        return x
+
+    @stage(workers=2)
+    def second(x):
+        return x
+
+    accepted, cut = set(), set()
+    dropped = 0
+    flow = None
+
+    async def feeder(k):
+        nonlocal dropped
+        for i in itertools.count(k * 1_000_000):
+            choice = rng.random()
+            if choice < 0.4:
+                try:
+                    await flow.send(i)
+                except trio.Cancelled:
+                    cut.add(i)
+                    raise
+                accepted.add(i)
+            elif choice < 0.7:
+                try:
+                    flow.send_nowait(i)
+                    accepted.add(i)
+                except PipelineFull:
+                    await trio.sleep(0.001)
+            else:
+                if flow.offer(i):
+                    accepted.add(i)
+                else:
+                    dropped += 1
+                await trio.sleep(0.0005)
+
+    with trio.move_on_after(rng.random()):
+        async with Pipeline(first | second).open() as flow, trio.open_nursery() as nursery:
+            for k in range(3):
+                nursery.start_soon(feeder, k)
+    result = flow.result
+    assert_balanced(result, Pipeline(first | second))
+    counted = result.stats["first"].items_in - dropped
+    assert len(accepted) <= counted <= len(accepted) + len(cut)
+    assert_nothing_left_running()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_a_source_that_raises_midway_stops_the_run_with_its_error(
+    asynchronous, autojump_clock
+):
+    """A source (generator or async generator) that raises after 50 items: the run
+    raises that error itself, and nothing is left running."""
+
+    def source():
+        yield from range(50)
+        raise OSError("disk gone")
+
+    async def asource():
+        for i in range(50):
+            yield i
+            await trio.sleep(0.01)
+        raise OSError("disk gone")
+
+    @stage(workers=3)
+    async def work(x):
+        await trio.sleep(0.1)
+        return x
+
+    @stage(workers=2)
+    def plain(x):
+        return x
+
+    with pytest.raises(OSError, match="disk gone"):
+        await Pipeline(work | plain).arun(asource() if asynchronous else source())
+    assert_nothing_left_running()
+
+
+# -- found by trying to break the runner, fixed ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("errors", ["collect", "embed"])
+async def test_a_stop_during_a_dead_letter_hand_over_leaves_nothing_in_flight(
+    errors, autojump_clock
+):
+    """An outer cancellation while a failed item waits for a busy dead-letter stage:
+    afterwards no stage shows an item in flight, and each failure counted under collect
+    is in result.errors."""
+
+    @stage(name="letters", workers=1, buffer=0)
+    async def keep_letter(failed):
+        await trio.sleep(10)
+
+    @stage(workers=1, errors=errors, dead_letter=keep_letter)
+    async def bad(x):
+        await trio.sleep(0.1)
+        raise ValueError(x)
+
+    outputs = None
+    with trio.move_on_after(1):
+        async with Pipeline(bad).stream(range(5)) as outputs:
+            async for _ in outputs:
+                pass
+    result = outputs.result
+    assert_balanced(result)
+    if errors == "collect":
+        assert len(result.errors) == result.stats["bad"].failed
+    assert_nothing_left_running()
+
+
+async def test_cancelling_a_keyed_stage_loses_no_accepted_item(autojump_clock):
+    """Every item open() accepted before an outer cancellation is either done or in
+    result.unfinished (here: all five, the stage's items take 10 s)."""
+
+    # Keys 0 and 4 go to different workers of two (stable_hash).
+    @stage(workers=2, key=lambda x: 4 * (x % 2), buffer=2)
+    async def keyed(x):
+        await trio.sleep(10)
+        return x
+
+    flow = None
+    with trio.move_on_after(5):
+        async with Pipeline(keyed).open() as flow:
+            for i in (0, 1, 2):
+                await flow.send(i)
+                await trio.sleep(0.1)
+            # Taken by the router together: 4 waits for worker 0's full edge, 3 is next.
+            flow.send_nowait(4)
+            flow.send_nowait(3)
+            await trio.sleep(10)
+    result = flow.result
+    assert sorted(x for _, x in result.unfinished) == [0, 1, 2, 3, 4]
+    assert_balanced(result)
+
+
+async def test_cancelling_a_batched_stage_loses_no_accepted_item(autojump_clock):
+    """Every item open() accepted before an outer cancellation is either done or in
+    result.unfinished (here: all nine, the batches take 10 s)."""
+
+    @stage(workers=1, batch=2, buffer=8)
+    async def batched(xs):
+        await trio.sleep(10)
+        return xs
+
+    flow = None
+    with trio.move_on_after(5):
+        async with Pipeline(batched).open() as flow:
+            flow.send_nowait(0)
+            flow.send_nowait(1)
+            await trio.sleep(0.1)
+            # Taken by the batcher in one chunk: [2, 3] waits for the busy worker.
+            for i in range(2, 9):
+                flow.send_nowait(i)
+            await trio.sleep(10)
+    result = flow.result
+    assert sorted(x for _, x in result.unfinished) == list(range(9))
+    assert_balanced(result)
+
+
+async def test_async_generator_stage_fast_then_slow_spreads_the_slow_items(autojump_clock):
+    """An async generator stage after 200 instant items: 8 items of 1 s each arriving at
+    once run on all 4 workers, 2 s and not 8."""
+
+    @stage(workers=4)
+    async def work(x):
+        if x >= 200:
+            await trio.sleep(1)
+        yield x
+
+    async with Pipeline(work).open() as flow:
+        for i in range(200):
+            await flow.send(i)
+        await trio.sleep(0.1)
+        start = trio.current_time()
+        for i in range(200, 208):
+            flow.send_nowait(i)
+    assert trio.current_time() - start == pytest.approx(2.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="calls.make_chunk_call: a plain function stage in chunked mode runs every "
+    "waiting item in one thread call, so items that block run one after another",
+)
+def test_thread_stage_fast_then_blocking_items_run_on_idle_workers():
+    """A plain-function stage with 4 workers, after hundreds of instant items: 4 items
+    that each wait for the others (a barrier) arriving at once run at the same time
+    (in every one of six rounds)."""
+    barrier = threading.Barrier(4, timeout=0.3)
+
+    @stage(workers=4, errors="collect")
+    def work(x):
+        if x < 0:
+            barrier.wait()
+        return x
+
+    async def main():
+        async with Pipeline(work).open() as flow:
+            for r in range(1, 7):
+                for i in range(300):
+                    await flow.send(i)
+                await trio.sleep(0.05)
+                for i in range(-4, 0):
+                    flow.send_nowait(i)
+                for _ in range(300):  # until the round is done
+                    s = flow.stats()["work"]
+                    if s.items_out + s.failed >= 304 * r:
+                        break
+                    await trio.sleep(0.01)
+                if s.failed:
+                    break
+        return flow.result
+
+    result = trio.run(main)
+    assert 0 == result.stats["work"].failed
+
+
+async def test_an_exception_group_from_the_callers_code_in_stream_comes_out_whole(
+    autojump_clock,
+):
+    """An ExceptionGroup raised by the caller's own nursery inside the stream() block
+    comes out with all its errors, so ``except* KeyError`` still sees the KeyError."""
+
+    @stage(workers=2)
+    async def work(x):
+        await trio.sleep(0.1)
+        return x
+
+    async def boom(error):
+        raise error
+
+    seen = []
+    try:
+        async with Pipeline(work).stream(range(100)), trio.open_nursery() as nursery:
+            nursery.start_soon(boom, ValueError("a"))
+            nursery.start_soon(boom, KeyError("b"))
+    except* KeyError as group:
+        seen.extend(group.exceptions)
+    except* ValueError:
+        pass
+    assert [type(e) for e in seen] == [KeyError]
+
+
+async def test_stream_from_an_acking_source_acks_every_output_before_closing_it(
+    autojump_clock,
+):
+    """stream() over an acking source (default outlet buffer) with a reader taking 1 s
+    per output: the source stays open until its last item is acked (an ack after the
+    close is lost)."""
+    late = []
+
+    class Source(AckingSource):
+        closed = False
+
+        @contextlib.asynccontextmanager
+        async def __pipeflow_open__(self, *, capacity):
+            async with super().__pipeflow_open__(capacity=capacity) as entries:
+                yield entries
+            self.closed = True
+
+    source = Source(20)
+
+    class Ack(FakeAck):
+        def done(self):
+            if source.closed:
+                late.append(self.item)
+            super().done()
+
+    source.ack = Ack
+
+    @stage(workers=2)
+    async def work(x):
+        return x
+
+    async with Pipeline(work).stream(source) as outputs:
+        async for _ in outputs:
+            await trio.sleep(1)
+    assert sorted(source.ledger.acked) == list(range(20))
+    assert late == []

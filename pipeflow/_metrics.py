@@ -5,10 +5,11 @@ scrape, the collector adds up each stage's counters over the pipeline's finished
 and the runs in progress, so counters only go up and gauges show the live state:
 
 ========================================  =========  ===========================
-metric                                    type       the seed's name
+metric                                    type       the Go guide's name
 ========================================  =========  ===========================
 ``pipeflow_stage_inflight``               gauge      pool.inflight
 ``pipeflow_stage_queue_depth``            gauge      pool.queue_depth
+``pipeflow_stage_oldest_inflight_seconds`` gauge     (age of the oldest item in a worker)
 ``pipeflow_stage_workers``                gauge      (pool size)
 ``pipeflow_stage_workers_busy``           gauge      pool.workers_active
 ``pipeflow_stage_items_total{outcome}``   counter    pool.jobs_total, jobs_failed_total
@@ -104,6 +105,7 @@ class _Stage:
         "durations",
         "inflight",
         "items",
+        "oldest",
         "throttled",
         "wait_sum",
         "waits",
@@ -130,8 +132,11 @@ class _Stage:
         self.workers = 0
         self.busy = 0
         self.breaker = 0.0
+        self.oldest = 0.0
 
-    def add_live(self, c: StageCounters, depth: int, breaker: str | None) -> None:
+    def add_live(
+        self, c: StageCounters, depth: int, breaker: str | None, oldest: float = 0.0
+    ) -> None:
         items = self.items
         items[0] += c.ok
         items[1] += c.failed
@@ -151,6 +156,7 @@ class _Stage:
         self.depth += depth
         self.workers += c.workers
         self.busy += c.busy_workers
+        self.oldest = max(self.oldest, oldest)
         if breaker is not None:
             # Several runs of one pipeline at once: show the most severe state.
             self.breaker = max(self.breaker, _BREAKER_VALUES.get(breaker, 0.0))
@@ -269,6 +275,12 @@ class _Families:
             "circuit breaker (not counted as busy time).",
             labels=_LABELS,
         )
+        self.oldest_inflight = GaugeMetricFamily(
+            "pipeflow_stage_oldest_inflight_seconds",
+            "Seconds the oldest item now in one of a stage's workers has been there "
+            "(0 when none is): a stall shows as a number that keeps growing.",
+            labels=_LABELS,
+        )
         self.breaker = GaugeMetricFamily(
             "pipeflow_stage_breaker_state",
             "State of a stage's circuit breaker: 0 closed, 1 half-open, 2 open.",
@@ -287,6 +299,7 @@ class _Families:
                 self.queue_wait,
                 self.blocked,
                 self.throttled,
+                self.oldest_inflight,
                 self.breaker,
             )
         )
@@ -300,6 +313,7 @@ class _Families:
         self.queue_depth.add_metric(labels, st.depth)
         self.workers.add_metric(labels, st.workers)
         self.workers_busy.add_metric(labels, st.busy)
+        self.oldest_inflight.add_metric(labels, st.oldest)
         for outcome, n in zip(_OUTCOMES, c.items, strict=True):
             self.items.add_metric([*labels, outcome], n)
         self.duration.add_metric(
@@ -410,7 +424,7 @@ def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stag
             sr = run.stages[i]
             depth = sr.queue_depth()
             breaker = sr.breaker.state if sr.breaker is not None else None
-            st.add_live(sr.c, depth, breaker)
+            st.add_live(sr.c, depth, breaker, sr.oldest_inflight(run.now()))
         yield stage, st
 
 

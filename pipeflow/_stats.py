@@ -154,6 +154,7 @@ class StageCounters:
         *,
         queue_depth: int = 0,
         breaker_state: str | None = None,
+        oldest_inflight: float = 0.0,
         target_utilisation: float = TARGET_UTILISATION,
         final: bool = False,
     ) -> StageStats:
@@ -201,6 +202,7 @@ class StageCounters:
             utilisation=utilisation,
             recommended_workers=recommended,
             breaker_state=breaker_state,
+            oldest_inflight_seconds=oldest_inflight,
         )
 
 
@@ -259,6 +261,9 @@ class StageStats:
     utilisation: float
     recommended_workers: int
     breaker_state: str | None = None
+    #: Seconds the oldest item now in one of the stage's workers has been there: a stall
+    #: shows as a number that keeps growing (0 when no item is in a worker).
+    oldest_inflight_seconds: float = 0.0
     cpu_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, object]:

@@ -23,7 +23,8 @@ METRICS = {
     "pipeflow_stage_duration_seconds": "histogram",
     "pipeflow_stage_queue_wait_seconds": "histogram",
     "pipeflow_stage_blocked_seconds": "counter",
-    "pipeflow_stage_throttled_seconds": "counter",  # beyond the contract's eight
+    "pipeflow_stage_throttled_seconds": "counter",  # beyond the contract's table
+    "pipeflow_stage_oldest_inflight_seconds": "gauge",
     "pipeflow_stage_breaker_state": "gauge",
 }
 BUCKETS = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5"]
@@ -450,3 +451,33 @@ async def test_throttled_seconds_are_exported(autojump_clock):
             "pipeflow_stage_throttled_seconds_total", {"pipeline": "throttle", "stage": "limited"}
         )
     )
+
+
+async def test_oldest_inflight_shows_a_stall_growing(autojump_clock):
+    """An item stuck in a worker: pipeflow_stage_oldest_inflight_seconds (and the live
+    StageStats) show its age, growing; 0 once no item is in a worker."""
+    from prometheus_client import CollectorRegistry
+
+    gate = trio.Event()
+
+    @stage(workers=2)
+    async def stuck(x):
+        if x == 1:
+            await gate.wait()
+        return x
+
+    registry = CollectorRegistry()
+    pipeline = Pipeline(stuck, name="p", registry=registry)
+    labels = {"pipeline": "p", "stage": "stuck"}
+    seen = []
+    async with pipeline.open() as flow:
+        await flow.send(0)
+        await flow.send(1)
+        for _ in range(2):
+            await trio.sleep(3)
+            seen.append(registry.get_sample_value("pipeflow_stage_oldest_inflight_seconds", labels))
+        seen.append(flow.stats()["stuck"].oldest_inflight_seconds)
+        gate.set()
+    assert [3.0, 6.0, 6.0] == seen
+    assert 0.0 == flow.result.stats["stuck"].oldest_inflight_seconds
+    assert 0.0 == registry.get_sample_value("pipeflow_stage_oldest_inflight_seconds", labels)

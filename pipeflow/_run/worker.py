@@ -121,6 +121,8 @@ class StageRun:
         )
         #: Seconds each worker task waited for a token or a breaker in its current item.
         self.throttled: dict[trio.lowlevel.Task, float] = {}
+        #: When each busy worker took its current chunk: the oldest item in flight.
+        self.since: dict[trio.lowlevel.Task, float] = {}
         self.process_pool: Any = None
         if opts.run_in == "process":
             self.process_pool = ProcessPool(self.name)
@@ -330,6 +332,7 @@ class StageRun:
                     spins = 0
                     await trio.lowlevel.checkpoint()
                 t0 = now()  # after the checkpoint: others' time is not this chunk's
+                self.since[task] = t0
                 c.busy_workers += 1
                 busy = True
                 outcomes = None
@@ -513,6 +516,7 @@ class StageRun:
         # failure to a dead-letter sink, is not work: it must not make the stage look
         # busy (or name it the bottleneck).
         d = self.run.now() - t0 - self.throttled.pop(task, 0.0)
+        self.since.pop(task, None)
         c.busy_workers -= 1
         c.busy_time += d
         c.waits.observe_many(t0 - chunk[0].t, len(chunk))
@@ -529,8 +533,18 @@ class StageRun:
         """Items waiting in front of this stage now."""
         return len(self.inbox)
 
+    def oldest_inflight(self, now: float) -> float:
+        """Seconds the oldest item now in a worker has been there (0 when none is)."""
+        since = self.since
+        return now - min(since.values()) if since else 0.0
+
     def stats(self, now: float, elapsed: float, *, final: bool = False) -> StageStats:
         state = self.breaker.state if self.breaker is not None else None
         return self.c.snapshot(
-            now, elapsed, queue_depth=self.queue_depth(), breaker_state=state, final=final
+            now,
+            elapsed,
+            queue_depth=self.queue_depth(),
+            breaker_state=state,
+            oldest_inflight=self.oldest_inflight(now),
+            final=final,
         )

@@ -625,7 +625,10 @@ async def test_async_generator_stage_fast_then_slow_spreads_the_slow_items(autoj
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: the stage takes chunks only once a one-item thread call measures under
+    # CHUNK_BELOW, which a loaded machine may never reach in six rounds (seen: about 1
+    # run in 14 passed at a load average of 8 on 2 cores).
+    strict=False,
     reason="calls.make_chunk_call: a plain function stage in chunked mode runs every "
     "waiting item in one thread call, so items that block run one after another",
 )
@@ -666,7 +669,8 @@ async def test_an_exception_group_from_the_callers_code_in_stream_comes_out_whol
     autojump_clock,
 ):
     """An ExceptionGroup raised by the caller's own nursery inside the stream() block
-    comes out with all its errors, so ``except* KeyError`` still sees the KeyError."""
+    comes out with all its errors, so ``except*`` sees both the ValueError and the
+    KeyError."""
 
     @stage(workers=2)
     async def work(x):
@@ -683,9 +687,9 @@ async def test_an_exception_group_from_the_callers_code_in_stream_comes_out_whol
             nursery.start_soon(boom, KeyError("b"))
     except* KeyError as group:
         seen.extend(group.exceptions)
-    except* ValueError:
-        pass
-    assert [type(e) for e in seen] == [KeyError]
+    except* ValueError as group:
+        seen.extend(group.exceptions)
+    assert sorted(type(e).__name__ for e in seen) == ["KeyError", "ValueError"]
 
 
 async def test_stream_from_an_acking_source_acks_every_output_before_closing_it(

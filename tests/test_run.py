@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import trio
@@ -352,3 +353,29 @@ async def test_outer_cancellation_stops_the_run_and_leaves_nothing(autojump_cloc
         await Pipeline(forever).arun(range(100))
     assert 3.0 == trio.current_time()
     assert_nothing_left_running()
+
+
+def test_a_thread_stage_whose_items_turn_slow_spreads_them_over_its_workers():
+    """A plain-function stage with 4 workers, after hundreds of instant items: 8 items of
+    0.2 s each arriving at once do not run one after another in one worker's thread
+    (1.6 s): the first slow one sends the rest back to the idle workers."""
+
+    @stage(workers=4)
+    def work(x):
+        if x < 0:
+            time.sleep(0.2)
+        return x
+
+    async def main():
+        async with Pipeline(work).open() as flow:
+            for i in range(300):
+                await flow.send(i)
+            await trio.sleep(0.1)
+            start = time.monotonic()
+            for i in range(-8, 0):
+                await flow.send(i)
+        return time.monotonic() - start, flow.result
+
+    elapsed, result = trio.run(main)
+    assert 308 == result.stats["work"].ok
+    assert elapsed < 1.2, elapsed

@@ -24,15 +24,19 @@ import trio
 
 from .._errors import CircuitOpen, Failed, short_repr
 from .._process import process_call
+from .edge import CHUNK_BELOW
 from .envelope import KeyFailed
 
 if TYPE_CHECKING:
     from .worker import StageRun
 
 Call = Callable[[Any, Any], Awaitable[Any]]
-#: ``await chunk_call(items, resource)`` -> (one ``(error, result)`` per item, the wall
-#: seconds the items took in the thread).
-ChunkCall = Callable[[list[Any], Any], Awaitable[tuple[list[tuple[Exception | None, Any]], float]]]
+#: ``await chunk_call(items, resource, stop_when_slow)`` -> (one ``(error, result)`` per
+#: item run, the wall seconds they took in the thread). With ``stop_when_slow``, the
+#: thread stops after an item that took long, and the items after it are not run.
+ChunkCall = Callable[
+    [list[Any], Any, bool], Awaitable[tuple[list[tuple[Exception | None, Any]], float]]
+]
 
 
 class GaveUp(Exception):
@@ -148,10 +152,10 @@ def make_chunk_call(sr: StageRun) -> ChunkCall | None:
     c = sr.c
 
     def run_all(
-        items: list[Any], res: Any
+        items: list[Any], res: Any, stop_when_slow: bool
     ) -> tuple[list[tuple[Exception | None, Any]], float, float]:
         t = time.thread_time()  # CPU time in the thread, as for one call (see make_call)
-        t_wall = time.perf_counter()
+        t_wall = last = time.perf_counter()
         out: list[tuple[Exception | None, Any]] = []
         for item in items:
             if (passthrough and type(item) is Failed) or type(item) is KeyFailed:
@@ -161,13 +165,18 @@ def make_chunk_call(sr: StageRun) -> ChunkCall | None:
                 out.append((None, body(item, res)))
             except Exception as exc:
                 out.append((exc, None))
+            if stop_when_slow:
+                now = time.perf_counter()
+                if now - last > CHUNK_BELOW:
+                    break  # slow now: the rest go back to the stage's idle workers
+                last = now
         return out, time.thread_time() - t, time.perf_counter() - t_wall
 
     async def chunk_call(
-        items: list[Any], res: Any
+        items: list[Any], res: Any, stop_when_slow: bool
     ) -> tuple[list[tuple[Exception | None, Any]], float]:
         out, cpu, wall = await trio.to_thread.run_sync(
-            run_all, items, res, limiter=limiter, thread_name=thread_name
+            run_all, items, res, stop_when_slow, limiter=limiter, thread_name=thread_name
         )
         c.cpu_time += cpu
         return out, wall

@@ -32,6 +32,10 @@ from .envelope import Env
 #: The most items a worker takes (or a reader pulls) at once. A worker that never has to
 #: wait checkpoints at least this often, so cancellation stays prompt.
 CHUNK = 32
+#: A stage whose items take longer than this each (measured) takes one item at a time,
+#: so that slow (I/O) items spread over its workers instead of queueing behind each
+#: other in one worker's chunk; below it, a worker takes every item already waiting.
+CHUNK_BELOW = 0.0005
 
 
 class Edge:
@@ -40,6 +44,7 @@ class Edge:
     __slots__ = (
         "_buf",
         "_closed",
+        "_holders",
         "_receivers",
         "_recv_lot",
         "_send_lot",
@@ -74,6 +79,9 @@ class Edge:
         self.stranded: list[Env] = []  # items a stopped sender could not hand over
         self._buf: deque[Env] = deque()
         self._closed = False  # every sender has left
+        # Receivers holding a chunk they may give back (put_back): until they are done,
+        # an empty closed edge is not yet at its end for the others.
+        self._holders = 0
         self._senders = 0
         self._receivers = 0
         self._recv_lot = ParkingLot()
@@ -166,6 +174,18 @@ class Edge:
         self._add(envs)
         return True
 
+    def hold(self) -> None:
+        """A receiver took a chunk it may give back: the end waits for it."""
+        self._holders += 1
+
+    def release(self) -> None:
+        """The receiver is done with its chunk; if that was the end, say so to the
+        receivers waiting for it."""
+        self._holders -= 1
+        if self._closed and not self._holders and not self._buf:
+            self._waking += len(self._recv_lot)
+            self._recv_lot.unpark_all()
+
     def put_back(self, envs: list[Env]) -> None:
         """Return items a receiver took but did not start, to the front of the queue,
         with their numbers and times (they were queued first)."""
@@ -212,7 +232,7 @@ class Edge:
         buf = self._buf
         n = len(buf)
         if not n:
-            if self._closed:
+            if self._closed and not self._holders:
                 raise trio.EndOfChannel
             raise trio.WouldBlock
         if limit >= n:

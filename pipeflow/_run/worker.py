@@ -21,18 +21,13 @@ from .._process import ProcessPool
 from .._stage import Stage
 from .._stats import StageCounters, StageStats
 from .calls import GaveUp, Resume, make_call, make_chunk_call, make_stepper, with_policies
-from .edge import CHUNK, Edge
+from .edge import CHUNK, CHUNK_BELOW, Edge
 from .envelope import Env, KeyFailed
 from .failures import POLICIES, TEARDOWN_LIMIT
 from .shapers import Reorder, take_or_retire
 
 if TYPE_CHECKING:
     from .run import Run
-
-#: A stage whose items take longer than this each (measured) takes one item at a time,
-#: so that slow (I/O) items spread over its workers instead of queueing behind each
-#: other in one worker's chunk; below it, a worker takes every item already waiting.
-CHUNK_BELOW = 0.0005
 
 
 class Outbox(Protocol):
@@ -313,6 +308,11 @@ class StageRun:
                 window.release(limit - len(chunk))
 
             n = len(chunk)
+            # Items of this chunk may go back to the inbox (an item that turns out slow):
+            # until this worker is done with it, the inbox's end is not the end.
+            holding = n > 1 and (stepper is not None or chunk_call is not None)
+            if holding:
+                inbox.hold()
             if batched:
                 weight = sum(len(e.item) if type(e.item) is list else 1 for e in chunk)
             else:
@@ -338,7 +338,15 @@ class StageRun:
                 outcomes = None
                 in_thread = -1.0  # seconds the items took in a worker thread, if they did
                 if chunk_call is not None:
-                    outcomes, in_thread = await chunk_call([e.item for e in chunk], res)
+                    outcomes, in_thread = await chunk_call(
+                        [e.item for e in chunk], res, window is None
+                    )
+                    if len(outcomes) < n:
+                        # An item turned slow in the thread: the ones after it go back
+                        # for idle workers, and the stage takes one at a time again.
+                        self._give_back(inbox, chunk, len(outcomes))
+                        n = len(chunk)
+                        self.chunked = False
                 for env in chunk:
                     item = env.item
                     if passthrough and type(item) is Failed:
@@ -451,6 +459,9 @@ class StageRun:
                 self._record(t0, chunk, calls, task, in_thread)
                 inbox.wake_all = not self.chunked
                 handed_over = True
+                if holding:
+                    holding = False
+                    inbox.release()
                 if reorder is not None:
                     blocked = await reorder.deposit(results)
                 elif outs:
@@ -460,6 +471,8 @@ class StageRun:
                 if blocked:
                     c.blocked_time += blocked
             except BaseException:
+                if holding:
+                    inbox.release()
                 if ok_n:
                     c.ok += ok_w
                     c.items_out += ok_n

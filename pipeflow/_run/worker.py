@@ -313,10 +313,7 @@ class StageRun:
             holding = n > 1 and (stepper is not None or chunk_call is not None)
             if holding:
                 inbox.hold()
-            if batched:
-                weight = sum(len(e.item) if type(e.item) is list else 1 for e in chunk)
-            else:
-                weight = n
+            weight = sum(e.weight(True) for e in chunk) if batched else n
             c.items_in += weight
             c.inflight += weight
             outs: list[Env] = []  # unordered stages

@@ -23,7 +23,7 @@ import trio
 from ._chain import Chain
 from ._errors import Interrupted, PipelineClosed, PipelineFull, StageError
 from ._process import check_picklable
-from ._run import Env, Outlet, Run, Service, running, signal_service
+from ._run import Env, Outlet, Run, Service, SignalGate, running
 from ._run.edge import CHUNK
 from ._sources import SourceLedger
 from ._stage import Stage
@@ -504,18 +504,20 @@ class Pipeline(Generic[In, Out]):
         """
         _check_source(source)
         _refuse_inside_trio(self.name)
-        return trio.run(
-            functools.partial(
-                self.arun,
-                source,
-                collect=collect,
-                metrics_port=metrics_port,
-                metrics_host=metrics_host,
-                grace=grace,
-                handle_signals=handle_signals
-                and threading.current_thread() is threading.main_thread(),
-            )
+        run_it = functools.partial(
+            self._arun,
+            source,
+            collect=collect,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            grace=grace,
         )
+        if not (handle_signals and threading.current_thread() is threading.main_thread()):
+            return trio.run(run_it)
+        # The gate is held around trio.run, so a second Ctrl+C while the run tears down
+        # is part of the same stop rather than a KeyboardInterrupt that loses the result.
+        with SignalGate() as gate:
+            return trio.run(functools.partial(run_it, signals=gate))
 
     async def arun(
         self,
@@ -535,20 +537,48 @@ class Pipeline(Generic[In, Out]):
         ``handle_signals=True`` handles SIGINT / SIGTERM as :meth:`run` does (main
         thread only).
         """
+        if not handle_signals:
+            return await self._arun(
+                source,
+                collect=collect,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                grace=grace,
+            )
+        with SignalGate() as gate:
+            return await self._arun(
+                source,
+                collect=collect,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                grace=grace,
+                signals=gate,
+            )
+
+    async def _arun(
+        self,
+        source: Iterable[In] | Any,
+        *,
+        collect: bool,
+        metrics_port: int | None,
+        metrics_host: str,
+        grace: float,
+        signals: SignalGate | None = None,
+    ) -> RunResult[Out]:
         _check_source(source)
         _check_grace(grace)
         run = self._new_run("collect" if collect else "drop")
-        services = [signal_service(run, grace)] if handle_signals else []
-        try:
-            async with self._running(
-                run, metrics_port, services, metrics_host=metrics_host, source=source
-            ) as nursery:
-                run.start_source(nursery, source)
-        except StageError as failure:
-            # The statistics of a failed run are worth having (the CLI's report).
-            failure.result = _result(run)
-            raise
-        result = _result(run)
+        with signals.connected(run, grace) if signals else contextlib.nullcontext():
+            try:
+                async with self._running(
+                    run, metrics_port, metrics_host=metrics_host, source=source
+                ) as nursery:
+                    run.start_source(nursery, source)
+            except StageError as failure:
+                # The statistics of a failed run are worth having (the CLI's report).
+                failure.result = _result(run)
+                raise
+            result = _result(run)
         if run.interrupted_by is not None:
             raise Interrupted(run.interrupted_by, result)
         return result

@@ -160,7 +160,7 @@ def _import_trio_parallel(stage: str) -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the installation
         msg = (
             f"stage {stage!r}: run_in='process' needs trio-parallel; "
-            f"install it with: pip install 'pipeflow[process]'"
+            f"install it with: pip install 'pipeflow-trio[process]'"
         )
         raise RuntimeError(msg) from exc
     return trio_parallel

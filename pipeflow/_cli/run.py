@@ -191,7 +191,7 @@ class _RunCommand:
         except ImportError as exc:
             raise CliError(
                 f"--source redis:// needs pipeflow.connectors.redis and the redis client "
-                f"(pip install 'pipeflow[redis]'): {exc}"
+                f"(pip install 'pipeflow-trio[redis]'): {exc}"
             ) from None
         try:
             return RedisStreamSource.from_url(url)

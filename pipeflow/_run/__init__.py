@@ -18,6 +18,6 @@ from .failures import TooManyFailures as TooManyFailures
 from .run import Outlet as Outlet
 from .run import Run as Run
 from .run import Service as Service
+from .run import SignalGate as SignalGate
 from .run import running as running
-from .run import signal_service as signal_service
 from .shapers import stable_hash as stable_hash

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Literal, cast
 
@@ -62,6 +62,9 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
                         try:
                             async with trio.open_nursery() as nursery:
                                 run.cancel_scope = nursery.cancel_scope
+                                # A signal's grace may have started before this scope
+                                # existed; the dead-letter scope has it already.
+                                nursery.cancel_scope.deadline = run.dead_letter_scope.deadline
                                 run.start(nursery)
                                 try:
                                     yield nursery
@@ -538,24 +541,80 @@ class Run:
         return None
 
 
-def signal_service(run: Run, grace: float) -> Service:
-    """SIGINT / SIGTERM: the first stops the input and lets in-flight items finish within
-    ``grace`` seconds, then cancels; a second cancels at once."""
+class SignalGate:
+    """SIGINT / SIGTERM for one run: the first stops the input and lets in-flight items
+    finish within ``grace`` seconds, then cancels; a second cancels at once.
 
-    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if run.interrupted_by is None:
-                    run.interrupted_by = signum
-                    run.log.warning("signal_received", signal=name, action="drain", grace=grace)
-                    run.stop_input(grace)
-                else:
-                    run.log.warning("signal_received", signal=name, action="cancel")
-                    run.cancel()
+    Held around the whole ``trio.run`` (or the whole ``arun``), not just the run's
+    nursery: a signal that lands while the run is tearing down (a process pool closing)
+    is then part of the same stop, instead of a ``KeyboardInterrupt`` that replaces the
+    :class:`Interrupted` carrying the result. A signal after the run has ended without
+    being interrupted is raised again when the gate closes, as if it were never held.
 
-    return watch_signals
+    Installed with ``signal.signal`` (main thread only) and handed to Trio with
+    ``TrioToken.run_sync_soon``, the one Trio call that is safe in a signal handler.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._run: Run | None = None
+        self._grace = 0.0
+        self._early: list[int] = []
+        self._late: list[int] = []
+        self._stopped = False
+
+    def __enter__(self) -> SignalGate:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self._late and not self._stopped:
+            signal.raise_signal(self._late[0])
+
+    def _handle(self, signum: int, frame: object) -> None:
+        # Runs in the main thread between two bytecodes, wherever it happens to be.
+        if self._token is not None:
+            self._token.run_sync_soon(self._deliver, signum)
+        elif self._run is None and not self._stopped:
+            self._early.append(signum)
+        else:
+            self._late.append(signum)
+
+    @contextlib.contextmanager
+    def connected(self, run: Run, grace: float) -> Iterator[None]:
+        """Route signals to ``run`` while the body runs (inside Trio)."""
+        self._run, self._grace = run, grace
+        self._token = trio.lowlevel.current_trio_token()
+        for signum in self._early:
+            self._token.run_sync_soon(self._deliver, signum)
+        self._early.clear()
+        try:
+            yield
+        finally:
+            self._token = None
+
+    def _deliver(self, signum: int) -> None:
+        run = self._run
+        if self._token is None or run is None:
+            if self._stopped:
+                return  # a second signal after the stop it asked for has finished
+            self._late.append(signum)
+            return
+        name = signal.Signals(signum).name
+        self._stopped = True
+        if run.interrupted_by is None:
+            run.interrupted_by = signum
+            run.log.warning("signal_received", signal=name, action="drain", grace=self._grace)
+            run.stop_input(self._grace)
+        else:
+            run.log.warning("signal_received", signal=name, action="cancel")
+            run.cancel()
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:

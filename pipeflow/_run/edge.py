@@ -233,6 +233,12 @@ class Edge:
         n = len(buf)
         if not n:
             if self._closed and not self._holders:
+                # The end: the receivers still parked must see it too. Items given back
+                # after the close (put_back) woke only as many receivers as there were
+                # items, and no close or release is left to come and wake the rest.
+                if self._recv_lot:
+                    self._waking += len(self._recv_lot)
+                    self._recv_lot.unpark_all()
                 raise trio.EndOfChannel
             raise trio.WouldBlock
         if limit >= n:

@@ -1,0 +1,46 @@
+"""The edge, the one hand-off between a stage's workers: the end of a stream reaches
+every receiver, however the last items got there."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from pipeflow._run.edge import Edge
+from pipeflow._run.envelope import Env
+
+
+async def test_every_parked_receiver_sees_the_end_after_items_given_back(autojump_clock):
+    """Two receivers park on an empty edge while a third holds a chunk; the sender
+    leaves; the holder gives one item back and is done. One parked receiver is woken
+    for that item; the other must still learn that the stream has ended."""
+    edge = Edge(8)
+    edge.add_sender()
+    for _ in range(3):
+        edge.add_receiver()
+    assert edge.put_now([Env(i) for i in range(3)])
+    chunk = edge.take_nowait(3)
+    edge.hold()
+    taken: list[int] = []
+    ended: list[str] = []
+
+    async def receiver(name: str) -> None:
+        while True:
+            try:
+                got = await edge.take(1)
+            except trio.EndOfChannel:
+                ended.append(name)
+                return
+            taken.extend(env.item for env in got)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver, "b")
+            nursery.start_soon(receiver, "c")
+            await trio.testing.wait_all_tasks_blocked()
+            edge.sender_done()
+            await trio.testing.wait_all_tasks_blocked()
+            edge.put_back(chunk[2:])
+            edge.release()
+    assert [2] == taken
+    assert ["b", "c"] == sorted(ended)

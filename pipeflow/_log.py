@@ -8,7 +8,7 @@ warnings and errors by default and info events only when the application enables
 
 Event names (snake_case verbs): ``run_started``, ``run_finished``, ``stage_failed``,
 ``item_retried``, ``breaker_state_changed``, ``workers_scaled``, ``signal_received``,
-``error_budget_exceeded``.
+``error_budget_exceeded``, ``stage_stalled``, ``stage_unstalled``.
 """
 
 from __future__ import annotations

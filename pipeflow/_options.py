@@ -242,6 +242,7 @@ class StageOptions:
     ordered: bool = attrs.field(default=False, validator=_check_ordered)
     key: Callable[[Any], Any] | None = attrs.field(default=None, validator=_check_key)
     timeout: float | None = attrs.field(default=None, validator=_check_seconds)
+    stall_after: float | None = attrs.field(default=None, validator=_check_seconds)
     retries: Retry | None = attrs.field(default=None, converter=_to_retry, validator=_check_retries)
     errors: ErrorPolicy = attrs.field(default="fail_fast", validator=_check_errors)
     max_failures: int | float | None = attrs.field(default=None, validator=_check_max_failures)
@@ -289,6 +290,7 @@ class StageKeywords(TypedDict, total=False):
     ordered: bool
     key: Callable[[Any], Any] | None
     timeout: float | None
+    stall_after: float | None
     retries: int | Retry
     errors: ErrorPolicy
     max_failures: int | float | None

@@ -4,6 +4,7 @@ Layers, each in its own module, each importing only those above it:
 
 - ``envelope``: what travels with an item (:class:`Env`), the :class:`Ack` protocol;
 - ``edge``: the one place an item crosses between tasks (:class:`Edge`);
+- ``forensics``: what each worker is doing now, and the stall watcher;
 - ``calls``: the call for each kind of stage and its policy layers;
 - ``shapers``: batching, key routing, reordering, autoscaling;
 - ``failures``: one class per error policy, dead letters, error budgets;

@@ -26,6 +26,7 @@ from .._errors import CircuitOpen, Failed, short_repr
 from .._process import process_call
 from .edge import CHUNK_BELOW
 from .envelope import KeyFailed
+from .forensics import CALLING, THROTTLED
 
 if TYPE_CHECKING:
     from .worker import StageRun
@@ -248,6 +249,11 @@ def with_policies(sr: StageRun, call: Call) -> Call:
                     # A worker waiting for a token or a held breaker is not busy (the
                     # workers_busy gauge, the live views).
                     c.busy_workers -= 1
+                    task = trio.lowlevel.current_task()
+                    ws = sr.workers.get(task)
+                    if ws is not None:  # what the worker does now (forensics.py)
+                        ws.state = THROTTLED
+                        ws.throttled_since = waited_from
                     try:
                         if breaker is not None:
                             probe = await breaker.admit()
@@ -255,12 +261,13 @@ def with_policies(sr: StageRun, call: Call) -> Call:
                             await bucket.acquire()
                     finally:
                         c.busy_workers += 1
+                        if ws is not None:
+                            ws.state = CALLING
                     waited = now() - waited_from
                     if waited:
                         # Waiting for a token or a held breaker is not work: it must not
                         # make the stage look busy (or name it the bottleneck).
                         c.throttled_time += waited
-                        task = trio.lowlevel.current_task()
                         sr.throttled[task] = sr.throttled.get(task, 0.0) + waited
                 if timeout is not None and process_pool is not None:
                     await process_pool.warm()

@@ -29,6 +29,7 @@ from .._stats import StageStats
 from .edge import CHUNK, Edge
 from .envelope import Ack, Env, KeyFailed
 from .failures import TEARDOWN_LIMIT, finish_budget
+from .forensics import watch_stalls
 from .shapers import batcher, router, supervise
 from .worker import CollectSink, DropSink, Outbox, StageRun, teardown_scope
 
@@ -66,6 +67,10 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
                                 # existed; the dead-letter scope has it already.
                                 nursery.cancel_scope.deadline = run.dead_letter_scope.deadline
                                 run.start(nursery)
+                                # One stall watcher per run, gone with the services.
+                                service_nursery.start_soon(
+                                    watch_stalls, run, name=f"pipeflow:{run.pipeline}:stalls"
+                                )
                                 try:
                                     yield nursery
                                 except BaseException as exc:

@@ -24,6 +24,7 @@ from .calls import GaveUp, Resume, make_call, make_chunk_call, make_stepper, wit
 from .edge import CHUNK, CHUNK_BELOW, Edge
 from .envelope import Env, KeyFailed
 from .failures import POLICIES, TEARDOWN_LIMIT
+from .forensics import CALLING, SENDING, THROTTLED, WAITING, WorkerState, note_unstalled
 from .shapers import Reorder, take_or_retire
 
 if TYPE_CHECKING:
@@ -116,8 +117,9 @@ class StageRun:
         )
         #: Seconds each worker task waited for a token or a breaker in its current item.
         self.throttled: dict[trio.lowlevel.Task, float] = {}
-        #: When each busy worker took its current chunk: the oldest item in flight.
-        self.since: dict[trio.lowlevel.Task, float] = {}
+        #: What each worker is doing and since when (see forensics.py).
+        self.workers: dict[trio.lowlevel.Task, WorkerState] = {}
+        self.workers_started = 0
         self.process_pool: Any = None
         if opts.run_in == "process":
             self.process_pool = ProcessPool(self.name)
@@ -229,6 +231,9 @@ class StageRun:
         c.workers += 1
         c.workers_peak = max(c.workers_peak, c.workers)
         c.worker_time -= now()
+        task = trio.lowlevel.current_task()
+        self.workers[task] = WorkerState(self.workers_started, now())
+        self.workers_started += 1
         try:
             if self.takes_resource:
                 async with self._resource() as res:
@@ -238,6 +243,7 @@ class StageRun:
         finally:
             inbox.receiver_done()
             self.sender_done()
+            del self.workers[task]
             c.workers -= 1
             c.worker_time += now()
             if c.workers == 0:
@@ -271,6 +277,7 @@ class StageRun:
         autoscale = self.opts.autoscale
         min_workers = self.opts.min_workers
         task = trio.lowlevel.current_task()
+        ws = self.workers[task]
         spins = 0
         while True:
             if autoscale and self.retire and c.workers > min_workers:
@@ -284,6 +291,8 @@ class StageRun:
             try:
                 chunk = inbox.take_nowait(limit)
             except trio.WouldBlock:
+                ws.state = WAITING
+                ws.since = now()
                 try:
                     got = await self._take(inbox, limit)
                 except trio.EndOfChannel:
@@ -329,7 +338,10 @@ class StageRun:
                     spins = 0
                     await trio.lowlevel.checkpoint()
                 t0 = now()  # after the checkpoint: others' time is not this chunk's
-                self.since[task] = t0
+                ws.since = t0
+                ws.state = CALLING
+                ws.chunk = chunk
+                ws.at = 0
                 c.busy_workers += 1
                 busy = True
                 outcomes = None
@@ -384,6 +396,7 @@ class StageRun:
                         except Exception as exc:
                             error = exc
                         else:
+                            ws.at = done
                             if done + 1 < n:
                                 self._give_back(inbox, chunk, done + 1)
                                 n = len(chunk)
@@ -396,6 +409,7 @@ class StageRun:
                             except Exception as exc:
                                 error = exc
                     else:
+                        ws.at = done
                         try:
                             result = await call(item, res)
                         except Exception as exc:
@@ -475,7 +489,7 @@ class StageRun:
                     c.items_out += ok_n
                     c.inflight -= ok_w
                 if busy:
-                    self._record(t0, chunk, calls, task)
+                    self._record(t0, chunk, calls, task, stopped=True)
                 # A stop (or a failure) took these items from this worker: count them,
                 # list them, and keep the outputs made but not handed on.
                 self.run.unfinish(self, chunk[done:])
@@ -517,6 +531,8 @@ class StageRun:
         calls: int,
         task: trio.lowlevel.Task,
         in_thread: float = -1.0,
+        *,
+        stopped: bool = False,
     ) -> None:
         """A chunk's statistics: busy time, queue wait and durations, by weight.
         ``in_thread``: the items' own time in a worker thread, without the round trip
@@ -525,8 +541,14 @@ class StageRun:
         # Time spent waiting for a rate-limit token or a held breaker, or handing a
         # failure to a dead-letter sink, is not work: it must not make the stage look
         # busy (or name it the bottleneck).
-        d = self.run.now() - t0 - self.throttled.pop(task, 0.0)
-        self.since.pop(task, None)
+        end = self.run.now()
+        d = end - t0 - self.throttled.pop(task, 0.0)
+        ws = self.workers[task]
+        if ws.stalled:
+            note_unstalled(self, ws, d, stopped=stopped)
+        ws.state = SENDING
+        ws.since = end
+        ws.chunk = None
         c.busy_workers -= 1
         c.busy_time += d
         c.waits.observe_many(t0 - chunk[0].t, len(chunk))
@@ -545,8 +567,11 @@ class StageRun:
 
     def oldest_inflight(self, now: float) -> float:
         """Seconds the oldest item now in a worker has been there (0 when none is)."""
-        since = self.since
-        return now - min(since.values()) if since else 0.0
+        oldest = min(
+            (ws.since for ws in self.workers.values() if ws.state in (CALLING, THROTTLED)),
+            default=now,
+        )
+        return now - oldest
 
     def stats(self, now: float, elapsed: float, *, final: bool = False) -> StageStats:
         state = self.breaker.state if self.breaker is not None else None

@@ -22,6 +22,7 @@ from ._pipeline import RunResult as RunResult
 from ._policies import CircuitBreaker as CircuitBreaker
 from ._policies import Retry as Retry
 from ._run import TooManyFailures as TooManyFailures
+from ._run.forensics import WorkerStatus as WorkerStatus
 from ._stage import FunctionStage as FunctionStage
 from ._stage import Stage as Stage
 from ._stage import stage as stage
@@ -37,6 +38,7 @@ __all__ = [
     "Chain",
     "RunResult",
     "StageStats",
+    "WorkerStatus",
     "Flow",
     "Outputs",
     "StageError",

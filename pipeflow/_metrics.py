@@ -469,8 +469,8 @@ def metrics_service(
     pipeline: Pipeline[Any, Any], port: int, *, host: str = HOST
 ) -> Callable[..., Awaitable[None]]:
     """The ``metrics_port=`` service: ``/metrics`` over HTTP on ``host``:``port``
-    (127.0.0.1 unless ``metrics_host=`` says otherwise), and the live dashboard at ``/``
-    (figures at ``/dashboard.json``).
+    (127.0.0.1 unless ``metrics_host=`` says otherwise), the live dashboard at ``/``
+    (figures at ``/dashboard.json``), and what each worker is doing at ``/workers``.
 
     Returns an async function for ``nursery.start``: it listens, sets
     ``pipeline.metrics_address`` to the bound ``(host, port)`` (useful with port 0,
@@ -518,8 +518,12 @@ def metrics_service(
         try:
             task_status.started(address)
 
+            def workers() -> list[dict[str, Any]]:
+                statuses = pipeline.current_workers() or []
+                return [w.to_dict() for w in statuses]
+
             async def handler(stream: trio.SocketStream) -> None:
-                await _handle(stream, registry, dashboard)
+                await _handle(stream, registry, dashboard, workers)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_sample_dashboard, registry, dashboard)
@@ -548,7 +552,10 @@ async def _sample_dashboard(registry: CollectorRegistry, dashboard: Dashboard) -
 
 
 async def _handle(
-    stream: trio.SocketStream, registry: CollectorRegistry, dashboard: Dashboard | None = None
+    stream: trio.SocketStream,
+    registry: CollectorRegistry,
+    dashboard: Dashboard | None = None,
+    workers: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> None:
     """Answer one request on one connection, then close it (``Connection: close``)."""
     async with stream:
@@ -557,7 +564,7 @@ async def _handle(
                 head = await _read_head(stream)
                 if head is None:
                     return
-                await stream.send_all(_respond(head, registry, dashboard))
+                await stream.send_all(_respond(head, registry, dashboard, workers))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             # The client went away; the pipeline must not care.
             return
@@ -575,7 +582,12 @@ async def _read_head(stream: trio.SocketStream) -> bytes | None:
     return bytes(buf)
 
 
-def _respond(head: bytes, registry: CollectorRegistry, dashboard: Dashboard | None = None) -> bytes:
+def _respond(
+    head: bytes,
+    registry: CollectorRegistry,
+    dashboard: Dashboard | None = None,
+    workers: Callable[[], list[dict[str, Any]]] | None = None,
+) -> bytes:
     lines = head.decode("latin-1").splitlines()
     parts = lines[0].split() if lines else []
     if len(parts) != 3:
@@ -593,9 +605,14 @@ def _respond(head: bytes, registry: CollectorRegistry, dashboard: Dashboard | No
     if dashboard is not None and path == "/dashboard.json":
         body = json.dumps(dashboard.snapshot(), ensure_ascii=False).encode("utf-8")
         return _response("200 OK", body, content_type="application/json", head_only=head_only)
+    if workers is not None and path == "/workers":
+        body = json.dumps({"workers": workers()}, ensure_ascii=False).encode("utf-8")
+        return _response("200 OK", body, content_type="application/json", head_only=head_only)
     if path != "/metrics":
         return _response(
-            "404 Not Found", b"pipeflow serves its metrics at /metrics and a dashboard at /\n"
+            "404 Not Found",
+            b"pipeflow serves its metrics at /metrics, a dashboard at / and its workers "
+            b"at /workers\n",
         )
     accept = ""
     for line in lines[1:]:

@@ -25,6 +25,7 @@ from ._errors import Interrupted, PipelineClosed, PipelineFull, StageError
 from ._process import check_picklable
 from ._run import Env, Outlet, Run, Service, SignalGate, running
 from ._run.edge import CHUNK
+from ._run.forensics import WorkerStatus, run_worker_statuses
 from ._sources import SourceLedger
 from ._stage import Stage
 from ._stats import StageCounters, StageStats, accumulate, find_bottleneck
@@ -479,6 +480,16 @@ class Pipeline(Generic[In, Out]):
     def current_stats(self) -> dict[str, StageStats] | None:
         """A live snapshot of the run in progress (the latest, if several), or None."""
         return self._live[-1].stats() if self._live else None
+
+    def current_workers(self) -> list[WorkerStatus] | None:
+        """What each worker of the run in progress (the latest, if several) is doing now,
+        stage by stage, or None: waiting for input, calling which item (stalled or not),
+        throttled, sending. A goroutine profile for the pipeline::
+
+            for w in pipeline.current_workers() or []:
+                print(w.stage, w.worker, w.state, f"{w.seconds:.1f}s", w.item or "")
+        """
+        return run_worker_statuses(self._live[-1]) if self._live else None
 
     # -- the four ways in ----------------------------------------------------------------
 

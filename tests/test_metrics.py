@@ -363,7 +363,10 @@ async def test_the_endpoint_answers_other_paths_and_methods():
         head.content,
         int(head.headers["content-length"]) > 0,
     )
-    assert (404, "pipeflow serves its metrics at /metrics and a dashboard at /\n") == (
+    assert (
+        404,
+        "pipeflow serves its metrics at /metrics, a dashboard at / and its workers at /workers\n",
+    ) == (
         missing.status_code,
         missing.text,
     )

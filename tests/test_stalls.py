@@ -112,17 +112,95 @@ async def test_throttled_waits_are_not_a_stall(autojump_clock):
 
 async def test_the_default_stall_after_comes_from_the_stages_own_latency(autojump_clock):
     """stall_after=None: 10 x the stage's p99 so far, at least 10 s. 200 items of 3 s
-    make the limit 30 s: an item of 25 s is not stalled, one of 40 s is, at 30 s."""
+    make the limit 30 s: an item 25 s in its worker is not stalled, at 35 s it is."""
 
     @stage(workers=1)
     async def work(x):
         await trio.sleep(x)
         return x
 
+    pipeline = Pipeline(work)
+    seen = []
+
+    async def look(at: float) -> None:
+        await trio.sleep_until(at)
+        seen.append(pipeline.current_workers())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look, 1.5)
+        nursery.start_soon(look, 625)
+        nursery.start_soon(look, 635)
+        await pipeline.arun([3] * 200 + [40])
+    first, before, after = (
+        [(w.item, w.seconds, w.stalled, w.stall_after) for w in ws] for ws in seen
+    )
+    assert [("3", 1.5, False, 10.0)] == first  # no p99 yet: the floor
+    assert [("40", 25.0, False, 30.0)] == before
+    assert [("40", 35.0, True, 30.0)] == after
+    assert None is pipeline.current_workers()
+
+
+async def test_current_workers_shows_what_each_worker_does(autojump_clock):
+    """A goroutine profile: behind a stage whose one worker is stuck on an item, the
+    stage before it has a worker blocked sending and one waiting for input, with the
+    seconds each has been so; the stuck one is named with its item."""
+    gate = trio.Event()
+
+    @stage(workers=2)
+    async def fetch(x):
+        await trio.sleep(1)
+        return x
+
+    @stage(workers=1, buffer=0)
+    async def store(x):
+        if x == "a":
+            await gate.wait()
+        return x
+
+    pipeline = Pipeline(fetch | store, name="p")
+    async with pipeline.open() as flow:
+        await flow.send("a")
+        await trio.sleep(0.5)
+        await flow.send("b")
+        await trio.sleep(9.5)
+        workers = pipeline.current_workers()
+        gate.set()
+    rows = sorted((w.stage, w.state, w.seconds, w.item, w.stalled) for w in workers)
+    assert [
+        ("fetch", "sending", 8.5, None, False),  # "b" done at 1.5 s, store still busy
+        ("fetch", "waiting", 9.0, None, False),  # handed "a" on at 1 s
+        ("store", "calling", 9.0, "'a'", False),
+    ] == rows
+    assert {"stage", "worker", "state", "seconds", "item", "stalled", "stall_after"} == set(
+        workers[0].to_dict()
+    )
+
+
+async def test_a_worker_waiting_for_a_token_is_throttled(autojump_clock):
+    """rate=0.1 with 2 workers: the second item waits 10 s for its token; its worker
+    shows "throttled" with the item, and not stalled even past stall_after."""
+
+    @stage(workers=2, rate=0.1, stall_after=2)
+    async def call(x):
+        await trio.sleep(1)
+        return x
+
+    pipeline = Pipeline(call)
+    seen = []
+
+    async def look() -> None:
+        await trio.sleep(5)
+        seen.extend(pipeline.current_workers())
+
     with capture_logs() as logs:
-        await Pipeline(work).arun([3] * 200 + [25, 40])
-    stalled = [e for e in _stall_events(logs) if e["event"] == "stage_stalled"]
-    assert [(40, 30.0, 30.0)] == [(int(e["item"]), e["seconds"], e["stall_after"]) for e in stalled]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look)
+            await pipeline.arun(["x", "y"])
+    # The other worker did "x" at once and left: the input had ended.
+    assert [("call", "throttled", 5.0, "'y'", False)] == [
+        (w.stage, w.state, w.seconds, w.item, w.stalled) for w in seen
+    ]
+    assert [] == _stall_events(logs)
 
 
 async def test_the_default_stall_after_allows_for_timeouts_and_retries(autojump_clock):
@@ -160,3 +238,35 @@ async def test_a_stall_cut_short_by_a_stop_says_so(autojump_clock):
     ]
     assert "stopped" == _stall_events(logs)[1]["outcome"]
     assert_nothing_left_running()
+
+
+async def test_the_metrics_endpoint_serves_the_workers_as_json():
+    """``/workers`` of the metrics endpoint: each worker's state as JSON; a worker stuck
+    on an item is calling it, stalled once past stall_after (real clock)."""
+    import json
+    import urllib.request
+
+    release = trio.Event()
+
+    @stage(workers=2, stall_after=0.05)
+    async def stuck(x):
+        if x == "stuck":
+            await release.wait()
+        return x
+
+    pipeline = Pipeline(stuck, name="w")
+
+    def get(url: str) -> tuple[str, dict]:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.headers["Content-Type"], json.loads(r.read())
+
+    with trio.fail_after(30):
+        async with pipeline.open(metrics_port=0) as flow:
+            await flow.send("stuck")
+            await trio.sleep(0.2)
+            host, port = pipeline.metrics_address
+            kind, body = await trio.to_thread.run_sync(get, f"http://{host}:{port}/workers")
+            release.set()
+    assert "application/json" == kind
+    rows = sorted((w["stage"], w["state"], w["item"], w["stalled"]) for w in body["workers"])
+    assert [("stuck", "calling", "'stuck'", True), ("stuck", "waiting", None, False)] == rows

@@ -135,7 +135,12 @@ class _Stage:
         self.oldest = 0.0
 
     def add_live(
-        self, c: StageCounters, depth: int, breaker: str | None, oldest: float = 0.0
+        self,
+        c: StageCounters,
+        depth: int,
+        breaker: str | None,
+        oldest: float = 0.0,
+        throttled_now: float = 0.0,
     ) -> None:
         items = self.items
         items[0] += c.ok
@@ -145,7 +150,9 @@ class _Stage:
         items[4] += c.filtered
         items[5] += c.cancelled
         self.blocked += c.blocked_time
-        self.throttled += c.throttled_time
+        # Waits still going on count too: a wait is added to the counter only when it
+        # ends, and a long one would land in one scrape as more time than there was.
+        self.throttled += c.throttled_time + throttled_now
         for mine, theirs in ((self.durations, c.durations.counts), (self.waits, c.waits.counts)):
             for i, n in enumerate(theirs):
                 if n:
@@ -424,7 +431,8 @@ def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stag
             sr = run.stages[i]
             depth = sr.queue_depth()
             breaker = sr.breaker.state if sr.breaker is not None else None
-            st.add_live(sr.c, depth, breaker, sr.oldest_inflight(run.now()))
+            now = run.now()
+            st.add_live(sr.c, depth, breaker, sr.oldest_inflight(now), sr.throttled_now(now))
         yield stage, st
 
 

@@ -270,3 +270,34 @@ async def test_the_metrics_endpoint_serves_the_workers_as_json():
     assert "application/json" == kind
     rows = sorted((w["stage"], w["state"], w["item"], w["stalled"]) for w in body["workers"])
     assert [("stuck", "calling", "'stuck'", True), ("stuck", "waiting", None, False)] == rows
+
+
+async def test_throttled_time_over_a_window_is_that_windows_share(autojump_clock):
+    """8 workers behind rate=1: over 4.9-5.1 s every worker waits for a token, so the
+    stage's throttled time grows by 8 x 0.2 s, in StageStats and in the Prometheus
+    counter alike. Counted only when a wait ended, it grew by the 5 s wait that ended at
+    5 s: "160% of their time" in a verdict over a short window."""
+    from prometheus_client import CollectorRegistry
+
+    @stage(workers=8, rate=1)
+    async def call(x):
+        return x
+
+    registry = CollectorRegistry()
+    pipeline = Pipeline(call, name="t", registry=registry)
+    labels = {"pipeline": "t", "stage": "call"}
+    seen = []
+
+    async def look(at: float) -> None:
+        await trio.sleep_until(at)
+        stats = pipeline.current_stats()
+        counter = registry.get_sample_value("pipeflow_stage_throttled_seconds_total", labels)
+        seen.append((stats["call"].throttled_seconds, counter))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look, 4.9)
+        nursery.start_soon(look, 5.1)
+        await pipeline.arun(range(16))
+    (stats_before, counter_before), (stats_after, counter_after) = seen
+    assert 1.6 == pytest.approx(stats_after - stats_before)
+    assert 1.6 == pytest.approx(counter_after - counter_before)

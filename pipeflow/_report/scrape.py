@@ -226,7 +226,7 @@ def views_from_scrapes(
                     seconds=dt,
                     done=max(done, 0.0),
                     busy_seconds=min(load, n) * dt if load is not None else None,
-                    throttled_seconds=max(throttled, 0.0),
+                    throttled_seconds=min(max(throttled, 0.0), n * dt),
                     worker_seconds=n * dt,
                     breaker_state=_BREAKER_STATES.get(now.breaker)
                     if now.breaker is not None

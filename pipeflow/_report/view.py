@@ -92,7 +92,9 @@ class StageView:
         """Share of worker time spent waiting for a rate token or a held breaker."""
         if self.throttled_seconds is None or not self.worker_seconds:
             return None
-        return self.throttled_seconds / self.worker_seconds
+        # Figures from two clocks' worth of rounding, or an old report whose counters
+        # took a wait in when it ended: never more than all of their time.
+        return min(self.throttled_seconds / self.worker_seconds, 1.0)
 
     @property
     def cpu_share(self) -> float | None:
@@ -359,7 +361,7 @@ def window_view(s: StageView, deltas: Mapping[str, float], seconds: float) -> St
         blocked_seconds=deltas["blocked_seconds"],
         blocked_fraction=deltas["blocked_seconds"] / workers if workers > 0 else None,
         busy_seconds=min(busy, workers),
-        throttled_seconds=deltas["throttled_seconds"],
+        throttled_seconds=min(deltas["throttled_seconds"], workers),
         worker_seconds=workers,
         cpu_seconds=deltas["cpu_seconds"],
         workers_now=workers / seconds,

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 import trio
 
 from .._errors import Failed
@@ -573,9 +574,17 @@ class StageRun:
         )
         return now - oldest
 
+    def throttled_now(self, now: float) -> float:
+        """Seconds the workers waiting for a token or a held breaker right now have
+        waited so far: the throttled time not yet in the counters (added when a wait
+        ends), so that throttled time over any window is that window's share."""
+        return sum(
+            now - ws.throttled_since for ws in self.workers.values() if ws.state == THROTTLED
+        )
+
     def stats(self, now: float, elapsed: float, *, final: bool = False) -> StageStats:
         state = self.breaker.state if self.breaker is not None else None
-        return self.c.snapshot(
+        stats = self.c.snapshot(
             now,
             elapsed,
             queue_depth=self.queue_depth(),
@@ -583,3 +592,7 @@ class StageRun:
             oldest_inflight=self.oldest_inflight(now),
             final=final,
         )
+        waiting = self.throttled_now(now)
+        if waiting:
+            stats = attrs.evolve(stats, throttled_seconds=stats.throttled_seconds + waiting)
+        return stats

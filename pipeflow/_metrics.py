@@ -10,6 +10,8 @@ metric                                    type       the Go guide's name
 ``pipeflow_stage_inflight``               gauge      pool.inflight
 ``pipeflow_stage_queue_depth``            gauge      pool.queue_depth
 ``pipeflow_stage_oldest_inflight_seconds`` gauge     (age of the oldest item in a worker)
+``pipeflow_stage_stalled_workers``        gauge      (workers on an item past stall_after)
+``pipeflow_stage_stall_after_seconds``    gauge      (the stage's stall_after now)
 ``pipeflow_stage_workers``                gauge      (pool size)
 ``pipeflow_stage_workers_busy``           gauge      pool.workers_active
 ``pipeflow_stage_items_total{outcome}``   counter    pool.jobs_total, jobs_failed_total
@@ -51,6 +53,7 @@ from prometheus_client.registry import Collector
 from ._report import ReportError, describe_pipeline
 from ._report.dashboard import Dashboard, render_dashboard
 from ._report.scrape import scrape_families
+from ._run.forensics import stall_limit, worker_statuses
 from ._sources import SourceTotals
 from ._stats import BOUNDS, StageCounters
 
@@ -106,6 +109,8 @@ class _Stage:
         "inflight",
         "items",
         "oldest",
+        "stall_after",
+        "stalled",
         "throttled",
         "wait_sum",
         "waits",
@@ -133,6 +138,8 @@ class _Stage:
         self.busy = 0
         self.breaker = 0.0
         self.oldest = 0.0
+        self.stalled = 0
+        self.stall_after: float | None = None  # only while a run is live
 
     def add_live(
         self,
@@ -282,6 +289,19 @@ class _Families:
             "circuit breaker (not counted as busy time).",
             labels=_LABELS,
         )
+        self.stalled = GaugeMetricFamily(
+            "pipeflow_stage_stalled_workers",
+            "Workers of a stage on an item for longer than its stall_after (waits for a "
+            "rate token or a held breaker not counted): stalled items, now.",
+            labels=_LABELS,
+        )
+        self.stall_after = GaugeMetricFamily(
+            "pipeflow_stage_stall_after_seconds",
+            "Seconds after which an item in one of a stage's workers counts as stalled: "
+            "its stall_after= option, or the default derived from its latency (while a "
+            "run is live).",
+            labels=_LABELS,
+        )
         self.oldest_inflight = GaugeMetricFamily(
             "pipeflow_stage_oldest_inflight_seconds",
             "Seconds the oldest item now in one of a stage's workers has been there "
@@ -307,13 +327,16 @@ class _Families:
                 self.blocked,
                 self.throttled,
                 self.oldest_inflight,
+                self.stalled,
+                self.stall_after,
                 self.breaker,
             )
         )
 
     def filled(self) -> list[Metric]:
-        """The families to expose: the breaker gauge only if some stage has a breaker."""
-        return [f for f in self if f.samples or f is not self.breaker]
+        """The families to expose: the breaker gauge only if some stage has a breaker,
+        stall_after only while a run is live."""
+        return [f for f in self if f.samples or f not in (self.breaker, self.stall_after)]
 
     def add(self, labels: list[str], st: _Stage, c: _Counters, breaker: bool) -> None:
         self.inflight.add_metric(labels, st.inflight)
@@ -321,6 +344,9 @@ class _Families:
         self.workers.add_metric(labels, st.workers)
         self.workers_busy.add_metric(labels, st.busy)
         self.oldest_inflight.add_metric(labels, st.oldest)
+        self.stalled.add_metric(labels, st.stalled)
+        if st.stall_after is not None:
+            self.stall_after.add_metric(labels, st.stall_after)
         for outcome, n in zip(_OUTCOMES, c.items, strict=True):
             self.items.add_metric([*labels, outcome], n)
         self.duration.add_metric(
@@ -433,6 +459,9 @@ def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stag
             breaker = sr.breaker.state if sr.breaker is not None else None
             now = run.now()
             st.add_live(sr.c, depth, breaker, sr.oldest_inflight(now), sr.throttled_now(now))
+            st.stalled += sum(w.stalled for w in worker_statuses(sr, now))
+            limit = stall_limit(sr)
+            st.stall_after = limit if st.stall_after is None else min(st.stall_after, limit)
         yield stage, st
 
 
@@ -526,9 +555,9 @@ def metrics_service(
         try:
             task_status.started(address)
 
-            def workers() -> list[dict[str, Any]]:
+            def workers() -> dict[str, list[dict[str, Any]]]:
                 statuses = pipeline.current_workers() or []
-                return [w.to_dict() for w in statuses]
+                return {pipeline.name: [w.to_dict() for w in statuses]}
 
             async def handler(stream: trio.SocketStream) -> None:
                 await _handle(stream, registry, dashboard, workers)
@@ -563,7 +592,7 @@ async def _handle(
     stream: trio.SocketStream,
     registry: CollectorRegistry,
     dashboard: Dashboard | None = None,
-    workers: Callable[[], list[dict[str, Any]]] | None = None,
+    workers: Callable[[], dict[str, list[dict[str, Any]]]] | None = None,
 ) -> None:
     """Answer one request on one connection, then close it (``Connection: close``)."""
     async with stream:
@@ -594,7 +623,7 @@ def _respond(
     head: bytes,
     registry: CollectorRegistry,
     dashboard: Dashboard | None = None,
-    workers: Callable[[], list[dict[str, Any]]] | None = None,
+    workers: Callable[[], dict[str, list[dict[str, Any]]]] | None = None,
 ) -> bytes:
     lines = head.decode("latin-1").splitlines()
     parts = lines[0].split() if lines else []
@@ -605,16 +634,18 @@ def _respond(
         return _response("405 Method Not Allowed", b"GET /metrics\n", extra=["Allow: GET, HEAD"])
     path = target.split("?", 1)[0]
     head_only = method == "HEAD"
+    now = workers() if workers is not None else None
     if dashboard is not None and path in ("/", "/index.html"):
-        page = render_dashboard(dashboard.snapshot()).encode("utf-8")
+        page = render_dashboard(dashboard.snapshot(now)).encode("utf-8")
         return _response(
             "200 OK", page, content_type="text/html; charset=utf-8", head_only=head_only
         )
     if dashboard is not None and path == "/dashboard.json":
-        body = json.dumps(dashboard.snapshot(), ensure_ascii=False).encode("utf-8")
+        body = json.dumps(dashboard.snapshot(now), ensure_ascii=False).encode("utf-8")
         return _response("200 OK", body, content_type="application/json", head_only=head_only)
-    if workers is not None and path == "/workers":
-        body = json.dumps({"workers": workers()}, ensure_ascii=False).encode("utf-8")
+    if now is not None and path == "/workers":
+        ((name, rows),) = now.items()
+        body = json.dumps({"pipeline": name, "workers": rows}, ensure_ascii=False).encode("utf-8")
         return _response("200 OK", body, content_type="application/json", head_only=head_only)
     if path != "/metrics":
         return _response(

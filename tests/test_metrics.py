@@ -25,8 +25,10 @@ METRICS = {
     "pipeflow_stage_blocked_seconds": "counter",
     "pipeflow_stage_throttled_seconds": "counter",  # beyond the contract's table
     "pipeflow_stage_oldest_inflight_seconds": "gauge",
+    "pipeflow_stage_stalled_workers": "gauge",
     "pipeflow_stage_breaker_state": "gauge",
 }
+# pipeflow_stage_stall_after_seconds is served only while a run is live (test_stalls.py).
 BUCKETS = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5"]
 BUCKETS += ["1.0", "2.5", "5.0", "10.0", "+Inf"]
 

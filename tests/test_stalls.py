@@ -301,3 +301,146 @@ async def test_throttled_time_over_a_window_is_that_windows_share(autojump_clock
     (stats_before, counter_before), (stats_after, counter_after) = seen
     assert 1.6 == pytest.approx(stats_after - stats_before)
     assert 1.6 == pytest.approx(counter_after - counter_before)
+
+
+async def test_the_live_verdict_names_a_stalled_item(autojump_clock):
+    """The verdict over two scrapes of a running pipeline (what the dashboard and
+    ``pipeflow graph URL`` show) starts with a line for a stage with a stalled item: how
+    long it has been in a worker, against stall_after."""
+    from prometheus_client import CollectorRegistry
+
+    from pipeflow._report.scrape import scrape_families, views_from_scrapes
+
+    gate = trio.Event()
+
+    @stage(workers=2, stall_after=2)
+    async def stuck(x):
+        if x == "stuck":
+            await gate.wait()
+        await trio.sleep(0.1)
+        return x
+
+    registry = CollectorRegistry()
+    pipeline = Pipeline(stuck, name="p", registry=registry)
+    labels = {"pipeline": "p", "stage": "stuck"}
+    async with pipeline.open() as flow:
+        await flow.send("stuck")
+        for i in range(30):
+            await flow.send(i)
+        await trio.sleep(3 - trio.current_time())
+        before = scrape_families(registry.collect())
+        await trio.sleep(2)
+        after = scrape_families(registry.collect())
+        stalled = registry.get_sample_value("pipeflow_stage_stalled_workers", labels)
+        stall_after = registry.get_sample_value("pipeflow_stage_stall_after_seconds", labels)
+        gate.set()
+    assert (1.0, 2.0) == (stalled, stall_after)
+    (view,) = views_from_scrapes(before, after, 2.0, "test")
+    assert (
+        "stuck: an item has been in a worker for 5 s (stall_after 2 s): stalled; see what "
+        "each worker is doing at /workers."
+    ) == view.verdict.lines[0]
+    assert ["stuck: an item has been"] == [line[:23] for line in view.verdict.stalls]
+
+
+def test_the_run_live_view_lists_stalled_workers():
+    """``pipeflow run``'s live view lists each stalled worker under the stages: stage,
+    worker, item, for how long, against stall_after."""
+    import io
+
+    from pipeflow import WorkerStatus
+    from pipeflow._cli.progress import Progress
+    from pipeflow._report import Series
+    from pipeflow._stats import StageCounters
+
+    out = io.StringIO()
+    progress = Progress(out, mode="live", title="t")
+    c = StageCounters("fetch")
+    c.workers = 2
+    workers = [
+        WorkerStatus(
+            stage="fetch",
+            worker=1,
+            state="calling",
+            seconds=42.0,
+            item="'https://example.com/slow'",
+            stalled=True,
+            stall_after=10.0,
+        ),
+        WorkerStatus(stage="fetch", worker=0, state="waiting", seconds=1.0, stall_after=10.0),
+    ]
+    progress.update(1.0, {"fetch": c.snapshot(1.0, 1.0)}, Series(), workers)
+    assert (
+        "fetch[1] on 'https://example.com/slow' for 42 s: stalled (stall_after 10 s)"
+        in out.getvalue()
+    )
+
+
+async def test_graph_of_a_live_endpoint_shows_what_each_worker_does():
+    """``pipeflow graph URL`` of a running pipeline lists its workers by state, and the
+    stalled one with its item (real clock, a real endpoint, the CLI in a subprocess)."""
+    import subprocess
+    import sys
+
+    release = trio.Event()
+
+    @stage(workers=3, stall_after=0.05)
+    async def hang(x):
+        if x == "stuck":
+            await release.wait()
+        return x
+
+    pipeline = Pipeline(hang, name="g")
+
+    def graph(url: str) -> str:
+        cmd = [sys.executable, "-m", "pipeflow", "graph", url, "--interval", "0.2"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+
+    with trio.fail_after(60):
+        async with pipeline.open(metrics_port=0) as flow:
+            await flow.send("stuck")
+            await trio.sleep(0.2)
+            host, port = pipeline.metrics_address
+            text = await trio.to_thread.run_sync(graph, f"http://{host}:{port}/metrics")
+            release.set()
+    assert "hang: an item has been in a worker for" in text
+    assert "workers now:\n  hang  1 calling, 2 waiting\n  hang[" in text
+    assert "calling" in text.split("workers now:")[1]
+    assert "'stuck'  STALLED (stall_after 50 ms)" in text
+
+
+CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+async def test_the_dashboard_shows_the_workers_and_the_stall(tmp_path):
+    """The live dashboard at ``/``, drawn by headless Chromium: a line for the stalled
+    item above the verdict, and a table of the workers with the stalled one marked."""
+    import subprocess
+
+    release = trio.Event()
+
+    @stage(workers=2, stall_after=0.5)
+    async def hang(x):
+        if x == "stuck":
+            await release.wait()
+        return x
+
+    pipeline = Pipeline(hang, name="d")
+
+    def dom(base: str) -> str:
+        args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+        args += ["--virtual-time-budget=2000", "--dump-dom", base + "/"]
+        return subprocess.run(args, capture_output=True, text=True, timeout=90).stdout
+
+    with trio.fail_after(120):
+        async with pipeline.open(metrics_port=0) as flow:
+            await flow.send("stuck")
+            await trio.sleep(2.5)  # two samples of the dashboard, and past stall_after
+            host, port = pipeline.metrics_address
+            page = await trio.to_thread.run_sync(dom, f"http://{host}:{port}")
+            release.set()
+    assert 'class="verdict stall" data-kind="stall">hang: an item has been in a worker' in page
+    assert '<tr data-stage="hang" data-state="calling" class="stalled">' in page
+    assert '<tr data-stage="hang" data-state="waiting" class="">' in page
+    assert "&#39;stuck&#39;" in page or "'stuck'" in page

@@ -66,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if t >= next_sample - 1e-9:
                     series.sample(t, stats, time.process_time() - cpu[0])
                     next_sample += 1.0
-                progress.update(t, stats, series)
+                progress.update(t, stats, series, pipeline.current_workers())
         finally:
             progress.close()
 

@@ -32,6 +32,7 @@ from .._report import (
 )
 from .._report.compare import compare, render_comparison
 from .._report.dashboard import Dashboard, render_dashboard
+from .._report.text import worker_lines
 from .errors import EXIT_OK, CliError
 from .loading import load_pipeline
 
@@ -87,6 +88,19 @@ def _metrics_url(url: str) -> str:
         print(f"pipeflow: {url} is the live dashboard; reading {metrics}", file=sys.stderr)
         return metrics
     return url
+
+
+def _workers(url: str) -> dict[str, list[dict[str, Any]]]:
+    """What each worker is doing, from ``/workers`` beside the metrics (pipeflow's own
+    endpoint serves it): pipeline → rows; empty when the endpoint has no such page."""
+    try:
+        data = json.loads(_fetch(urllib.parse.urljoin(url, "/workers")))
+    except (CliError, ValueError):
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("workers"), list):
+        return {}
+    rows = [w for w in data["workers"] if isinstance(w, dict)]
+    return {str(data.get("pipeline")): rows}
 
 
 def _fetch(url: str) -> str:
@@ -203,13 +217,17 @@ def _graph_live(args: argparse.Namespace, *, unicode: bool, color: bool) -> int:
                 print(f"pipeflow: {exc}: the run has ended", file=sys.stderr)
                 break
             t_after = time.monotonic()
+            workers = _workers(url) if args.format in ("text", "html") else {}
             if dashboard is not None:
                 dashboard.sample(t_after, after)
-                text = render_dashboard(dashboard.snapshot(), poll=None)
+                text = render_dashboard(dashboard.snapshot(workers), poll=None)
             else:
                 views = views_from_scrapes(before, after, t_after - t_before, url)
                 views = [_add_series(v, series, t_after - start) for v in views]
                 text = render_many(views, args.format, unicode=unicode, color=color)
+                rows = [w for ws in workers.values() for w in ws]
+                if args.format == "text" and rows:
+                    text = text.rstrip("\n") + "\n\n" + "\n".join(worker_lines(rows)) + "\n"
             if live_screen:
                 sys.stdout.write("\x1b[H\x1b[2J")
             _emit(text, args.output)

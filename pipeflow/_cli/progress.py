@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
-from .._report import Series, fmt_count, fmt_rate
+from .._report import Series, fmt_count, fmt_duration, fmt_rate
 from .._report.verdict import LIMIT_UTILISATION
+from .._run.forensics import WorkerStatus
 from .._stats import StageStats
 from .errors import one_line
 from .graph import stdout_unicode
@@ -21,6 +22,8 @@ class Progress:
     LINE_EVERY = 5.0
     #: Seconds the live figures average over.
     WINDOW = 3.0
+    #: Stalled workers listed under the stages, at most.
+    STALLED_ROWS = 5
 
     def __init__(self, out: TextIO, *, mode: str, title: str) -> None:
         self.out = out
@@ -32,10 +35,16 @@ class Progress:
         self._next_line = self.LINE_EVERY
         self._bar_full, self._bar_empty = ("█", "░") if stdout_unicode() else ("#", ".")
 
-    def update(self, t: float, stats: Mapping[str, StageStats], series: Series) -> None:
+    def update(
+        self,
+        t: float,
+        stats: Mapping[str, StageStats],
+        series: Series,
+        workers: Sequence[WorkerStatus] | None = None,
+    ) -> None:
         self._record(t, stats)
         if self.mode == "live":
-            self._lines = self._view(t, stats, series)
+            self._lines = self._view(t, stats, series) + self._stalls(workers or ())
             self._draw()
         elif self.mode == "lines" and t >= self._next_line - 1e-9:
             self._next_line += self.LINE_EVERY
@@ -103,6 +112,19 @@ class Progress:
             if util >= LIMIT_UTILISATION:
                 line += " ◀ at the limit" if self._bar_full == "█" else " <- at the limit"
             lines.append(line)
+        return lines
+
+    def _stalls(self, workers: Sequence[WorkerStatus]) -> list[str]:
+        """A line per stalled worker (at most :data:`STALLED_ROWS`), under the stages."""
+        stalled = sorted((w for w in workers if w.stalled), key=lambda w: -w.seconds)
+        mark = "⚠" if self._bar_full == "█" else "!"
+        lines = [
+            f"  {mark} {w.stage}[{w.worker}] on {w.item} for {fmt_duration(w.seconds)}: "
+            f"stalled (stall_after {fmt_duration(w.stall_after)})"
+            for w in stalled[: self.STALLED_ROWS]
+        ]
+        if len(stalled) > self.STALLED_ROWS:
+            lines.append(f"  {mark} … and {len(stalled) - self.STALLED_ROWS} more stalled")
         return lines
 
     def _plain(self, t: float, stats: Mapping[str, StageStats]) -> str:

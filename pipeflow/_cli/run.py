@@ -236,7 +236,7 @@ class _RunCommand:
             if t >= next_sample - 1e-9:
                 self.series.sample(t, stats, time.process_time() - self.cpu0)
                 next_sample += 1.0
-            self.progress.update(t, stats, self.series)
+            self.progress.update(t, stats, self.series, self.pipeline.current_workers())
 
     def _announce_metrics(self) -> None:
         if "metrics_port" not in self.kwargs or self.metrics_url is not None:

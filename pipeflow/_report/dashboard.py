@@ -86,9 +86,10 @@ class Dashboard:
                         column.append(None)
                     column.append(round(values[key], 4))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, workers: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What ``/dashboard.json`` answers: per pipeline, the stages over the last
-        :data:`WINDOW` seconds with the verdict, and the history for the charts."""
+        :data:`WINDOW` seconds with the verdict, the history for the charts, and what
+        each worker is doing now (``workers``: pipeline → ``/workers`` rows, if known)."""
         pipelines: list[dict[str, Any]] = []
         if len(self._samples) >= 2:
             latest = self._samples[-1]
@@ -115,6 +116,7 @@ class Dashboard:
                         n: {k: list(v) for k, v in c.items()} for n, c in h["stages"].items()
                     },
                 }
+                d["workers"] = list((workers or {}).get(view.pipeline, []))
                 pipelines.append(d)
         elapsed = self._samples[-1].t - self._samples[0].t if self._samples else 0.0
         return json_safe(  # type: ignore[no-any-return]
@@ -160,7 +162,9 @@ tr.limit td{color:#c62828;font-weight:600}.charts{display:grid;grid-template-col
 repeat(auto-fill,minmax(380px,1fr));gap:1rem}figure{margin:0}figcaption{font-size:.85rem;
 color:#424242}.legend{font-size:.8rem;color:#424242}.legend span{margin-right:.8rem}
 .legend i{display:inline-block;width:.8rem;height:.25rem;margin-right:.3rem;vertical-align:middle}
-.ended{color:#c62828}svg text{font-family:inherit}
+.ended{color:#c62828}svg text{font-family:inherit}h3{font-size:1rem;margin:1rem 0 .3rem}
+.verdict.stall{background:#fce4ec;border-color:#ad1457;font-weight:600}
+tr.stalled td{color:#ad1457;font-weight:600}table.workers td{text-align:left}
 """
 
 _JS = r"""
@@ -266,6 +270,36 @@ _JS = r"""
     return t;
   }
 
+  function workers(rows) {
+    // Stalled first, then the longest in their state; at most 40 rows.
+    rows = rows.slice().sort(function (a, b) {
+      return (b.stalled - a.stalled) || (b.seconds - a.seconds);
+    });
+    var wrap = el("div", {"class": "workers"});
+    wrap.appendChild(el("h3", {}, "workers now"));
+    var t = el("table", {"class": "workers"});
+    var head = el("tr");
+    ["stage", "worker", "state", "for", "item", ""].forEach(function (c) {
+      head.appendChild(el("th", {}, c));
+    });
+    var thead = el("thead"); thead.appendChild(head); t.appendChild(thead);
+    var body = el("tbody");
+    rows.slice(0, 40).forEach(function (w) {
+      var tr = el("tr", {"data-stage": w.stage, "data-state": w.state,
+                         "class": w.stalled ? "stalled" : ""});
+      [w.stage, w.worker, w.state, num(w.seconds, 1) + " s", w.item || "",
+       w.stalled ? "stalled (stall_after " + num(w.stall_after, 1) + " s)" : ""
+      ].forEach(function (c) { tr.appendChild(el("td", {}, c)); });
+      body.appendChild(tr);
+    });
+    t.appendChild(body);
+    wrap.appendChild(t);
+    if (rows.length > 40) {
+      wrap.appendChild(el("p", {"class": "sub"}, "… and " + (rows.length - 40) + " more"));
+    }
+    return wrap;
+  }
+
   function chart(title, t, columns, names) {
     var w = 380, h = 150, left = 44, right = 8, top = 10, bottom = 24;
     var pw = w - left - right, ph = h - top - bottom, ymax = 0, tmax = 0, tmin = Infinity;
@@ -326,6 +360,9 @@ _JS = r"""
       var sec = el("section", {"class": "pipeline", "data-pipeline": p.pipeline});
       sec.appendChild(el("h2", {}, p.pipeline));
       var v = p.verdict;
+      (v && v.stalls ? v.stalls : []).forEach(function (line) {
+        sec.appendChild(el("div", {"class": "verdict stall", "data-kind": "stall"}, line));
+      });
       if (v && v.kind !== "none") {
         var box = el("div", {id: "verdict", "class": "verdict " + v.kind, "data-kind": v.kind,
                              "data-stage": v.stage || ""});
@@ -341,6 +378,7 @@ _JS = r"""
       }
       sec.appendChild(graph(p));
       sec.appendChild(table(p));
+      if (p.workers && p.workers.length) { sec.appendChild(workers(p.workers)); }
       var stages = p.stages.map(function (s) { return s.name; });
       var legend = el("p", {"class": "legend"});
       stages.forEach(function (n, i) {

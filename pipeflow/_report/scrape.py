@@ -76,6 +76,9 @@ class StageSample:
     blocked_seconds: float = 0.0
     throttled_seconds: float = 0.0
     breaker: float | None = None
+    oldest_inflight: float = 0.0
+    stalled: float = 0.0
+    stall_after: float | None = None
     outcomes: dict[str, float] = attrs.field(factory=dict)
     duration: _Histogram = attrs.field(factory=_Histogram)
     queue_wait: _Histogram = attrs.field(factory=_Histogram)
@@ -138,6 +141,12 @@ def _apply(s: StageSample, name: str, labels: Mapping[str, str], value: float) -
         s.throttled_seconds = value
     elif name == "breaker_state":
         s.breaker = value
+    elif name == "oldest_inflight_seconds":
+        s.oldest_inflight = value
+    elif name == "stalled_workers":
+        s.stalled = value
+    elif name == "stall_after_seconds":
+        s.stall_after = value
     elif name == "items_total":
         s.outcomes[labels.get("outcome", "ok")] = value
     else:
@@ -231,6 +240,9 @@ def views_from_scrapes(
                     breaker_state=_BREAKER_STATES.get(now.breaker)
                     if now.breaker is not None
                     else None,
+                    oldest_inflight=now.oldest_inflight,
+                    stalled_workers=round(now.stalled),
+                    stall_after=now.stall_after,
                 )
             )
         verdict = judge(out, window=f"last {seconds:.3g} s")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .format import TIMES, fmt_count, fmt_duration, fmt_pct, fmt_rate, options_text
 from .view import GraphView, StageView
@@ -133,3 +135,43 @@ def verdict_lines(view: GraphView, *, unicode: bool = True, width: int = 96) -> 
             prefix + sentence, width, subsequent_indent="    ", break_on_hyphens=False
         )
     return out
+
+
+#: Workers listed one by one at most (the stalled ones and the longest in their state
+#: first); the rest are counted per stage.
+WORKER_ROWS = 12
+
+
+def worker_lines(workers: Sequence[Mapping[str, Any]], *, limit: int = WORKER_ROWS) -> list[str]:
+    """What each worker is doing (``WorkerStatus.to_dict()`` rows, as ``/workers``
+    serves them): one line per stage counting its workers by state, then the stalled
+    workers and those longest in their state, one line each."""
+    if not workers:
+        return []
+    by_stage: dict[str, dict[str, int]] = {}
+    for w in workers:
+        states = by_stage.setdefault(str(w.get("stage")), {})
+        state = str(w.get("state"))
+        states[state] = states.get(state, 0) + 1
+    width = max(len(name) for name in by_stage)
+    lines = ["workers now:"]
+    for name, states in by_stage.items():
+        counts = ", ".join(f"{n} {state}" for state, n in states.items())
+        lines.append(f"  {name:<{width}}  {counts}")
+    ranked = sorted(
+        (w for w in workers if w.get("state") != "waiting" or w.get("stalled")),
+        key=lambda w: (not w.get("stalled"), -float(w.get("seconds") or 0.0)),
+    )
+    for w in ranked[:limit]:
+        who = f"{w.get('stage')}[{w.get('worker')}]"
+        line = (
+            f"  {who:<{width + 4}}  {w.get('state')} {fmt_duration(float(w.get('seconds') or 0.0))}"
+        )
+        if w.get("item") is not None:
+            line += f"  {w['item']}"
+        if w.get("stalled"):
+            line += f"  STALLED (stall_after {fmt_duration(float(w.get('stall_after') or 0.0))})"
+        lines.append(line)
+    if len(ranked) > limit:
+        lines.append(f"  … and {len(ranked) - limit} more")
+    return lines

@@ -78,10 +78,11 @@ class Verdict:
     window: str | None = None
     sizes: Mapping[str, int] = attrs.field(factory=dict)
     predicted: float | None = None
+    stalls: tuple[str, ...] = ()
 
     @property
     def lines(self) -> list[str]:
-        out = [self.headline, *self.advice]
+        out = [*self.stalls, self.headline, *self.advice]
         if self.assumptions:
             out.append("assuming " + "; ".join(self.assumptions) + ".")
         return [line for line in out if line]
@@ -102,6 +103,7 @@ class Verdict:
             "assumptions": list(self.assumptions),
             "sizes": dict(self.sizes),
             "predicted": self.predicted,
+            "stalls": list(self.stalls),
         }
 
 
@@ -179,7 +181,33 @@ def _max_workers(s: StageView) -> int | None:
     return s.workers[1] if isinstance(s.workers, tuple) else None
 
 
-def judge(
+def stall_lines(stages: Sequence[StageView]) -> list[str]:
+    """One line per stage with stalled items now (live views): ``fetch: an item has
+    been in a worker for 42 s (stall_after 5 s): stalled``."""
+    out = []
+    for s in stages:
+        n = s.stalled_workers
+        if n <= 0:
+            continue
+        oldest = fmt_duration(s.oldest_inflight or 0.0)
+        limit = f" (stall_after {fmt_duration(s.stall_after)})" if s.stall_after else ""
+        if n == 1:
+            what = f"an item has been in a worker for {oldest}{limit}: stalled"
+        else:
+            what = f"{n} items stalled, the oldest in a worker for {oldest}{limit}"
+        out.append(f"{s.name}: {what}; see what each worker is doing at /workers.")
+    return out
+
+
+def judge(stages: Sequence[StageView], **kw: Any) -> Verdict:
+    """The verdict on measured ``stages`` (see :func:`_judge`), with a line first for
+    each stage that has stalled items now."""
+    verdict = _judge(stages, **kw)
+    stalls = stall_lines(stages)
+    return attrs.evolve(verdict, stalls=tuple(stalls)) if stalls else verdict
+
+
+def _judge(
     stages: Sequence[StageView],
     *,
     whole: Mapping[str, float] | None = None,

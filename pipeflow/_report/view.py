@@ -67,6 +67,11 @@ class StageView:
     worker_seconds: float | None = None
     cpu_seconds: float | None = None
     breaker_state: str | None = None
+    # Live views only: the oldest item in a worker, and workers on an item for longer
+    # than the stage's stall_after.
+    oldest_inflight: float | None = None
+    stalled_workers: int = 0
+    stall_after: float | None = None
 
     @property
     def load(self) -> float | None:

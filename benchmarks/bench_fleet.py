@@ -2,10 +2,13 @@
 
 Every member drains one stream of jobs through one consumer group, works on each entry
 (``square = n * n``, in an ``async def`` stage), appends the result to a results stream
-and acknowledges the job. The pipeflow member is ``RedisStreamSource -> work ->
-RedisStreamSink(batch=100)``, what ``pipeflow run --source redis://...`` runs; the
-hand-written member is the minimal loop a careful programmer writes with the same
-client (``XREADGROUP COUNT 100``, then the ``XADD``s and one ``XACK`` in one round trip).
+and acknowledges the job. Both sides have the same shape: 100 entries per
+``XREADGROUP``, the ``XADD``s pipelined 100 at a time, every entry acked. The pipeflow
+member is ``RedisStreamSource(count=100) -> work (8 workers) -> RedisStreamSink(batch=100,
+workers=2)``, what ``pipeflow run --source redis://...`` runs, acking each entry once its
+item has left the pipeline (``XACK`` batched by the source); the hand-written member is
+the minimal loop a careful programmer writes with the same client (``XREADGROUP COUNT
+100``, then the ``XADD``s and one ``XACK`` in one round trip, nothing in flight).
 
 Each member is a fresh process (``--member``) that imports everything, says it is ready
 and starts on a signal, so start-up is not timed; it reports its own CPU seconds
@@ -45,6 +48,8 @@ KINDS = ("hand-written", "pipeflow")
 #: Cores below which 4 members (and Redis) cannot run side by side.
 CORES_FOR_4 = 6
 STREAM, GROUP, RESULTS = "jobs", "bench", "results"
+#: Entries per XREADGROUP, and per pipelined batch of XADDs, on both sides.
+COUNT = 100
 
 
 # -- the members (subprocesses) --------------------------------------------------------------
@@ -59,9 +64,9 @@ async def _pipeflow_member(url: str, consumer: str) -> int:
         n = int(entry.fields["n"])
         return entry.with_fields(n=n, square=n * n)
 
-    sink = RedisStreamSink(url, RESULTS, workers=2, batch=100, batch_timeout=0.01)
+    sink = RedisStreamSink(url, RESULTS, workers=2, batch=COUNT, batch_timeout=0.01)
     source = RedisStreamSource(
-        url, STREAM, group=GROUP, consumer=consumer, drain=True, claim_idle=60.0
+        url, STREAM, group=GROUP, consumer=consumer, drain=True, claim_idle=60.0, count=COUNT
     )
     result = await Pipeline(work | sink, name="fleet").arun(source, collect=False)
     return result.stats["work"].items_in
@@ -75,7 +80,7 @@ async def _hand_member(url: str, consumer: str) -> int:
     try:
         while True:
             reply = await client.execute(
-                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 100, "STREAMS", STREAM, ">"
+                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", COUNT, "STREAMS", STREAM, ">"
             )
             if not reply:
                 return done  # drained (no member of this benchmark crashes)
@@ -98,6 +103,8 @@ async def _hand_member(url: str, consumer: str) -> int:
 def member(url: str, consumer: str, kind: str) -> None:
     """Drain the stream as ``consumer``; print start, end, entries and CPU seconds."""
     import trio
+
+    import pipeflow.connectors.redis  # noqa: F401 - imported before the clock starts
 
     run = _pipeflow_member if kind == "pipeflow" else _hand_member
     print("ready", flush=True)

@@ -604,6 +604,14 @@ async def test_a_batched_sink_appends_a_batch_per_round_trip(r, url):
     assert set() == pending_ids(r)
 
 
+def test_a_batched_sink_has_room_for_a_batch_in_front_of_it(url):
+    """With batch=N and no buffer=, the sink's input buffer holds a whole batch (so the
+    batcher takes its items in chunks); an explicit buffer= wins."""
+    assert 100 == RedisStreamSink(url, "out", batch=100, workers=2).options.buffer
+    assert 7 == RedisStreamSink(url, "out", batch=100, buffer=7).options.buffer
+    assert RedisStreamSink(url, "out", workers=2).options.buffer is None
+
+
 async def test_the_sink_rejects_what_it_cannot_write(r, url):
     """An item that is neither a mapping nor JSON fails with a message saying what to do."""
     with pytest.raises(StageError) as info:

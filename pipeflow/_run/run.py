@@ -385,6 +385,13 @@ class Run:
         inbox = self.stages[0].inbox
         try:
             if acking:
+                take = getattr(source, "take", None)
+                if take is not None:
+                    # A source that reads pages (Redis) hands them over in chunks: one
+                    # put per chunk, not one per item.
+                    while pairs := await take(max(1, min(inbox.room(), CHUNK))):
+                        await inbox.put([Env(item, ack) for item, ack in pairs])
+                    return
                 entries = cast(AsyncIterator[tuple[Any, Ack | None]], source)
                 async for item, ack in entries:
                     await inbox.put([Env(item, ack)])

@@ -124,8 +124,11 @@ class Entry:
     def with_fields(self, fields: Mapping[str, object] | None = None, /, **more: object) -> Entry:
         """A new entry with the same ``id`` and these fields (values turned into ``str``)."""
         merged: dict[str, str] = {}
-        for key, value in (*(fields or {}).items(), *more.items()):
-            merged[str(key)] = str(value)
+        if fields:
+            for key, value in fields.items():
+                merged[str(key)] = str(value)
+        for key, value in more.items():  # keyword names are str already
+            merged[key] = value if type(value) is str else str(value)
         return Entry(self.id, merged)
 
     def json(self) -> Any:
@@ -806,14 +809,33 @@ class _Consumer:
         return self
 
     async def __anext__(self) -> tuple[Entry, _EntryAck]:
+        if not await self._ready():
+            raise StopAsyncIteration
+        entry = self.buffer.popleft()
+        return entry, _EntryAck(self, entry.id)
+
+    async def take(self, limit: int) -> list[tuple[Entry, _EntryAck]]:
+        """Up to ``limit`` (entry, ack) pairs, waiting for the first; ``[]`` at the end.
+        The runner takes a source's entries this way, a chunk per hand-over, rather than
+        one ``__anext__`` each."""
+        if not await self._ready():
+            return []
+        buffer = self.buffer
+        pairs = []
+        for _ in range(min(limit, len(buffer))):
+            entry = buffer.popleft()
+            pairs.append((entry, _EntryAck(self, entry.id)))
+        return pairs
+
+    async def _ready(self) -> bool:
+        """Until an entry waits in ``buffer`` (True), or the source has ended (False)."""
         while True:
             if self.inline_acks and self.to_ack:
                 await self.flush()
             if self.buffer:
-                entry = self.buffer.popleft()
-                return entry, _EntryAck(self, entry.id)
+                return True
             if self._ended:
-                raise StopAsyncIteration
+                return False
             # Finished entries not yet acked make room too: the read acks them first,
             # in the same round trip.
             room = self.capacity - len(self.held) + len(self.to_ack)
@@ -839,7 +861,7 @@ class _Consumer:
             # for them here would deadlock a batch stage that flushes at the end.
             if await self._nothing_left_to_take():
                 self._ended = True
-                raise StopAsyncIteration
+                return False
             else:
                 # Another consumer holds entries: poll often enough to end promptly (the
                 # claims happen in _fetch, when due).
@@ -942,16 +964,18 @@ class _Consumer:
 
     def _accept(self, raw: list[Any]) -> list[Entry]:
         entries = []
+        held = self.held
         for entry_id, fields in raw:
-            if entry_id in self.held:
+            if entry_id in held:
                 continue  # already ours and on its way (a reclaim of our own slow entry)
-            self.held.add(entry_id)
+            held.add(entry_id)
             if not fields:
                 # Deleted from the stream while pending (trimmed): nothing left to do.
                 # (Redis answers nil fields; no real entry has none.)
                 self.finished(entry_id)
                 continue
-            entries.append(Entry(entry_id, dict(zip(fields[::2], fields[1::2], strict=True))))
+            pairs = iter(fields)  # [k1, v1, k2, v2, ...]: Redis sends them in pairs
+            entries.append(Entry(entry_id, dict(zip(pairs, pairs, strict=True))))
         return entries
 
     async def _remove_dead_consumers(self) -> None:
@@ -1116,9 +1140,7 @@ class _Consumer:
 
 def _fields_of(item: object) -> dict[str, str]:
     if isinstance(item, Entry):
-        fields = dict(item.fields)
-        fields["source_id"] = item.id
-        return fields
+        return {**item.fields, "source_id": item.id}
     if isinstance(item, Mapping):
         if not item:
             msg = "RedisStreamSink: cannot append an empty mapping (an entry needs a field)"
@@ -1170,6 +1192,10 @@ class RedisStreamSink(Stage[Any, Any]):
         self.maxlen = maxlen
         self.approximate = approximate
         self.retry_for = float(retry_for)
+        if options.get("batch") is not None and options.get("buffer") is None:
+            # Room for a whole batch in front of the stage: with the default (a slot per
+            # worker) the batcher would take a few items per scheduler round.
+            options = {**options, "buffer": options["batch"]}
         super().__init__(**options)
 
     def _connect(self) -> _Conn:

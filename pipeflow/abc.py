@@ -42,6 +42,11 @@ A minimal acking source::
 
 A source should keep no more than ``capacity`` items un-acked at once: with that many,
 the run is full and no ack can come until it takes more (backpressure across machines).
+
+A source that reads items in pages (a message queue) may also give its iterator an
+``async def __pipeflow_take__(self, limit)`` returning up to ``limit`` pairs (waiting
+for the first; ``[]`` at the end): the run then takes them a chunk at a time instead of
+one ``__anext__`` per item, which costs less per item.
 """
 
 from __future__ import annotations

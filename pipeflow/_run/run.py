@@ -385,7 +385,7 @@ class Run:
         inbox = self.stages[0].inbox
         try:
             if acking:
-                take = getattr(source, "take", None)
+                take = getattr(source, "__pipeflow_take__", None)
                 if take is not None:
                     # A source that reads pages (Redis) hands them over in chunks: one
                     # put per chunk, not one per item.

@@ -814,9 +814,9 @@ class _Consumer:
         entry = self.buffer.popleft()
         return entry, _EntryAck(self, entry.id)
 
-    async def take(self, limit: int) -> list[tuple[Entry, _EntryAck]]:
+    async def __pipeflow_take__(self, limit: int) -> list[tuple[Entry, _EntryAck]]:
         """Up to ``limit`` (entry, ack) pairs, waiting for the first; ``[]`` at the end.
-        The runner takes a source's entries this way, a chunk per hand-over, rather than
+        The runner takes the entries this way (a chunk per hand-over) rather than
         one ``__anext__`` each."""
         if not await self._ready():
             return []

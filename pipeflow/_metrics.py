@@ -32,7 +32,10 @@ labelled ``pipeline`` and ``source``, read from the source's ``statistics()``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -50,6 +53,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from ._log import get_logger
 from ._report import ReportError, describe_pipeline
 from ._report.dashboard import Dashboard, render_dashboard
 from ._report.scrape import scrape_families
@@ -572,6 +576,65 @@ def metrics_service(
                 await trio.aclose_forcefully(listener)
 
     return serve_metrics
+
+
+def check_metrics_linger(pipeline: Pipeline[Any, Any], seconds: object, port: object) -> float:
+    """``metrics_linger=`` as seconds (a number >= 0), or an error naming the option and
+    the value; a linger needs an endpoint (``metrics_port=``)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        msg = (
+            f"pipeline {pipeline.name!r}: metrics_linger= must be a number of seconds >= 0, "
+            f"got {seconds!r}"
+        )
+        raise TypeError(msg)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        msg = (
+            f"pipeline {pipeline.name!r}: metrics_linger= must be a finite number of "
+            f"seconds >= 0, got {seconds!r}"
+        )
+        raise ValueError(msg)
+    if seconds and port is None:
+        msg = (
+            f"pipeline {pipeline.name!r}: metrics_linger={seconds!r} needs metrics_port=: "
+            f"there is no endpoint to keep serving"
+        )
+        raise ValueError(msg)
+    return float(seconds)
+
+
+async def linger_metrics(
+    pipeline: Pipeline[Any, Any], host: str, port: int, seconds: float, *, signals: bool
+) -> OSError | None:
+    """Serve ``pipeline``'s metrics on ``host``:``port`` for ``seconds`` more, after its
+    run has ended (``metrics_linger=``, ``--metrics-linger``): its final figures stay up
+    long enough for Prometheus's next scrape, rather than the target going down with
+    a batch job. With ``signals`` (main thread only), SIGINT or SIGTERM ends it at once;
+    so does a cancellation. If the port was taken meanwhile, logs
+    ``metrics_linger_failed`` and returns the error (the run's result stands)."""
+    serve = metrics_service(pipeline, port, host=host)
+    with contextlib.ExitStack() as stack:
+        received = (
+            stack.enter_context(trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
+            if signals
+            else None
+        )
+        taken: OSError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = trio.current_time() + seconds
+            try:
+                await nursery.start(serve)
+            except OSError as exc:
+                taken = exc  # raised below, not wrapped in the nursery's group
+            if received is not None and taken is None:
+
+                async def stop_on_signal() -> None:
+                    async for _ in received:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_on_signal)
+    if taken is not None:
+        get_logger(pipeline=pipeline.name).warning("metrics_linger_failed", error=str(taken))
+    return taken
 
 
 async def _sample_dashboard(registry: CollectorRegistry, dashboard: Dashboard) -> None:

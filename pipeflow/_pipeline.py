@@ -500,6 +500,7 @@ class Pipeline(Generic[In, Out]):
         collect: bool = True,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        metrics_linger: float = 0.0,
         grace: float = 10.0,
         handle_signals: bool = True,
     ) -> RunResult[Out]:
@@ -512,6 +513,10 @@ class Pipeline(Generic[In, Out]):
         Ctrl+C or SIGTERM stops the input and lets in-flight items finish for up to
         ``grace`` seconds, then cancels (a second signal cancels at once), and raises
         :class:`Interrupted` (a ``KeyboardInterrupt``) carrying the partial result.
+
+        ``metrics_linger`` keeps the metrics endpoint serving the finished run's final
+        figures for that many seconds more (a signal ends it at once), so that
+        Prometheus scrapes a short run's last figures; not after an interrupted run.
         """
         _check_source(source)
         _refuse_inside_trio(self.name)
@@ -521,6 +526,7 @@ class Pipeline(Generic[In, Out]):
             collect=collect,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            metrics_linger=metrics_linger,
             grace=grace,
         )
         if not (handle_signals and threading.current_thread() is threading.main_thread()):
@@ -537,6 +543,7 @@ class Pipeline(Generic[In, Out]):
         collect: bool = True,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        metrics_linger: float = 0.0,
         grace: float = 10.0,
         handle_signals: bool = False,
     ) -> RunResult[Out]:
@@ -544,7 +551,7 @@ class Pipeline(Generic[In, Out]):
 
         ``metrics_port`` serves Prometheus metrics for the run's lifetime, on
         ``metrics_host`` (127.0.0.1 by default; ``"0.0.0.0"`` to be scraped from
-        another machine).
+        another machine), and ``metrics_linger`` seconds more after the run ends.
         ``handle_signals=True`` handles SIGINT / SIGTERM as :meth:`run` does (main
         thread only).
         """
@@ -554,6 +561,7 @@ class Pipeline(Generic[In, Out]):
                 collect=collect,
                 metrics_port=metrics_port,
                 metrics_host=metrics_host,
+                metrics_linger=metrics_linger,
                 grace=grace,
             )
         with SignalGate() as gate:
@@ -562,6 +570,7 @@ class Pipeline(Generic[In, Out]):
                 collect=collect,
                 metrics_port=metrics_port,
                 metrics_host=metrics_host,
+                metrics_linger=metrics_linger,
                 grace=grace,
                 signals=gate,
             )
@@ -575,21 +584,35 @@ class Pipeline(Generic[In, Out]):
         metrics_host: str,
         grace: float,
         signals: SignalGate | None = None,
+        metrics_linger: float = 0.0,
     ) -> RunResult[Out]:
         _check_source(source)
         _check_grace(grace)
+        if metrics_linger != 0:
+            from ._metrics import check_metrics_linger, linger_metrics
+
+            metrics_linger = check_metrics_linger(self, metrics_linger, metrics_port)
         run = self._new_run("collect" if collect else "drop")
+        address: tuple[str, int] | None = None
+        failed: StageError | None = None
         with signals.connected(run, grace) if signals else contextlib.nullcontext():
             try:
                 async with self._running(
                     run, metrics_port, metrics_host=metrics_host, source=source
                 ) as nursery:
+                    address = self.metrics_address
                     run.start_source(nursery, source)
             except StageError as failure:
                 # The statistics of a failed run are worth having (the CLI's report).
                 failure.result = _result(run)
-                raise
+                failed = failure
             result = _result(run)
+        if metrics_linger and address is not None and run.interrupted_by is None:
+            await linger_metrics(
+                self, metrics_host, address[1], metrics_linger, signals=signals is not None
+            )
+        if failed is not None:
+            raise failed
         if run.interrupted_by is not None:
             raise Interrupted(run.interrupted_by, result)
         return result

@@ -172,3 +172,161 @@ def test_metrics_linger_needs_a_metrics_port(server, tmp_path):
     proc = member(server, tmp_path / "m.log", "--metrics-linger", "5")
     assert 2 == proc.wait(timeout=30)
     assert "--metrics-linger needs --metrics-port" in (tmp_path / "m.log").read_text()
+
+
+#: A member written in Python: ``Pipeline.run(..., metrics_linger=30)``, then it says
+#: how the run ended.
+API_MEMBER = """
+import sys
+import pipeflow
+from pipeflow.connectors.redis import RedisStreamSource
+from tests.fleet_app import pipeline
+
+url, port, drain = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+source = RedisStreamSource(url, "jobs", group="workers", consumer="m", drain=drain)
+try:
+    result = pipeline.run(source, collect=False, metrics_port=port, metrics_linger=30)
+except pipeflow.Interrupted:
+    print("interrupted", flush=True)
+else:
+    print("returned", result.stats["work"].items_in, flush=True)
+"""
+
+
+def api_member(server: RedisServer, port: int, *, drain: bool) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLEET_RESULTS_URL": server.url}
+    return subprocess.Popen(
+        [sys.executable, "-c", API_MEMBER, server.url, str(port), "1" if drain else "0"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_acked(proc: subprocess.Popen[str], port: int, acked: float) -> dict[Any, float]:
+    deadline = time.monotonic() + 30
+    figures: dict[Any, float] = {}
+    while time.monotonic() < deadline:
+        assert proc.poll() is None
+        text = scrape(port)
+        if text is not None:
+            figures = samples(text)
+            if figures.get(("pipeflow_source_acked_total", SOURCE)) == acked:
+                return figures
+        time.sleep(0.05)
+    raise AssertionError(f"the endpoint never showed {acked} entries acked: {figures}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_pipeline_run_metrics_linger_serves_the_last_figures_until_a_signal(r, server, signum):
+    """`Pipeline.run(source, metrics_port=P, metrics_linger=30)`: after a draining run
+    the endpoint keeps serving its final figures; Ctrl+C or SIGTERM ends the linger
+    within a second, and run() returns the run's result as it would have."""
+    add_jobs(r, 20)
+    port = free_port()
+    proc = api_member(server, port, drain=True)
+    try:
+        final = wait_for_acked(proc, port, 20)
+        assert 0 == final[("pipeflow_source_pending", SOURCE)]
+        time.sleep(0.5)  # the run is over; the endpoint lingers
+        assert proc.poll() is None
+        assert scrape(port) is not None
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=10)
+        assert time.monotonic() - sent < 1.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert (0, "returned 20\n") == (proc.returncode, out)
+    assert scrape(port) is None
+
+
+def test_an_interrupted_run_does_not_linger(r, server):
+    """A signal that stops the run itself (a member shut down) ends it as usual: no
+    linger, the endpoint goes with the run."""
+    add_jobs(r, 5)
+    port = free_port()
+    proc = api_member(server, port, drain=False)  # waits for new entries for ever
+    try:
+        wait_for_acked(proc, port, 5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        assert time.monotonic() - sent < 2.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert "interrupted\n" == out
+    assert scrape(port) is None
+
+
+async def test_arun_metrics_linger_keeps_the_endpoint_for_that_long():
+    """`await pipeline.arun(items, metrics_port=0, metrics_linger=S)` returns S seconds
+    after the run ended, its endpoint serving the final figures meanwhile."""
+
+    @stage(workers=2)
+    async def double(x: int) -> int:
+        return 2 * x
+
+    pipeline = Pipeline(double, name="linger")
+    ended_at = returned_at = 0.0
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                nonlocal returned_at
+                result = await pipeline.arun(range(50), metrics_port=0, metrics_linger=1.0)
+                returned_at = time.monotonic()
+                assert list(range(0, 100, 2)) == sorted(result.outputs)
+
+            nursery.start_soon(run)
+            # Polled: the run's end and the linger's start signal no event to wait on.
+            while pipeline.metrics_address is None or pipeline.current_stats() is not None:  # noqa: ASYNC110
+                await trio.sleep(0.01)  # until the run is over and the linger serves
+            ended_at = time.monotonic()
+            port = pipeline.metrics_address[1]
+            text = await trio.to_thread.run_sync(scrape, port)
+    assert text is not None
+    figures = samples(text)
+    items = (
+        "pipeflow_stage_items_total",
+        (("outcome", "ok"), ("pipeline", "linger"), ("stage", "double")),
+    )
+    assert 50 == figures[items]
+    assert 0.8 < returned_at - ended_at < 2.0
+    assert pipeline.metrics_address is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"metrics_port": 0, "metrics_linger": -1},
+            ValueError,
+            "metrics_linger= must be a finite number of seconds >= 0, got -1",
+        ),
+        (
+            {"metrics_port": 0, "metrics_linger": "30"},
+            TypeError,
+            "metrics_linger= must be a number of seconds >= 0, got '30'",
+        ),
+        ({"metrics_linger": 5}, ValueError, "metrics_linger=5 needs metrics_port="),
+    ],
+)
+async def test_metrics_linger_is_checked_before_the_run(kwargs, error, message):
+    """A bad metrics_linger= fails before any item moves, naming the option and value."""
+    seen = []
+
+    @stage
+    async def note(x: int) -> int:
+        seen.append(x)
+        return x
+
+    with pytest.raises(error) as info:
+        await Pipeline(note, name="p").arun([1, 2], **kwargs)
+    assert f"pipeline 'p': {message}" in str(info.value)
+    assert [] == seen

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import inspect
 import json
 import logging
@@ -286,7 +285,7 @@ class _RunCommand:
         """``--metrics-linger S``: serve the finished run's metrics for S more seconds
         (Ctrl+C or SIGTERM ends it at once), so that Prometheus scrapes the last figures
         of a run that ends (a batch job) before the target goes away."""
-        from .._metrics import metrics_service
+        from .._metrics import linger_metrics
 
         assert self.metrics_address is not None
         host, port = self.metrics_address
@@ -298,27 +297,9 @@ class _RunCommand:
                 file=sys.stderr,
                 flush=True,
             )
-        serve = metrics_service(self.pipeline, port, host=host)
-        with contextlib.ExitStack() as stack:
-            signals: Any = None
-            if _in_main_thread():
-                signals = stack.enter_context(
-                    trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
-                )
-            async with trio.open_nursery() as nursery:
-                nursery.cancel_scope.deadline = trio.current_time() + seconds
-                try:
-                    await nursery.start(serve)
-                except OSError as exc:  # the port was taken meanwhile
-                    print(f"pipeflow: --metrics-linger: {exc}", file=sys.stderr, flush=True)
-                    return
-
-                async def stop_on_signal() -> None:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-
-                if signals is not None:
-                    nursery.start_soon(stop_on_signal)
+        taken = await linger_metrics(self.pipeline, host, port, seconds, signals=_in_main_thread())
+        if taken is not None:  # the port was taken meanwhile
+            print(f"pipeflow: --metrics-linger: {taken}", file=sys.stderr, flush=True)
 
     def _finish(self) -> int:
         o = self.outcome

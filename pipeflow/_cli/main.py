@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -178,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pipeflow`` command with ``argv`` (default: ``sys.argv[1:]``); return
     its exit status."""
+    # The interpreter's last garbage collections, on the way out, walk every object the
+    # command loaded: 0.3-0.7 s on a loaded 2-core machine, after the run has ended (a
+    # Ctrl+C then takes that much longer to exit). Frozen objects are not walked; the
+    # process is ending, so nothing is lost but the wait (atexit runs it last).
+    atexit.register(gc.freeze)
     parser = build_parser()
     try:
         try:

@@ -728,3 +728,88 @@ async def test_stream_from_an_acking_source_acks_every_output_before_closing_it(
             await trio.sleep(1)
     assert sorted(source.ledger.acked) == list(range(20))
     assert late == []
+
+
+@pytest.mark.parametrize("cancel_at", [None, 0.5])
+async def test_a_quick_chunk_with_failures_passing_values_and_an_item_that_waits(
+    cancel_at, autojump_clock
+):
+    """A chunk of a quick async stage holding a failure, a Failed value from upstream,
+    and an item that waits 1 s: the outputs before the waiting item leave at once, the
+    items after it run on the other workers at once, the failure reaches the dead-letter
+    sink, and the counts balance. Cancelled while the item waits, nothing is lost: the
+    waiting item is listed as unfinished."""
+    dead = []
+
+    @stage(workers=1, buffer=16, errors="embed")
+    async def pre(x):
+        if x == "embed":
+            raise ValueError("upstream")
+        return x
+
+    @stage(workers=4, buffer=16, errors="skip", dead_letter=dead.append)
+    async def work(x):
+        if x == "bad":
+            raise KeyError(x)
+        if x == "slow":
+            await trio.sleep(1)
+        return x
+
+    pipeline = Pipeline(pre | work)
+    arrived = {}
+
+    async def read(outputs):
+        async for out in outputs:
+            arrived["failed" if isinstance(out, Failed) else out] = trio.current_time()
+
+    with trio.move_on_after(cancel_at if cancel_at is not None else 60):
+        async with pipeline.open(outputs=True) as flow, trio.open_nursery() as nursery:
+            nursery.start_soon(read, flow.outputs)
+            for i in range(300):  # instant items: both stages take chunks from now on
+                await flow.send(i)
+            await trio.sleep(0.1)
+            for x in ["bad", "embed", 1000, "slow", 1001, 1002, 1003]:
+                flow.send_nowait(x)  # no checkpoint between: they travel as one chunk
+            flow.close()
+    result = flow.result
+    t = arrived[1000]
+    assert t == pytest.approx(0.1)
+    for x in (1001, 1002, 1003, "failed"):
+        assert arrived[x] == pytest.approx(t)
+    s = result.stats["work"]
+    if cancel_at is None:
+        assert arrived["slow"] == pytest.approx(t + 1)
+        assert ["bad"] == [f.item for f in dead]
+        assert (1, 1) == (s.failed, s.passed)
+        assert 300 + 5 == s.ok
+    else:
+        assert "slow" not in arrived
+        assert ("work", "slow") in result.unfinished
+    assert_balanced(result, pipeline)
+
+
+async def test_a_fail_fast_failure_in_a_quick_chunk_starts_nothing_after_it(autojump_clock):
+    """A quick stage takes waiting items as one chunk; when one of them fails under
+    fail-fast, the items after it in the chunk never start (as if each ran alone), and
+    they are listed as unfinished."""
+    started = []
+
+    @stage(workers=1, buffer=16)
+    async def charge(x):
+        started.append(x)
+        if x == "declined":
+            raise RuntimeError("card declined")
+        return x
+
+    with pytest.raises(StageError) as info:
+        async with Pipeline(charge).open() as flow:
+            for i in range(300):  # instant items: the stage takes chunks from now on
+                await flow.send(i)
+            await trio.sleep(0.1)
+            for x in [1000, "declined", 1001, 1002]:
+                flow.send_nowait(x)  # no checkpoint between: they travel as one chunk
+            await trio.sleep(1)
+    assert started[-2:] == [1000, "declined"]
+    result = info.value.result
+    assert {("charge", 1001), ("charge", 1002)} <= set(result.unfinished)
+    assert_balanced(result)

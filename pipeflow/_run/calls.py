@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Generator
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ import trio
 from .._errors import CircuitOpen, Failed, short_repr
 from .._process import process_call
 from .edge import CHUNK_BELOW
-from .envelope import KeyFailed
+from .envelope import Env, KeyFailed
 from .forensics import CALLING, THROTTLED
 
 if TYPE_CHECKING:
@@ -217,10 +218,58 @@ class Resume:
 
 def make_stepper(sr: StageRun) -> Callable[..., Any] | None:
     """For an ``async def`` stage with no per-attempt policy: a function that starts the
-    item's coroutine (``target(item)``), for the worker to step. None for other stages."""
-    if sr.opts.kind != "async" or not sr.simple:
+    item's coroutine (``target(item)``), for :func:`drive` to run. None for other stages
+    (and batch stages, whose batches come one at a time anyway)."""
+    if sr.opts.kind != "async" or not sr.simple or sr.batched:
         return None
     return sr.stage._target()  # called as target(item), or target(item, resource)
+
+
+@types.coroutine
+def drive(
+    target: Callable[..., Any],
+    chunk: list[Env],
+    failures: list[tuple[int, Exception | None]],
+    res: Any,
+    one_arg: bool,
+    passthrough: bool,
+) -> Generator[Any, Any, int]:
+    """Run a chunk's ``async def`` items one after another, in one go, up to the first
+    that fails; returns how many it ran.
+
+    The worker steps this once by hand (``send(None)``). Items that finish without
+    waiting (the quick stage the chunk is for) cost one ``yield from`` each: no
+    ``StopIteration`` per item, no scheduler round. Each result replaces its item in the
+    envelope; an item that raises keeps its item and is listed in ``failures`` with its
+    error (a ``Failed`` value passing through is listed with ``None``).
+
+    If an item waits, its trap comes out of the step: the worker gives the items after it
+    back (by truncating ``chunk``, which ends this loop after the item) and resumes this
+    with :class:`Resume`. ``i`` is the position of that item (read from the frame, only
+    then).
+    """
+    for i, env in enumerate(chunk):  # i: read from the frame when an item waits
+        item = env.item
+        if passthrough and type(item) is Failed:
+            failures.append((i, None))
+            continue
+        try:
+            if one_arg:
+                env.item = yield from target(item)
+            else:
+                env.item = yield from target(item, res)
+        except Exception as exc:
+            # Stop here: what the failure does (stop the run, spend an error budget)
+            # comes before the next item starts, as if each item ran on its own.
+            failures.append((i, exc))
+            return i + 1
+    return len(chunk)
+
+
+def waiting_at(driver: Any) -> int:
+    """The position of the item a suspended :func:`drive` waits in."""
+    position: int = driver.gi_frame.f_locals["i"]
+    return position
 
 
 def with_policies(sr: StageRun, call: Call) -> Call:

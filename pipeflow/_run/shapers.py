@@ -47,6 +47,9 @@ def stable_hash(key: object) -> int:
 # -- ordering ------------------------------------------------------------------------------
 
 
+_NOT_READY: list[Env] = []  # a position whose outputs are not in yet (compared by identity)
+
+
 class Reorder:
     """``ordered=True``: outputs leave in input order, at most a window ahead.
 
@@ -87,26 +90,50 @@ class Reorder:
         """Park outputs by input position; emit every run that is complete, in order.
         Returns the seconds spent blocked handing them on."""
         ready = self.ready
-        for seq, envs in results:
-            ready[seq] = envs
-        if self.flushing or self.next not in ready:
-            return 0.0
+        nxt = self.next
+        if (
+            not self.flushing
+            and not ready
+            and results
+            and results[0][0] == nxt
+            and results[-1][0] == nxt + len(results) - 1
+        ):
+            # The usual case: this chunk is the head of the line and nothing waits
+            # behind it (one run of positions, taken from the edge in order).
+            out = [env for _, envs in results for env in envs]
+            n = len(results)
+            nxt += n
+        else:
+            for seq, envs in results:
+                ready[seq] = envs
+            if self.flushing or nxt not in ready:
+                return 0.0
+            out = []
+            n = 0
         self.flushing = True
         blocked = 0.0
+        pop = ready.pop
         try:
-            while self.next in ready:
-                out: list[Env] = []
-                n = 0
-                while self.next in ready:
-                    out.extend(ready.pop(self.next))
-                    self.next += 1
+            while True:
+                while True:
+                    envs = pop(nxt, _NOT_READY)
+                    if envs is _NOT_READY:
+                        break
+                    out.extend(envs)
+                    nxt += 1
                     n += 1
+                if not n:
+                    break
+                self.next = nxt
                 # In order now, so out of the window: workers may go on while this
                 # worker hands the run on (the window bounds the items waiting for
                 # their turn; the run in hand is bounded by the window too).
                 self.release(n)
                 if out:
                     blocked += await self.out.put(out)
+                # Others deposited meanwhile: the next run may be complete now.
+                out = []
+                n = 0
         finally:
             self.flushing = False
         return blocked

@@ -21,7 +21,16 @@ from .._policies import BreakerRuntime, TokenBucket
 from .._process import ProcessPool
 from .._stage import Stage
 from .._stats import StageCounters, StageStats
-from .calls import GaveUp, Resume, make_call, make_chunk_call, make_stepper, with_policies
+from .calls import (
+    GaveUp,
+    Resume,
+    drive,
+    make_call,
+    make_chunk_call,
+    make_stepper,
+    waiting_at,
+    with_policies,
+)
 from .edge import CHUNK, CHUNK_BELOW, Edge
 from .envelope import Env, KeyFailed
 from .failures import POLICIES, TEARDOWN_LIMIT
@@ -272,8 +281,8 @@ class StageRun:
         window = reorder if self.workers_take_window else None
         policy = self.policy
         # Only where items may be taken back by another worker: not a keyed worker's own
-        # edge (one key, one worker) and not an ordered stage's window.
-        stepper = self.stepper if not keyed and reorder is None else None
+        # edge (one key, one worker, its items in order).
+        stepper = self.stepper if not keyed else None
         one_arg = not self.takes_resource
         autoscale = self.opts.autoscale
         min_workers = self.opts.min_workers
@@ -329,6 +338,9 @@ class StageRun:
             outs: list[Env] = []  # unordered stages
             results: list[tuple[int, list[Env]]] = []  # ordered stages: by input position
             done = 0  # chunk[:done] are accounted for; their outputs are in outs/results
+            # ... but for loose[loose_from:]: failures not yet dealt with (stepped chunks).
+            loose: list[Env] = []
+            loose_from = 0
             calls = 0
             ok_w = ok_n = 0  # items with one output (weight, count): counted per chunk
             handed_over = False
@@ -345,122 +357,199 @@ class StageRun:
                 ws.at = 0
                 c.busy_workers += 1
                 busy = True
-                outcomes = None
                 in_thread = -1.0  # seconds the items took in a worker thread, if they did
-                if chunk_call is not None:
-                    outcomes, in_thread = await chunk_call(
-                        [e.item for e in chunk], res, window is None
-                    )
-                    if len(outcomes) < n:
-                        # An item turned slow in the thread: the ones after it go back
-                        # for idle workers, and the stage takes one at a time again.
-                        self._give_back(inbox, chunk, len(outcomes))
-                        n = len(chunk)
+                if stepper is not None:
+                    # async def items, run by one driver (calls.drive): no scheduler round
+                    # and no StopIteration per item while they finish without waiting.
+                    failures: list[tuple[int, Exception | None]] = []
+                    gen = drive(stepper, chunk, failures, res, one_arg, passthrough)
+                    start = calls_passed = 0
+                    try:
+                        trap = gen.send(None)
+                    except StopIteration as stop:
+                        ran = stop.value
+                    else:
+                        # Item k waits: it is I/O. The items after it go back for idle
+                        # workers, the outputs made so far go on at once, and the stage
+                        # takes one item at a time again. Nothing may be awaited before
+                        # Resume: the scheduler will wake this task for item k's trap.
+                        k = waiting_at(gen)
+                        if k + 1 < n:
+                            if window is not None:
+                                window.release(n - k - 1)  # their slots go with them
+                            self._give_back(inbox, chunk, k + 1)
+                            n = len(chunk)
                         self.chunked = False
-                for env in chunk:
-                    item = env.item
-                    if passthrough and type(item) is Failed:
-                        # An upstream failure travelling as a value: pass it on untouched.
-                        c.items_in -= 1
-                        c.inflight -= 1
-                        c.passed += 1
-                        done += 1
-                        if reorder is not None:
-                            results.append((env.seq, [env]))
+                        if k:
+                            # Failed values passing through go on with the outputs; the
+                            # failures wait for the item (their hand-over may wait).
+                            passing = [chunk[i] for i, raised in failures if raised is None]
+                            failures[:] = [f for f in failures if f[1] is not None]
+                            bad = {i for i, _ in failures}
+                            early = [env for i, env in enumerate(chunk[:k]) if i not in bad]
+                            loose = [chunk[i] for i, _ in failures]
+                            e = len(early) - len(passing)
+                            c.ok += e
+                            c.items_out += e
+                            c.inflight -= len(early)
+                            c.items_in -= len(passing)
+                            c.passed += len(passing)
+                            calls_passed = len(passing)
+                            if reorder is not None:
+                                # Ordered: they leave in turn, deposited with the rest.
+                                results.extend((env.seq, [env]) for env in early)
+                            elif early:
+                                self._hand_on_soon(early)
+                        done = start = k
+                        ws.at = k
+                        ran = await Resume(gen, trap)
+                    # An item failed: the ones after it have not started. They go back
+                    # (for any worker) once its failure has been dealt with here: if it
+                    # stops the run, they never start.
+                    rest = n - ran
+                    n = ran
+                    # Every item has run: the successes go on as they are; failures (and
+                    # Failed values passing through) are dealt with one by one, in place,
+                    # so a 1-worker stage keeps its order.
+                    done = n
+                    calls = n - calls_passed
+                    if not failures:
+                        if reorder is None:
+                            outs = chunk if not start else chunk[start:]
                         else:
-                            outs.append(env)
-                        continue
-                    if keyed and type(item) is KeyFailed:
-                        env.item = item.item
-                        done += 1
-                        produced = await policy.fail(env, item.error, 1, 1)
+                            results.extend((env.seq, [env]) for env in chunk[start:])
+                        ok_w = ok_n = n - start
+                    else:
+                        loose = [chunk[i] for i, _ in failures]
+                        ok_w = ok_n = n - start - sum(1 for i, _ in failures if i >= start)
+                        after = start  # chunk[after:] are not in outs (results) yet
+                        for i, raised in failures:
+                            env = chunk[i]
+                            loose_from += 1
+                            if i >= after:
+                                if reorder is None:
+                                    outs.extend(chunk[after:i])
+                                else:
+                                    results.extend((e.seq, [e]) for e in chunk[after:i])
+                                after = i + 1
+                            if raised is None:
+                                # An upstream failure travelling as a value: pass it on.
+                                c.items_in -= 1
+                                c.inflight -= 1
+                                c.passed += 1
+                                calls -= 1
+                                produced = [env]
+                            else:
+                                # The hand-over to a dead-letter sink is not the item's work.
+                                t_fail = now()
+                                try:
+                                    produced = await policy.fail(env, raised, 1, 1)
+                                finally:
+                                    self._not_busy(task, t_fail)
+                            if reorder is None:
+                                outs.extend(produced)
+                            else:
+                                results.append((env.seq, produced))
+                        if reorder is None:
+                            outs.extend(chunk[after:n])
+                        else:
+                            results.extend((e.seq, [e]) for e in chunk[after:n])
+                        if rest:
+                            if window is not None:
+                                window.release(rest)  # their slots go with them
+                            self._give_back(inbox, chunk, n)
+                else:
+                    outcomes = None
+                    if chunk_call is not None:
+                        outcomes, in_thread = await chunk_call(
+                            [e.item for e in chunk], res, window is None
+                        )
+                        if len(outcomes) < n:
+                            # An item turned slow in the thread: the ones after it go back
+                            # for idle workers, and the stage takes one at a time again.
+                            self._give_back(inbox, chunk, len(outcomes))
+                            n = len(chunk)
+                            self.chunked = False
+                    for env in chunk:
+                        item = env.item
+                        if passthrough and type(item) is Failed:
+                            # An upstream failure travelling as a value: pass it on untouched.
+                            c.items_in -= 1
+                            c.inflight -= 1
+                            c.passed += 1
+                            done += 1
+                            if reorder is not None:
+                                results.append((env.seq, [env]))
+                            else:
+                                outs.append(env)
+                            continue
+                        if keyed and type(item) is KeyFailed:
+                            env.item = item.item
+                            done += 1
+                            produced = await policy.fail(env, item.error, 1, 1)
+                            calls += 1
+                            if reorder is not None:
+                                results.append((env.seq, produced))
+                            else:
+                                outs.extend(produced)
+                            continue
+                        w = len(item) if batched else 1
                         calls += 1
-                        if reorder is not None:
-                            results.append((env.seq, produced))
-                        else:
-                            outs.extend(produced)
-                        continue
-                    w = len(item) if batched else 1
-                    calls += 1
-                    error: Exception | None = None
-                    if outcomes is not None:
-                        error, result = outcomes[done]
-                    elif stepper is not None:
-                        # Step the coroutine once: most items of a quick stage finish
-                        # without waiting. One that waits is I/O: the items taken with
-                        # it go back for idle workers, and the outputs made so far go on.
-                        try:
-                            coro = stepper(item) if one_arg else stepper(item, res)
-                            trap = coro.send(None)
-                        except StopIteration as stop:
-                            result = stop.value
-                        except Exception as exc:
-                            error = exc
+                        error: Exception | None = None
+                        if outcomes is not None:
+                            error, result = outcomes[done]
                         else:
                             ws.at = done
-                            if done + 1 < n:
-                                self._give_back(inbox, chunk, done + 1)
-                                n = len(chunk)
-                            if outs:
-                                self._hand_on_soon(outs)
-                                outs = []
-                            self.chunked = False
                             try:
-                                result = await Resume(coro, trap)
+                                result = await call(item, res)
                             except Exception as exc:
                                 error = exc
-                    else:
-                        ws.at = done
-                        try:
-                            result = await call(item, res)
-                        except Exception as exc:
-                            error = exc
-                    done += 1
-                    if error is not None:
-                        attempts = 1
-                        if isinstance(error, GaveUp):
-                            attempts = error.attempts
-                            error = error.error
-                        # The hand-over to a dead-letter sink is not the item's work.
-                        t_fail = now()
-                        try:
-                            produced = await policy.fail(env, error, attempts, w)
-                        finally:
-                            self.throttled[task] = self.throttled.get(task, 0.0) + (now() - t_fail)
+                        done += 1
+                        if error is not None:
+                            attempts = 1
+                            if isinstance(error, GaveUp):
+                                attempts = error.attempts
+                                error = error.error
+                            # The hand-over to a dead-letter sink is not the item's work.
+                            t_fail = now()
+                            try:
+                                produced = await policy.fail(env, error, attempts, w)
+                            finally:
+                                self._not_busy(task, t_fail)
+                            if reorder is not None:
+                                results.append((env.seq, produced))
+                            else:
+                                outs.extend(produced)
+                            continue
+                        if not multi:
+                            ok_w += w
+                            ok_n += 1
+                            env.item = result
+                            if reorder is not None:
+                                results.append((env.seq, [env]))
+                            else:
+                                outs.append(env)
+                            continue
+                        c.inflight -= w
+                        k = len(result)
+                        if k == 0:
+                            c.filtered += w
+                            if env.ack is not None:
+                                env.ack.done()
+                            if reorder is not None:
+                                results.append((env.seq, []))
+                            continue
+                        c.ok += w
+                        c.items_out += k
+                        ack = env.ack
+                        if ack is not None and k > 1:
+                            ack.add(k - 1)
+                        env.item = result[0]
                         if reorder is not None:
-                            results.append((env.seq, produced))
-                        else:
-                            outs.extend(produced)
-                        continue
-                    if not multi:
-                        ok_w += w
-                        ok_n += 1
-                        env.item = result
-                        if reorder is not None:
-                            results.append((env.seq, [env]))
+                            results.append((env.seq, [env, *(Env(x, ack) for x in result[1:])]))
                         else:
                             outs.append(env)
-                        continue
-                    c.inflight -= w
-                    k = len(result)
-                    if k == 0:
-                        c.filtered += w
-                        if env.ack is not None:
-                            env.ack.done()
-                        if reorder is not None:
-                            results.append((env.seq, []))
-                        continue
-                    c.ok += w
-                    c.items_out += k
-                    ack = env.ack
-                    if ack is not None and k > 1:
-                        ack.add(k - 1)
-                    env.item = result[0]
-                    if reorder is not None:
-                        results.append((env.seq, [env, *(Env(x, ack) for x in result[1:])]))
-                    else:
-                        outs.append(env)
-                        outs.extend(Env(x, ack) for x in result[1:])
+                            outs.extend(Env(x, ack) for x in result[1:])
                 # Statistics once per chunk: two clock reads, histograms by weight.
                 if ok_n:
                     c.ok += ok_w
@@ -493,10 +582,14 @@ class StageRun:
                     self._record(t0, chunk, calls, task, stopped=True)
                 # A stop (or a failure) took these items from this worker: count them,
                 # list them, and keep the outputs made but not handed on.
-                self.run.unfinish(self, chunk[done:])
+                self.run.unfinish(self, [*loose[loose_from:], *chunk[done:]])
                 if not handed_over:
                     self.run.strand(self, outs, results)
                 raise
+
+    def _not_busy(self, task: trio.lowlevel.Task, since: float) -> None:
+        """The time since ``since`` was not the item's work (a dead-letter hand-over)."""
+        self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
 
     def _hand_on_soon(self, outs: list[Env]) -> None:
         """Hand ``outs`` on without waiting for the item now in this worker: at once if

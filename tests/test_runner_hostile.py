@@ -801,7 +801,7 @@ async def test_a_fail_fast_failure_in_a_quick_chunk_starts_nothing_after_it(auto
             raise RuntimeError("card declined")
         return x
 
-    with pytest.raises(StageError) as info:
+    async def feed():
         async with Pipeline(charge).open() as flow:
             for i in range(300):  # instant items: the stage takes chunks from now on
                 await flow.send(i)
@@ -809,6 +809,9 @@ async def test_a_fail_fast_failure_in_a_quick_chunk_starts_nothing_after_it(auto
             for x in [1000, "declined", 1001, 1002]:
                 flow.send_nowait(x)  # no checkpoint between: they travel as one chunk
             await trio.sleep(1)
+
+    with pytest.raises(StageError) as info:
+        await feed()
     assert started[-2:] == [1000, "declined"]
     result = info.value.result
     assert {("charge", 1001), ("charge", 1002)} <= set(result.unfinished)

@@ -816,3 +816,76 @@ async def test_a_fail_fast_failure_in_a_quick_chunk_starts_nothing_after_it(auto
     result = info.value.result
     assert {("charge", 1001), ("charge", 1002)} <= set(result.unfinished)
     assert_balanced(result)
+
+
+def _ordered_chain(rng, errors, dead):
+    """2-4 ordered plain-map stages of mixed kinds and sizes; each fails some items.
+    Returns the pipeline and, per stage, the modulus that decides its failures."""
+    stages, moduli = [], []
+    for i in range(rng.randint(2, 4)):
+        kind = rng.choice(["async", "async", "thread", "inline"])
+        every = rng.choice([5, 7, 13])
+        options = {
+            "workers": rng.choice([1, 2, 4, 8]),
+            "ordered": True,
+            "errors": errors,
+            "buffer": rng.choice([1, 4, 16]),
+            "name": f"s{i}_{kind}",
+            "dead_letter": dead.append,
+        }
+
+        def check(x, i=i, every=every):
+            if x % every == i + 1:
+                raise ValueError(f"stage {i} fails on {x}")
+
+        if kind == "async":
+
+            @stage(**options)
+            async def work(x, check=check):
+                if x % 3 == 0:
+                    await trio.sleep(0.001 * (x % 7))
+                check(x)
+                return x
+
+        elif kind == "thread":
+
+            @stage(**options)
+            def work(x, check=check):
+                check(x)
+                return x
+
+        else:
+
+            @stage(**options, run_in="task")
+            def work(x, check=check):
+                check(x)
+                return x
+
+        stages.append(work)
+        moduli.append(every)
+    chain = stages[0]
+    for st in stages[1:]:
+        chain = chain | st
+    return Pipeline(chain), moduli
+
+
+@pytest.mark.parametrize("seed", range(16))
+async def test_ordered_chains_restore_input_order_once_with_holes(seed, autojump_clock):
+    """A run of ordered stages (sharing one window: the order is restored once, after
+    the last) with failures in every stage under skip, collect or embed: the outputs are
+    the input order without the failed items (embed: a Failed value in their place),
+    every failure reaches the dead-letter sink, and the counts balance."""
+    rng = random.Random(seed)
+    errors = rng.choice(["skip", "collect", "embed"])
+    dead = []
+    pipeline, moduli = _ordered_chain(rng, errors, dead)
+    n = 400
+    result = await pipeline.arun(range(n))
+    failed = {x for x in range(n) if any(x % m == i + 1 for i, m in enumerate(moduli))}
+    expected = [("failed", x) if x in failed else x for x in range(n)]
+    if errors != "embed":
+        expected = [x for x in expected if type(x) is int]
+    got = [("failed", o.item) if isinstance(o, Failed) else o for o in result.outputs]
+    assert got == expected
+    assert sorted(f.item for f in dead) == sorted(failed)
+    assert_balanced(result, pipeline)

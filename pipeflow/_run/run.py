@@ -30,7 +30,7 @@ from .edge import CHUNK, Edge
 from .envelope import Ack, Env, KeyFailed
 from .failures import TEARDOWN_LIMIT, finish_budget
 from .forensics import watch_stalls
-from .shapers import batcher, router, supervise
+from .shapers import batcher, order_once, router, supervise
 from .worker import CollectSink, DropSink, Outbox, StageRun, teardown_scope
 
 Outlet = Literal["collect", "drop", "channel"]
@@ -159,6 +159,7 @@ class Run:
         self._dead_letters_closed = False
         self.started = False
         self.stages = [StageRun(self, s, i) for i, s in enumerate(stages)]
+        order_once(self.stages)
         self.outlet_edge: Edge | None = None
         out: Outbox
         if outlet == "channel":

@@ -47,6 +47,48 @@ def stable_hash(key: object) -> int:
 # -- ordering ------------------------------------------------------------------------------
 
 
+def order_once(stages: list[StageRun]) -> None:
+    """Where ordered stages follow one another, restore the order once, after the last.
+
+    In a run of ordered stages (each a plain map: no key, batch or generator), the first
+    takes a slot of one shared window for each item, the items keep the positions the
+    first stage's input gave them through the stages after it, and only the last puts
+    the outputs back in order. A failure that leaves no output before the last stage is
+    a hole the last one is told of. Every stage after the first needs more than one
+    worker: a stage with one worker calls its items in the order they arrive, and that
+    order stays the input order.
+    """
+
+    def joins(sr: StageRun) -> bool:
+        return sr.opts.ordered and not (sr.keyed or sr.batched or sr.multi)
+
+    start = 0
+    while start < len(stages):
+        end = start
+        if joins(stages[start]):
+            while (
+                end + 1 < len(stages)
+                and joins(stages[end + 1])
+                and stages[end + 1].opts.max_workers > 1
+            ):
+                end += 1
+        if end > start:
+            group = stages[start : end + 1]
+            workers = sum(sr.opts.max_workers for sr in group)
+            between = sum(sr.opts.buffer_size for sr in group[1:])
+            window = Reorder(workers, group[-1], extra=between)
+            for sr in group:
+                sr.reorder = sr.window = None
+                sr.holes = window
+            group[0].window = window
+            last = group[-1]
+            last.reorder = window
+            last.holes = None
+            for sr in group[1:]:
+                sr.inbox.numbered = False  # the positions the first stage's input gave
+        start = end + 1
+
+
 _NOT_READY: list[Env] = []  # a position whose outputs are not in yet (compared by identity)
 
 
@@ -58,8 +100,8 @@ class Reorder:
     run of ready results behind it in one hand-off (:meth:`deposit`).
     """
 
-    def __init__(self, workers: int, sr: StageRun) -> None:
-        self.size = max(MIN_WINDOW, WINDOW_PER_WORKER * workers)
+    def __init__(self, workers: int, sr: StageRun, *, extra: int = 0) -> None:
+        self.size = max(MIN_WINDOW, WINDOW_PER_WORKER * workers + extra)
         self.free = self.size  # window slots not held by an item
         self._waiting = trio.lowlevel.ParkingLot()
         self.ready: dict[int, list[Env]] = {}

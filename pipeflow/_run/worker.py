@@ -153,11 +153,16 @@ class StageRun:
         self.inbox = Edge(opts.buffer_size, run.now)
         self.inbox.numbered = opts.ordered or opts.key is not None
         self.out: Outbox = DropSink()
+        # Ordered stages: ``reorder`` puts the outputs back in order (deposit), ``window``
+        # is where workers take a slot per item before taking it (keyed stages take
+        # slots in the router instead, which sees items in order). A run of ordered
+        # stages shares one window (shapers.order_once): the first takes the slots, the
+        # last restores the order, and the ones before the last tell it of ``holes``.
         self.reorder: Reorder | None = None
         if opts.ordered:
             self.reorder = Reorder(opts.max_workers, self)
-        # Keyed stages take window slots in the router, which sees items in order.
-        self.workers_take_window = opts.ordered and not self.keyed
+        self.window = self.reorder if opts.ordered and not self.keyed else None
+        self.holes: Reorder | None = None
         self.retire = 0  # workers asked to retire by the autoscaler
         self.workers_gone = trio.Event()
         self.nursery: trio.Nursery | None = None  # where the workers run
@@ -278,7 +283,8 @@ class StageRun:
         keyed = self.keyed
         passthrough = self.passthrough
         reorder = self.reorder
-        window = reorder if self.workers_take_window else None
+        window = self.window
+        holes = self.holes
         policy = self.policy
         # Only where items may be taken back by another worker: not a keyed worker's own
         # edge (one key, one worker, its items in order).
@@ -446,10 +452,12 @@ class StageRun:
                                     produced = await policy.fail(env, raised, 1, 1)
                                 finally:
                                     self._not_busy(task, t_fail)
-                            if reorder is None:
-                                outs.extend(produced)
-                            else:
+                            if reorder is not None:
                                 results.append((env.seq, produced))
+                            elif produced:
+                                outs.extend(produced)
+                            elif holes is not None:
+                                await holes.deposit([(env.seq, [])])
                         if reorder is None:
                             outs.extend(chunk[after:n])
                         else:
@@ -518,8 +526,10 @@ class StageRun:
                                 self._not_busy(task, t_fail)
                             if reorder is not None:
                                 results.append((env.seq, produced))
-                            else:
+                            elif produced:
                                 outs.extend(produced)
+                            elif holes is not None:
+                                await holes.deposit([(env.seq, [])])
                             continue
                         if not multi:
                             ok_w += w

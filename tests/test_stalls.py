@@ -444,3 +444,42 @@ async def test_the_dashboard_shows_the_workers_and_the_stall(tmp_path):
     assert '<tr data-stage="hang" data-state="calling" class="stalled">' in page
     assert '<tr data-stage="hang" data-state="waiting" class="">' in page
     assert "&#39;stuck&#39;" in page or "'stuck'" in page
+
+
+STALLING_APP = """
+import trio
+from pipeflow import Pipeline, stage
+
+@stage(workers=2, stall_after=0.2)
+async def work(line):
+    await trio.sleep(1.6 if line == "slow" else 0.01)
+    return line
+
+pipeline = Pipeline(work, name="stalling")
+"""
+
+
+def test_pipeflow_run_reports_the_items_that_stalled(tmp_path):
+    """``pipeflow run``: an item stalled during the run is in the report's ``stalls`` and
+    in the verdict of the summary, with how long it was seen in its worker (at least)."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "stallapp.py").write_text(STALLING_APP)
+    (tmp_path / "in.txt").write_text("a\nslow\nb\n")
+    args = ["run", "stallapp:pipeline", "--input", "in.txt", "--report", "r.json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeflow", *args],
+        cwd=tmp_path,  # the CLI imports stallapp from the current directory
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 0 == proc.returncode, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    (stall,) = report["stalls"]
+    assert ("work", "'slow'", 0.2) == (stall["stage"], stall["item"], stall["stall_after"])
+    assert 0.9 <= stall["seconds"] <= 1.6
+    assert "verdict: work: item 'slow' was in a worker for at least" in proc.stdout
+    assert "stage_stalled" in proc.stderr  # the warning, printed as it happened

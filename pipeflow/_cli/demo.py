@@ -80,6 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             result=result.to_dict(),
             structure=describe_pipeline(pipeline),
             series=series,
+            stalls=progress.stalls(),
         )
         print(summary(report))
         if result.errors:

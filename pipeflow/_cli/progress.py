@@ -6,7 +6,7 @@ import logging
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from .._report import Series, fmt_count, fmt_duration, fmt_rate
 from .._report.verdict import LIMIT_UTILISATION
@@ -14,6 +14,8 @@ from .._run.forensics import WorkerStatus
 from .._stats import StageStats
 from .errors import one_line
 from .graph import stdout_unicode
+
+_STALL_FIELDS = ("stage", "worker", "item", "seconds", "stall_after")
 
 
 class Progress:
@@ -34,6 +36,15 @@ class Progress:
         self._lines: list[str] = []
         self._next_line = self.LINE_EVERY
         self._bar_full, self._bar_empty = ("█", "░") if stdout_unicode() else ("#", ".")
+        self._stalled: dict[tuple[str, int, str | None], WorkerStatus] = {}
+
+    def stalls(self) -> list[dict[str, Any]]:
+        """Every stalled item seen, with the longest time it was seen in its worker:
+        the report's ``stalls``."""
+        return [
+            {k: v for k, v in w.to_dict().items() if k in _STALL_FIELDS}
+            for w in self._stalled.values()
+        ]
 
     def update(
         self,
@@ -43,6 +54,10 @@ class Progress:
         workers: Sequence[WorkerStatus] | None = None,
     ) -> None:
         self._record(t, stats)
+        for w in workers or ():
+            if w.stalled:
+                # The longest each stalled item was seen in its worker, for the report.
+                self._stalled[(w.stage, w.worker, w.item)] = w
         if self.mode == "live":
             self._lines = self._view(t, stats, series) + self._stalls(workers or ())
             self._draw()

@@ -360,6 +360,7 @@ class _RunCommand:
             failure=failure,
             signal=signal.Signals(signum).name if signum else None,
             stats_at=stats_at,
+            stalls=self.progress.stalls(),
         )
         if self.args.report:
             try:

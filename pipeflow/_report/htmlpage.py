@@ -217,7 +217,7 @@ def _html_section(view: GraphView, level: int) -> list[str]:
         body.append(f'<p class="failure">run failed: {e(view.failure)}</p>')
     v = view.verdict
     if v is not None and v.kind != "none":
-        items = "".join(f"<li>{e(line)}</li>" for line in v.lines[1:])
+        items = "".join(f"<li>{e(line)}</li>" for line in v.lines if line != v.headline)
         body.append(
             f'<div class="advice verdict" data-kind="{e(v.kind)}" '
             f'data-stage="{e(v.stage or "")}"><p><strong>{e(v.headline)}</strong></p>'

@@ -186,11 +186,14 @@ def build_report(
     failure: str | None = None,
     signal: str | None = None,
     stats_at: float | None = None,
+    stalls: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The run report: ``result`` (a ``RunResult.to_dict()``) with what the CLI adds.
 
     ``stats_at`` is None when the statistics are the run's final ones; otherwise the
     run raised without them and they are the last sample, taken ``stats_at`` seconds in.
+    ``stalls``: the stalled items the live view saw (``stage``, ``worker``, ``item``,
+    ``seconds`` at least, ``stall_after``), for the verdict.
     """
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
@@ -204,6 +207,7 @@ def build_report(
     report.update(result)
     report["structure"] = dict(structure)
     report["series"] = series.to_dict()
+    report["stalls"] = [dict(s) for s in stalls]
     return json_safe(report)  # type: ignore[no-any-return]
 
 

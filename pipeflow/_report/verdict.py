@@ -199,12 +199,31 @@ def stall_lines(stages: Sequence[StageView]) -> list[str]:
     return out
 
 
-def judge(stages: Sequence[StageView], **kw: Any) -> Verdict:
+def past_stall_lines(stalls: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per stalled item a run's live view saw (a report's ``stalls``):
+    ``fetch: item 'x' was in a worker for at least 42 s (stall_after 5 s): stalled``."""
+    out = []
+    for r in stalls:
+        seconds, limit = r.get("seconds"), r.get("stall_after")
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+            continue
+        after = f" (stall_after {fmt_duration(limit)})" if isinstance(limit, int | float) else ""
+        item = f" {r['item']}" if isinstance(r.get("item"), str) else ""
+        out.append(
+            f"{r.get('stage')}: item{item} was in a worker for at least "
+            f"{fmt_duration(seconds)}{after}: stalled."
+        )
+    return out
+
+
+def judge(
+    stages: Sequence[StageView], *, stalls: Sequence[Mapping[str, Any]] = (), **kw: Any
+) -> Verdict:
     """The verdict on measured ``stages`` (see :func:`_judge`), with a line first for
-    each stage that has stalled items now."""
+    each stage that has stalled items now, and for each of ``stalls`` (a report's)."""
     verdict = _judge(stages, **kw)
-    stalls = stall_lines(stages)
-    return attrs.evolve(verdict, stalls=tuple(stalls)) if stalls else verdict
+    lines = stall_lines(stages) + past_stall_lines(stalls)
+    return attrs.evolve(verdict, stalls=tuple(lines)) if lines else verdict
 
 
 def _judge(

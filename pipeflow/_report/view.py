@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -330,7 +330,9 @@ def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
                 breaker_state=breaker_state if isinstance(breaker_state, str) else None,
             )
         )
-    verdict = verdict_of(stages, series if isinstance(series, Mapping) else None)
+    stalls = report.get("stalls")
+    records = [r for r in stalls if isinstance(r, Mapping)] if isinstance(stalls, list) else []
+    verdict = verdict_of(stages, series if isinstance(series, Mapping) else None, stalls=records)
     bottleneck = report.get("bottleneck")
     if verdict is not None and verdict.kind != "none":
         bottleneck = verdict.stage if verdict.kind == "stage" else None
@@ -374,10 +376,15 @@ def window_view(s: StageView, deltas: Mapping[str, float], seconds: float) -> St
 
 
 def verdict_of(
-    stages: list[StageView], series: Mapping[str, Any] | None, window: str | None = None
+    stages: list[StageView],
+    series: Mapping[str, Any] | None,
+    window: str | None = None,
+    *,
+    stalls: Sequence[Mapping[str, Any]] = (),
 ) -> Verdict | None:
     """The verdict on a run's stages: from the steady state of ``series`` when it shows
-    one (whole-run utilisation beside), else from the figures as they are."""
+    one (whole-run utilisation beside), else from the figures as they are; ``stalls``
+    the stalled items the run's live view saw."""
     if not stages or not any(s.measured for s in stages):
         return None
     autoscaled = {s.name: s.workers for s in stages if isinstance(s.workers, tuple)}
@@ -392,7 +399,7 @@ def verdict_of(
     if steady is None or steady.seconds <= 0:
         cpu = series.get("process_cpu") if series else None
         process_cpu = float(cpu[-1]) if isinstance(cpu, list) and cpu else None
-        return judge(stages, window=window, process_cpu=process_cpu)
+        return judge(stages, window=window, process_cpu=process_cpu, stalls=stalls)
     windowed = [window_view(s, steady.deltas[s.name], steady.seconds) for s in stages]
     whole = {s.name: s.utilisation for s in stages if s.utilisation is not None}
     return judge(
@@ -402,6 +409,7 @@ def verdict_of(
         autoscale=steady.autoscale,
         process_cpu=steady.process_cpu,
         whole_stages=stages,
+        stalls=stalls,
     )
 
 

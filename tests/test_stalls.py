@@ -483,3 +483,35 @@ def test_pipeflow_run_reports_the_items_that_stalled(tmp_path):
     assert 0.9 <= stall["seconds"] <= 1.6
     assert "verdict: work: item 'slow' was in a worker for at least" in proc.stdout
     assert "stage_stalled" in proc.stderr  # the warning, printed as it happened
+
+
+async def test_batch_and_keyed_stages_show_their_workers(autojump_clock):
+    """A batch stage's worker calls a batch (its item is the list); a keyed stage has a
+    worker per key shard, numbered from 0."""
+    gate = trio.Event()
+
+    @stage(batch=3)
+    async def write(rows):
+        await gate.wait()
+        return len(rows)
+
+    @stage(workers=3, key=lambda x: x % 3)
+    async def by_key(x):
+        await gate.wait()
+        return x
+
+    seen = {}
+    for name, p, items in (
+        ("write", Pipeline(write), [1, 2, 3]),
+        ("by_key", Pipeline(by_key), [0]),
+    ):
+        async with p.open() as flow:
+            for x in items:
+                await flow.send(x)
+            await trio.sleep(1)
+            seen[name] = [(w.worker, w.state, w.item) for w in p.current_workers()]
+            gate.set()
+        gate = trio.Event()
+    assert [(0, "calling", "[1, 2, 3]")] == seen["write"]
+    assert [0, 1, 2] == [w for w, _, _ in seen["by_key"]]
+    assert ["calling", "waiting", "waiting"] == sorted(s for _, s, _ in seen["by_key"])

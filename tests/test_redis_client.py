@@ -178,6 +178,36 @@ async def test_random_cancellations_never_mix_up_replies(plain):
     assert_nothing_left_running()
 
 
+async def test_every_client_sees_that_redis_keeps_a_command_waiting(plain):
+    """`client.overdue`, which tells a cancelled run not to wait for its last acks, is
+    shared by the clients of one Redis: while one client's command waits longer than
+    Redis should take (frozen), another client (a source's, beside a sink's) sees it;
+    it clears once a reply comes."""
+    assert plain.proc is not None
+    sink, source = Client(parse_url(plain.url)), Client(parse_url(plain.url))
+    try:
+        assert "PONG" == await source.execute("PING")
+        assert not source.overdue
+        os.kill(plain.proc.pid, signal.SIGSTOP)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sink.execute, "PING")  # hangs
+                await trio.sleep(0.1)
+                assert not source.overdue  # not late yet
+                await trio.sleep(0.3)
+                assert source.overdue
+                nursery.cancel_scope.cancel()
+        assert source.overdue  # abandoned late: still overdue
+        os.kill(plain.proc.pid, signal.SIGCONT)
+        with trio.fail_after(5):
+            assert "PONG" == await sink.execute("PING")
+        assert not source.overdue
+    finally:
+        os.kill(plain.proc.pid, signal.SIGCONT)
+        await sink.aclose()
+        await source.aclose()
+
+
 async def test_a_frozen_server_times_out_and_a_cancel_is_immediate(plain):
     """With Redis frozen (SIGSTOP), a command fails after socket_timeout, and one that
     is cancelled returns at once."""

@@ -328,6 +328,26 @@ async def connect(params: Params) -> Connection:
     return conn
 
 
+class _ServerState:
+    """What the clients of one process know about one Redis server's responsiveness."""
+
+    __slots__ = ("overdue", "pending")
+
+    def __init__(self) -> None:
+        self.overdue = False  # a command was abandoned late, and no reply since
+        self.pending: dict[object, float] = {}  # commands in flight: when each is late
+
+
+_servers: dict[str, _ServerState] = {}
+
+
+def _server_state(where: str) -> _ServerState:
+    state = _servers.get(where)
+    if state is None:
+        state = _servers[where] = _ServerState()
+    return state
+
+
 class Client:
     """Commands to one Redis, over a pool of connections opened as needed.
 
@@ -352,10 +372,19 @@ class Client:
             else None
         )
         self._closed = False
-        #: True once a command was abandoned (cancelled, or timed out) after waiting
-        #: longer than Redis should take, and until the next reply: Redis may be frozen
-        #: or cut off, so whoever must be prompt should not wait for it now.
-        self.overdue = False
+        self._server = _server_state(params.where)
+
+    @property
+    def overdue(self) -> bool:
+        """True while Redis looks frozen or cut off, as seen by any client of this
+        process talking to it: a command is waiting longer than Redis should take, or
+        one was abandoned (cancelled, timed out) after that, and no reply has come
+        since. Whoever must be prompt (a cancelled run's last acks) should not wait."""
+        server = self._server
+        if server.overdue:
+            return True
+        now = trio.current_time()
+        return any(due < now for due in server.pending.values())
 
     async def execute(self, *args: Any, blocks_for: float = 0.0) -> Any:
         """Run one command; its reply (decoded str, int, list, None), or raise
@@ -384,20 +413,26 @@ class Client:
 
     async def _on_a_connection(self, payload: bytes, replies: int, blocks_for: float) -> list[Any]:
         started = trio.current_time()
-        conn = self._idle.pop() if self._idle else await connect(self.params)
+        server = self._server
+        token = object()
+        server.pending[token] = started + blocks_for + _OVERDUE
         try:
-            out = await conn.request(payload, replies, self.params.socket_timeout + blocks_for)
-        except BaseException as exc:
-            # Cancelled, timed out or broken half-way: replies may still be on their way,
-            # so this connection can never be trusted again.
-            if trio.current_time() - started > blocks_for + _OVERDUE:
-                self.overdue = True
-            await conn.aclose()
-            if isinstance(exc, RedisConnectionError):
-                # Redis went away (a restart): the idle connections went with it.
-                await self._close_idle()
-            raise
-        self.overdue = False
+            conn = self._idle.pop() if self._idle else await connect(self.params)
+            try:
+                out = await conn.request(payload, replies, self.params.socket_timeout + blocks_for)
+            except BaseException as exc:
+                # Cancelled, timed out or broken half-way: replies may still be on their
+                # way, so this connection can never be trusted again.
+                if trio.current_time() - started > blocks_for + _OVERDUE:
+                    server.overdue = True
+                await conn.aclose()
+                if isinstance(exc, RedisConnectionError):
+                    # Redis went away (a restart): the idle connections went with it.
+                    await self._close_idle()
+                raise
+        finally:
+            del server.pending[token]
+        server.overdue = False
         if self._closed:
             await conn.aclose()
         else:

@@ -684,8 +684,9 @@ async def _close(consumer: _Consumer) -> None:
     try:
         if trio.current_effective_deadline() == -math.inf:  # cancelled
             if consumer.conn.client.overdue:
-                # A command was abandoned after Redis kept it waiting: it does not
-                # answer now, and a cancelled run must not wait for it.
+                # A command (this source's, or a sink's to the same Redis) is kept
+                # waiting, or was abandoned so: Redis does not answer now, and a
+                # cancelled run must not wait for it.
                 if consumer.held:
                     consumer.log.warning(
                         "redis_ack_failed",

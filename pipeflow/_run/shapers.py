@@ -92,6 +92,16 @@ def order_once(stages: list[StageRun]) -> None:
 _NOT_READY: list[Env] = []  # a position whose outputs are not in yet (compared by identity)
 
 
+def _runs_from(results: list[tuple[int, list[Env]]], position: int) -> bool:
+    """Whether ``results`` hold exactly the positions ``position``, ``position + 1``, ...
+    in that order."""
+    for seq, _ in results:
+        if seq != position:
+            return False
+        position += 1
+    return True
+
+
 class Reorder:
     """``ordered=True``: outputs leave in input order, at most a window ahead.
 
@@ -133,15 +143,12 @@ class Reorder:
         Returns the seconds spent blocked handing them on."""
         ready = self.ready
         nxt = self.next
-        if (
-            not self.flushing
-            and not ready
-            and results
-            and results[0][0] == nxt
-            and results[-1][0] == nxt + len(results) - 1
-        ):
+        if not self.flushing and not ready and results and _runs_from(results, nxt):
             # The usual case: this chunk is the head of the line and nothing waits
-            # behind it (one run of positions, taken from the edge in order).
+            # behind it (one run of positions, taken from the edge in order). Checked
+            # position by position: the last stage of an order-once group takes its items
+            # in the order the stage before it finished them, so a chunk can start at the
+            # head and span the right positions yet be shuffled inside.
             out = [env for _, envs in results for env in envs]
             n = len(results)
             nxt += n

@@ -555,7 +555,8 @@ class Pipeline(Generic[In, Out]):
         ``handle_signals=True`` handles SIGINT / SIGTERM as :meth:`run` does (main
         thread only).
         """
-        if not handle_signals:
+        gate = SignalGate() if handle_signals else contextlib.nullcontext()
+        with gate as signals:
             return await self._arun(
                 source,
                 collect=collect,
@@ -563,16 +564,7 @@ class Pipeline(Generic[In, Out]):
                 metrics_host=metrics_host,
                 metrics_linger=metrics_linger,
                 grace=grace,
-            )
-        with SignalGate() as gate:
-            return await self._arun(
-                source,
-                collect=collect,
-                metrics_port=metrics_port,
-                metrics_host=metrics_host,
-                metrics_linger=metrics_linger,
-                grace=grace,
-                signals=gate,
+                signals=signals,
             )
 
     async def _arun(

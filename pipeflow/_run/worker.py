@@ -446,12 +446,7 @@ class StageRun:
                                 calls -= 1
                                 produced = [env]
                             else:
-                                # The hand-over to a dead-letter sink is not the item's work.
-                                t_fail = now()
-                                try:
-                                    produced = await policy.fail(env, raised, 1, 1)
-                                finally:
-                                    self._not_busy(task, t_fail)
+                                produced = await self._fail(env, raised, 1, 1, task)
                             if reorder is not None:
                                 results.append((env.seq, produced))
                             elif produced:
@@ -518,12 +513,7 @@ class StageRun:
                             if isinstance(error, GaveUp):
                                 attempts = error.attempts
                                 error = error.error
-                            # The hand-over to a dead-letter sink is not the item's work.
-                            t_fail = now()
-                            try:
-                                produced = await policy.fail(env, error, attempts, w)
-                            finally:
-                                self._not_busy(task, t_fail)
+                            produced = await self._fail(env, error, attempts, w, task)
                             if reorder is not None:
                                 results.append((env.seq, produced))
                             elif produced:
@@ -597,9 +587,16 @@ class StageRun:
                     self.run.strand(self, outs, results)
                 raise
 
-    def _not_busy(self, task: trio.lowlevel.Task, since: float) -> None:
-        """The time since ``since`` was not the item's work (a dead-letter hand-over)."""
-        self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
+    async def _fail(
+        self, env: Env, error: Exception, attempts: int, weight: int, task: trio.lowlevel.Task
+    ) -> list[Env]:
+        """A failed item to the error policy; the outputs it leaves (if any). The
+        hand-over to a dead-letter sink is not the item's work: not busy time."""
+        since = self.run.now()
+        try:
+            return await self.policy.fail(env, error, attempts, weight)
+        finally:
+            self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
 
     def _hand_on_soon(self, outs: list[Env]) -> None:
         """Hand ``outs`` on without waiting for the item now in this worker: at once if

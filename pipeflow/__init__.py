@@ -26,6 +26,7 @@ from ._run.forensics import WorkerStatus as WorkerStatus
 from ._stage import FunctionStage as FunctionStage
 from ._stage import Stage as Stage
 from ._stage import stage as stage
+from ._stats import StageSample as StageSample
 from ._stats import StageStats as StageStats
 
 __version__ = "0.1.0.dev0"
@@ -37,6 +38,7 @@ __all__ = [
     "FunctionStage",
     "Chain",
     "RunResult",
+    "StageSample",
     "StageStats",
     "WorkerStatus",
     "Flow",

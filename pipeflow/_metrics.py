@@ -57,9 +57,8 @@ from ._log import get_logger
 from ._report import ReportError, describe_pipeline
 from ._report.dashboard import Dashboard, render_dashboard
 from ._report.scrape import scrape_families
-from ._run.forensics import stall_limit, worker_statuses
 from ._sources import SourceTotals
-from ._stats import BOUNDS, StageCounters
+from ._stats import BOUNDS, StageSample
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
@@ -121,63 +120,22 @@ class _Stage:
         "workers",
     )
 
-    def __init__(self, totals: StageCounters) -> None:
-        self.items = [
-            totals.ok,
-            totals.failed,
-            totals.retried,
-            totals.dropped,
-            totals.filtered,
-            totals.cancelled,
-        ]
-        self.blocked = totals.blocked_time
-        self.throttled = totals.throttled_time
-        self.durations = list(totals.durations.counts)
-        self.duration_sum = totals.durations.sum
-        self.waits = list(totals.waits.counts)
-        self.wait_sum = totals.waits.sum
-        self.inflight = 0
-        self.depth = 0
-        self.workers = 0
-        self.busy = 0
-        self.breaker = 0.0
-        self.oldest = 0.0
-        self.stalled = 0
-        self.stall_after: float | None = None  # only while a run is live
-
-    def add_live(
-        self,
-        c: StageCounters,
-        depth: int,
-        breaker: str | None,
-        oldest: float = 0.0,
-        throttled_now: float = 0.0,
-    ) -> None:
-        items = self.items
-        items[0] += c.ok
-        items[1] += c.failed
-        items[2] += c.retried
-        items[3] += c.dropped
-        items[4] += c.filtered
-        items[5] += c.cancelled
-        self.blocked += c.blocked_time
-        # Waits still going on count too: a wait is added to the counter only when it
-        # ends, and a long one would land in one scrape as more time than there was.
-        self.throttled += c.throttled_time + throttled_now
-        for mine, theirs in ((self.durations, c.durations.counts), (self.waits, c.waits.counts)):
-            for i, n in enumerate(theirs):
-                if n:
-                    mine[i] += n
-        self.duration_sum += c.durations.sum
-        self.wait_sum += c.waits.sum
-        self.inflight += c.inflight
-        self.depth += depth
-        self.workers += c.workers
-        self.busy += c.busy_workers
-        self.oldest = max(self.oldest, oldest)
-        if breaker is not None:
-            # Several runs of one pipeline at once: show the most severe state.
-            self.breaker = max(self.breaker, _BREAKER_VALUES.get(breaker, 0.0))
+    def __init__(self, s: StageSample) -> None:
+        self.items = [s.ok, s.failed, s.retried, s.dropped, s.filtered, s.cancelled]
+        self.blocked = s.blocked_seconds
+        self.throttled = s.throttled_seconds
+        self.durations = list(s.duration_counts)
+        self.duration_sum = s.duration_sum
+        self.waits = list(s.wait_counts)
+        self.wait_sum = s.wait_sum
+        self.inflight = s.inflight
+        self.depth = s.queue_depth
+        self.workers = s.workers
+        self.busy = s.busy_workers
+        self.breaker = _BREAKER_VALUES.get(s.breaker_state or "closed", 0.0)
+        self.oldest = s.oldest_inflight_seconds
+        self.stalled = s.stalled_workers
+        self.stall_after = s.stall_after_seconds  # only while a run is live
 
     def counters(self) -> _Counters:
         """The values that must only go up: item counts, blocked time, histograms."""
@@ -452,21 +410,10 @@ class _SourceFamilies:
 
 
 def _read(pipeline: Pipeline[Any, Any]) -> Iterator[tuple[Stage[Any, Any], _Stage]]:
-    """Each stage's counters: finished runs (totals) plus the runs in progress."""
-    live = list(pipeline._live)
-    totals = pipeline._totals
-    for i, stage in enumerate(pipeline.stages):
-        st = _Stage(totals[stage.name])
-        for run in live:
-            sr = run.stages[i]
-            depth = sr.queue_depth()
-            breaker = sr.breaker.state if sr.breaker is not None else None
-            now = run.now()
-            st.add_live(sr.c, depth, breaker, sr.oldest_inflight(now), sr.throttled_now(now))
-            st.stalled += sum(w.stalled for w in worker_statuses(sr, now))
-            limit = stall_limit(sr)
-            st.stall_after = limit if st.stall_after is None else min(st.stall_after, limit)
-        yield stage, st
+    """Each stage's figures (finished runs plus the runs in progress), as exported."""
+    samples = pipeline.samples()
+    for stage in pipeline.stages:
+        yield stage, _Stage(samples[stage.name])
 
 
 # One collector per registry (held weakly: the registry owns it).

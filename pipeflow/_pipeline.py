@@ -28,7 +28,7 @@ from ._run.edge import CHUNK
 from ._run.forensics import WorkerStatus, run_worker_statuses
 from ._sources import SourceLedger
 from ._stage import Stage
-from ._stats import StageCounters, StageStats, accumulate, find_bottleneck
+from ._stats import StageCounters, StageSample, StageStats, accumulate, find_bottleneck
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -476,6 +476,19 @@ class Pipeline(Generic[In, Out]):
             self._live.remove(run)
             for sr in run.stages:
                 accumulate(self._totals[sr.name], sr.c)
+
+    def samples(self) -> dict[str, StageSample]:
+        """Every stage's figures for an exporter, by stage name: the counts over the
+        pipeline's life (finished runs and those in progress) and the gauges now. The
+        Prometheus metrics are made from these; read them to feed another system."""
+        live = list(self._live)
+        out = {}
+        for i, st in enumerate(self.stages):
+            sample = StageSample.of(self._totals[st.name])
+            for run in live:
+                sample = sample + run.stages[i].sample(run.now())
+            out[st.name] = sample
+        return out
 
     def current_stats(self) -> dict[str, StageStats] | None:
         """A live snapshot of the run in progress (the latest, if several), or None."""

@@ -270,6 +270,103 @@ class StageStats:
         return attrs.asdict(self)
 
 
+_SEVERITY = {None: 0, "closed": 0, "half_open": 1, "open": 2}
+
+
+def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+@attrs.frozen(kw_only=True)
+class StageSample:
+    """One stage's figures for an exporter (Prometheus; yours for StatsD or a log line),
+    from :meth:`Pipeline.samples`.
+
+    The counts and times only go up over the pipeline's life: they add the finished runs
+    to the runs in progress. ``duration_counts`` and ``wait_counts`` are histogram
+    counts per bucket (log-spaced upper bounds from 1 µs to 1000 s, about 15 a decade,
+    then one bucket for the rest), with their sums in seconds. The rest are gauges, now:
+    summed over the runs in progress (``oldest_inflight_seconds`` the largest,
+    ``breaker_state`` the most severe, ``stall_after_seconds`` the smallest, None when
+    no run is in progress).
+    """
+
+    name: str
+    ok: int = 0
+    failed: int = 0
+    retried: int = 0
+    dropped: int = 0
+    filtered: int = 0
+    cancelled: int = 0
+    blocked_seconds: float = 0.0
+    throttled_seconds: float = 0.0
+    duration_counts: tuple[int, ...] = (0,) * (len(BOUNDS) + 1)
+    duration_sum: float = 0.0
+    wait_counts: tuple[int, ...] = (0,) * (len(BOUNDS) + 1)
+    wait_sum: float = 0.0
+    inflight: int = 0
+    queue_depth: int = 0
+    workers: int = 0
+    busy_workers: int = 0
+    breaker_state: str | None = None
+    oldest_inflight_seconds: float = 0.0
+    stalled_workers: int = 0
+    stall_after_seconds: float | None = None
+
+    @classmethod
+    def of(cls, c: StageCounters, *, throttled_now: float = 0.0, **gauges: object) -> StageSample:
+        """The counts of ``c``, with ``gauges`` (live figures) as given; ``throttled_now``:
+        the waits for a token or a breaker still going on (added to the counter only
+        when they end: a long one would land in one scrape as more time than there was).
+        """
+        return cls(
+            name=c.name,
+            ok=c.ok,
+            failed=c.failed,
+            retried=c.retried,
+            dropped=c.dropped,
+            filtered=c.filtered,
+            cancelled=c.cancelled,
+            blocked_seconds=c.blocked_time,
+            throttled_seconds=c.throttled_time + throttled_now,
+            duration_counts=tuple(c.durations.counts),
+            duration_sum=c.durations.sum,
+            wait_counts=tuple(c.waits.counts),
+            wait_sum=c.waits.sum,
+            **gauges,  # type: ignore[arg-type]
+        )
+
+    def __add__(self, other: StageSample) -> StageSample:
+        """Two runs of one stage (or the finished runs and one in progress) together."""
+        limits = [x for x in (self.stall_after_seconds, other.stall_after_seconds) if x is not None]
+        breaker = max(self.breaker_state, other.breaker_state, key=_SEVERITY.__getitem__)
+        return StageSample(
+            name=self.name,
+            ok=self.ok + other.ok,
+            failed=self.failed + other.failed,
+            retried=self.retried + other.retried,
+            dropped=self.dropped + other.dropped,
+            filtered=self.filtered + other.filtered,
+            cancelled=self.cancelled + other.cancelled,
+            blocked_seconds=self.blocked_seconds + other.blocked_seconds,
+            throttled_seconds=self.throttled_seconds + other.throttled_seconds,
+            duration_counts=_add(self.duration_counts, other.duration_counts),
+            duration_sum=self.duration_sum + other.duration_sum,
+            wait_counts=_add(self.wait_counts, other.wait_counts),
+            wait_sum=self.wait_sum + other.wait_sum,
+            inflight=self.inflight + other.inflight,
+            queue_depth=self.queue_depth + other.queue_depth,
+            workers=self.workers + other.workers,
+            busy_workers=self.busy_workers + other.busy_workers,
+            breaker_state=breaker,
+            oldest_inflight_seconds=max(
+                self.oldest_inflight_seconds, other.oldest_inflight_seconds
+            ),
+            stalled_workers=self.stalled_workers + other.stalled_workers,
+            stall_after_seconds=min(limits) if limits else None,
+        )
+
+
 def accumulate(totals: StageCounters, run: StageCounters) -> None:
     """Add a finished run's counters into a pipeline's running totals (for metrics,
     whose counters must only go up across runs)."""

@@ -225,7 +225,9 @@ def test_reference_covers_the_public_api():
     rows = set(re.findall(r"^\| `(\w+)`", text, re.MULTILINE))
     options = list(pipeflow._options.OPTION_NAMES)  # Stage(**options) takes these
     fields = [
-        f.name for cls in (pipeflow.RunResult, pipeflow.StageStats) for f in attrs.fields(cls)
+        f.name
+        for cls in (pipeflow.RunResult, pipeflow.StageStats, pipeflow.StageSample)
+        for f in attrs.fields(cls)
     ]
 
     assert [] == [name for name in pipeflow.__all__ if name not in headings]

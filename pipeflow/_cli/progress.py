@@ -6,14 +6,16 @@ import logging
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .._report import Series, fmt_count, fmt_duration, fmt_rate
 from .._report.verdict import LIMIT_UTILISATION
-from .._run.forensics import WorkerStatus
 from .._stats import StageStats
 from .errors import one_line
 from .graph import stdout_unicode
+
+if TYPE_CHECKING:
+    from .. import WorkerStatus
 
 _STALL_FIELDS = ("stage", "worker", "item", "seconds", "stall_after")
 

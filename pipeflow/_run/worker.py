@@ -20,7 +20,7 @@ from .._errors import Failed
 from .._policies import BreakerRuntime, TokenBucket
 from .._process import ProcessPool
 from .._stage import Stage
-from .._stats import StageCounters, StageStats
+from .._stats import StageCounters, StageSample, StageStats
 from .calls import (
     GaveUp,
     Resume,
@@ -34,7 +34,16 @@ from .calls import (
 from .edge import CHUNK, CHUNK_BELOW, Edge
 from .envelope import Env, KeyFailed
 from .failures import POLICIES, TEARDOWN_LIMIT
-from .forensics import CALLING, SENDING, THROTTLED, WAITING, WorkerState, note_unstalled
+from .forensics import (
+    CALLING,
+    SENDING,
+    THROTTLED,
+    WAITING,
+    WorkerState,
+    note_unstalled,
+    stall_limit,
+    worker_statuses,
+)
 from .shapers import Reorder, take_or_retire
 
 if TYPE_CHECKING:
@@ -680,6 +689,22 @@ class StageRun:
         ends), so that throttled time over any window is that window's share."""
         return sum(
             now - ws.throttled_since for ws in self.workers.values() if ws.state == THROTTLED
+        )
+
+    def sample(self, now: float) -> StageSample:
+        """This stage's figures for an exporter (see :class:`StageSample`)."""
+        c = self.c
+        return StageSample.of(
+            c,
+            throttled_now=self.throttled_now(now),
+            inflight=c.inflight,
+            queue_depth=self.queue_depth(),
+            workers=c.workers,
+            busy_workers=c.busy_workers,
+            breaker_state=self.breaker.state if self.breaker is not None else None,
+            oldest_inflight_seconds=self.oldest_inflight(now),
+            stalled_workers=sum(w.stalled for w in worker_statuses(self, now)),
+            stall_after_seconds=stall_limit(self),
         )
 
     def stats(self, now: float, elapsed: float, *, final: bool = False) -> StageStats:

@@ -16,7 +16,10 @@ and starts on a signal, so start-up is not timed; it reports its own CPU seconds
 127.0.0.1 port; its CPU is read from ``/proc``. Figures: entries/s of the fleet
 (entries / the span from the first start to the last end), CPU per entry of the members
 (their CPU seconds summed / entries: what one member spends per entry), and of Redis.
-Targets: pipeflow's CPU per entry at most 1.5x the hand-written loop's, and 4 members
+A last row runs one member of each kind without Redis (the pages decoded in memory,
+the XADDs packed and not sent): what pipeflow's own machinery costs per entry, the
+part of the gap that is not the client. Targets: pipeflow's CPU per entry at most 1.5x
+the hand-written loop's, and 4 members
 at least 3x one member's rate where the machine has the cores for it (4 members and
 Redis: 6 or more).
 
@@ -25,6 +28,7 @@ Redis: 6 or more).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -100,17 +104,134 @@ async def _hand_member(url: str, consumer: str) -> int:
         await client.aclose()
 
 
+# -- the same members without Redis: where the gap is ------------------------------------------
+
+
+def _replies(entries: int) -> list[list[Any]]:
+    """What XREADGROUP COUNT 100 would answer, page by page, as hiredis decodes it."""
+    flat = [[f"{i}-0", ["n", str(i), "payload", "x" * 64]] for i in range(entries)]
+    return [flat[i : i + COUNT] for i in range(0, entries, COUNT)]
+
+
+async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
+    """The pipeflow member with Redis taken out: an acking source handing over decoded
+    pages a chunk at a time (as RedisStreamSource does), the same stage, and the same
+    batched sink building and packing its XADDs without sending them."""
+    import contextlib
+
+    import trio
+
+    from pipeflow import Pipeline, stage
+    from pipeflow.connectors._resp import _pack
+    from pipeflow.connectors.redis import Entry, RedisStreamSink, _fields_of
+
+    acked: list[str] = []
+
+    class EntryAck:
+        __slots__ = ("id", "left")
+
+        def __init__(self, entry_id: str) -> None:
+            self.id, self.left = entry_id, 1
+
+        def add(self, n: int) -> None:
+            self.left += n
+
+        def done(self) -> None:
+            self.left -= 1
+            if self.left == 0:
+                acked.append(self.id)
+
+    class Pages:
+        def __init__(self) -> None:
+            self.pages = iter(pages)
+            self.buffer: list[Any] = []
+
+        async def __pipeflow_take__(self, limit: int) -> list[tuple[Entry, EntryAck]]:
+            await trio.lowlevel.checkpoint()
+            if not self.buffer:
+                self.buffer = list(next(self.pages, []))
+            pairs = []
+            for entry_id, fields in self.buffer[:limit]:
+                it = iter(fields)
+                pairs.append((Entry(entry_id, dict(zip(it, it, strict=True))), EntryAck(entry_id)))
+            del self.buffer[:limit]
+            return pairs
+
+        def __aiter__(self) -> Pages:
+            return self
+
+        async def __anext__(self) -> Any:  # pragma: no cover - the run takes chunks
+            raise StopAsyncIteration
+
+    class Source:
+        @contextlib.asynccontextmanager
+        async def __pipeflow_open__(self, *, capacity: int) -> Any:
+            yield Pages()
+
+    class PackingSink(RedisStreamSink):
+        async def open_worker(self) -> Any:
+            return None
+
+        async def close_worker(self, resource: Any) -> None:
+            pass
+
+        async def process(self, item: Any, resource: Any = None) -> Any:
+            return len(b"".join(_pack(self._xadd(_fields_of(x))) for x in item))
+
+    @stage(workers=8)
+    async def work(entry: Entry) -> Entry:
+        n = int(entry.fields["n"])
+        return entry.with_fields(n=n, square=n * n)
+
+    sink = PackingSink("redis://127.0.0.1:1/0", RESULTS, workers=2, batch=COUNT, batch_timeout=0.01)
+    await Pipeline(work | sink, name="fleet").arun(Source(), collect=False)
+    return len(acked)
+
+
+async def _hand_no_io(pages: list[list[Any]]) -> int:
+    """The hand-written member with Redis taken out: the same decoding, work and packing."""
+    import trio
+
+    from pipeflow.connectors._resp import _pack
+
+    done = 0
+    for page in pages:
+        commands: list[tuple[Any, ...]] = []
+        ids = []
+        for entry_id, flat in page:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            n = int(fields["n"])
+            commands.append(("XADD", RESULTS, "*", "n", n, "square", n * n, "source_id", entry_id))
+            ids.append(entry_id)
+        commands.append(("XACK", STREAM, GROUP, *ids))
+        b"".join(_pack(c) for c in commands)
+        done += len(ids)
+        await trio.lowlevel.checkpoint()
+    return done
+
+
+NO_IO = {"pipeflow": _pipeflow_no_io, "hand-written": _hand_no_io}
+
+
 def member(url: str, consumer: str, kind: str) -> None:
-    """Drain the stream as ``consumer``; print start, end, entries and CPU seconds."""
+    """Drain the stream as ``consumer``; print start, end, entries and CPU seconds.
+    ``kind`` ``"no-io:pipeflow:N"`` (or ``no-io:hand-written:N``) runs the member
+    without Redis, on N entries made in memory."""
     import trio
 
     import pipeflow.connectors.redis  # noqa: F401 - imported before the clock starts
 
-    run = _pipeflow_member if kind == "pipeflow" else _hand_member
+    if kind.startswith("no-io:"):
+        _, which, n_entries = kind.split(":")
+        # The pages are made before the clock starts, as Redis would have them ready.
+        run: Any = functools.partial(NO_IO[which], _replies(int(n_entries)))
+    else:
+        member_of = _pipeflow_member if kind == "pipeflow" else _hand_member
+        run = functools.partial(member_of, url, consumer)
     print("ready", flush=True)
     sys.stdin.readline()  # "go"
     cpu0, start = time.process_time(), time.time()
-    n = trio.run(run, url, consumer)
+    n = trio.run(run)
     end, cpu = time.time(), time.process_time() - cpu0
     print(json.dumps({"start": start, "end": end, "entries": n, "cpu": cpu}), flush=True)
 
@@ -219,15 +340,40 @@ def _fleet(server: _Server, entries: int, kind: str, members: int) -> dict[str, 
     }
 
 
+def _no_io(entries: int, kind: str) -> float:
+    """CPU microseconds per entry of one member of ``kind`` run without Redis."""
+    argv = [sys.executable, __file__, "--member", "-", "-", f"no-io:{kind}:{entries}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("a benchmark member did not start")
+        out, _ = proc.communicate("go\n", timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"a benchmark member (no Redis) failed (exit {proc.returncode})")
+    report = json.loads(out.strip().splitlines()[-1])
+    if report["entries"] != entries:
+        raise RuntimeError(f"{kind} without Redis: {report['entries']}/{entries} entries")
+    return float(1e6 * report["cpu"] / entries)
+
+
 def measure(entries: int = 20_000, rounds: int = 3, fleets: tuple[int, ...] = FLEETS) -> list[Row]:
     server = _Server()
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    no_io: dict[str, list[float]] = {}
     cases = [(kind, members) for members in fleets for kind in KINDS]
     try:
         for r in range(rounds):
             for kind, members in cases if r % 2 == 0 else cases[::-1]:
                 progress(f"fleet: round {r + 1}, {kind}, {members} member(s)")
                 runs.setdefault((kind, members), []).append(_fleet(server, entries, kind, members))
+            for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
+                progress(f"fleet: round {r + 1}, {kind}, 1 member without Redis")
+                no_io.setdefault(kind, []).append(_no_io(entries, kind))
     finally:
         server.stop()
 
@@ -240,6 +386,7 @@ def measure(entries: int = 20_000, rounds: int = 3, fleets: tuple[int, ...] = FL
         "rounds": rounds,
         "cores": cores,
         "runs": {f"{kind} x{members}": values for (kind, members), values in runs.items()},
+        "no_io_cpu_us": no_io,
     }
     rows = []
     for members in fleets:
@@ -284,6 +431,20 @@ def measure(entries: int = 20_000, rounds: int = 3, fleets: tuple[int, ...] = FL
                 detail=detail,
             )
         )
+    # Where the gap is: the same two members with Redis taken out (decoded pages in
+    # memory, the XADDs packed and not sent). What pipeflow spends here is its own cost.
+    pf_floor, hand_floor = median(no_io["pipeflow"]), median(no_io["hand-written"])
+    rows.append(
+        Row(
+            benchmark="fleet",
+            workload="fleet, 1 member without Redis, CPU per entry",
+            unit="us",
+            pipeflow=pf_floor,
+            baseline=hand_floor,
+            ratio=pf_floor / hand_floor,
+            detail=detail,
+        )
+    )
     most = max(fleets)
     for kind in KINDS if most > 1 else ():
         one, four = fig(kind, 1, "rate"), fig(kind, most, "rate")

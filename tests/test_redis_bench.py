@@ -30,6 +30,7 @@ def test_the_fleet_benchmark_runs():
         "fleet, 1 member, member CPU per entry",
         "fleet, 1 member, entries/s",
         "fleet, 1 member, Redis CPU per entry",
+        "fleet, 1 member without Redis, CPU per entry",
     ] == [r.workload for r in rows]
     for row in rows:
         assert math.isfinite(row.pipeflow)

@@ -6,6 +6,7 @@ that failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
@@ -16,7 +17,7 @@ import textwrap
 import pytest
 import trio
 
-from pipeflow import Pipeline, PipelineFull, stage
+from pipeflow import Failed, Pipeline, PipelineFull, StageError, stage
 from pipeflow.testing import assert_nothing_left_running
 
 
@@ -222,6 +223,240 @@ async def test_floods_of_send_nowait_into_an_ordered_group(seed, autojump_clock)
     unfinished = sorted(x for _, x in result.unfinished)
     assert set(unfinished).isdisjoint(seen)
     assert_balanced(result, pipeline)
+    assert_nothing_left_running()
+
+
+# -- chunks of async def items under random stops ---------------------------------------------
+
+
+def _fixed(*parts):
+    """A number in [0, 1) fixed by ``parts`` (per stage and item), the same every run."""
+    return random.Random(":".join(map(str, parts))).random()
+
+
+class _Ack:
+    def __init__(self, acked, item):
+        self.acked, self.item, self.pending = acked, item, 1
+
+    def add(self, n):
+        self.pending += n
+
+    def done(self):
+        self.pending -= 1
+        assert self.pending >= 0, f"{self.item} acked too often"
+        if self.pending == 0:
+            self.acked.append(self.item)
+
+
+class _AckingSource:
+    def __init__(self, n):
+        self.n = n
+        self.acked = []
+
+    @contextlib.asynccontextmanager
+    async def __pipeflow_open__(self, *, capacity):
+        async def entries():
+            for i in range(self.n):
+                await trio.lowlevel.checkpoint()
+                yield i, _Ack(self.acked, i)
+
+        yield entries()
+
+
+def _quick_then_waiting_stage(rng, i, fail_rate, dead_letter):
+    """An ``async def`` map (or a flat-map, an inline plain function, one with retries or
+    a timeout, one with a resource) whose items are mostly instant and some wait (a
+    checkpoint, a short sleep, a longer one); some fail before or after waiting."""
+    kind = rng.choice(["async", "async", "async", "agen", "inline", "policy", "resource"])
+    errors = rng.choice(["collect", "skip", "embed", "fail_fast"])
+    name = f"s{i}_{kind}_{errors}"
+    if errors == "fail_fast":
+        fail_rate /= 10
+    options = {"name": name, "workers": rng.choice([1, 1, 2, 4, 8]), "errors": errors}
+    options["buffer"] = rng.choice([0, 1, 4, 16])
+    options["ordered"] = rng.random() < 0.6
+    if dead_letter is not None and rng.random() < 0.8:
+        options["dead_letter"] = dead_letter
+    p_wait = rng.choice([0.0, 0.02, 0.2, 1.0])
+    how = rng.choice(["checkpoint", "short", "sleep"])
+    fail_first = rng.random() < 0.5
+
+    async def maybe_wait(x):
+        if _fixed(name, "wait", x) < p_wait:
+            if how == "checkpoint":
+                await trio.lowlevel.checkpoint()
+            elif how == "short":
+                await trio.sleep(0.0001)
+            else:
+                await trio.sleep(0.01 * _fixed(name, "for", x))
+
+    def check(x, attempt=0):
+        if isinstance(x, int) and _fixed(name, "fail", attempt, x) < fail_rate:
+            raise ValueError(f"{name} fails on {x}")
+
+    if kind == "agen":
+
+        @stage(**options)
+        async def spread(x):
+            check(x)
+            await maybe_wait(x)
+            for _ in range(int(_fixed(name, "n", x) * 3)):
+                yield x
+
+        return spread
+    if kind == "inline":
+
+        @stage(**options, run_in="task")
+        def inline(x):
+            check(x)
+            return x
+
+        return inline
+    if kind == "policy":
+        extra = rng.choice([{"retries": 1}, {"timeout": 0.005}, {"retries": 2, "timeout": 0.008}])
+
+        @stage(**options, **extra)
+        async def with_policy(x):
+            await maybe_wait(x)
+            check(x, trio.current_time())  # a retry may pass
+            return x
+
+        return with_policy
+    opened = []
+
+    @contextlib.asynccontextmanager
+    async def connection():
+        opened.append(1)
+        try:
+            yield "conn"
+        finally:
+            await trio.sleep(0.001)
+            opened.pop()
+
+    async def body(x):
+        if fail_first:
+            check(x)
+        await maybe_wait(x)
+        if not fail_first:
+            check(x)
+        return x
+
+    if kind == "resource":
+
+        @stage(**options, resource=connection)
+        async def with_conn(x, conn):
+            return await body(x)
+
+        with_conn.opened = opened
+        return with_conn
+
+    @stage(**options)
+    async def work(x):
+        return await body(x)
+
+    return work
+
+
+def _origin(x):
+    return _origin(x.item) if isinstance(x, Failed) else x
+
+
+@pytest.mark.parametrize("seed", range(60))
+async def test_quick_chunks_that_sometimes_wait_under_random_stops(seed, autojump_clock):
+    """Chains of mostly-instant ``async def`` stages (their chunks run in one driver; an
+    item that waits gives the rest back) mixed with flat-maps, retries, timeouts and
+    resources, ordered or not, 1 or many workers, every error policy with and without a
+    dead-letter sink (a callable or a stage), fed by a list, an async generator or an
+    acking source through arun, stream or open, and stopped at a random moment (outer
+    cancellation, leaving stream early, a fail-fast failure) or not at all. Always:
+    every stage balances, unfinished matches cancelled, what a stage hands on the next
+    counts in, resources are closed, nothing is left running, no item is acked twice or
+    acked while unfinished, all-ordered chains give input order; a run that ends
+    normally has every failure in a callable dead-letter sink and acks every item."""
+    rng = random.Random(seed)
+    letters = []
+    sink = rng.choice(["none", "callable", "stage"])
+    dead_letter = None
+    if sink == "callable":
+        dead_letter = letters.append
+    elif sink == "stage":
+
+        @stage(name="letters", workers=rng.choice([1, 2]), buffer=rng.choice([0, 4]))
+        async def keep(failed):
+            await trio.sleep(0.001 * (rng.random() < 0.3))
+            letters.append(failed)
+
+        dead_letter = keep
+    fail_rate = rng.choice([0.0, 0.02, 0.1, 0.5])
+    chain = _quick_then_waiting_stage(rng, 0, fail_rate, dead_letter)
+    for i in range(1, rng.randint(1, 4)):
+        chain = chain | _quick_then_waiting_stage(rng, i, fail_rate, dead_letter)
+    pipeline = Pipeline(chain)
+    n = rng.choice([1, 40, 300])
+    acking = _AckingSource(n) if rng.random() < 0.3 else None
+
+    async def agen():
+        for i in range(n):
+            if i % 5 == 0:
+                await trio.sleep(0.0005)
+            yield i
+
+    source = acking or rng.choice([range(n), agen()])
+    mode = rng.choice(["arun", "stream", "open"])
+    stop = rng.choice(["none", "outer", "leave"])
+    seen, result, stopped = [], None, False
+    with trio.fail_after(1000):
+        try:
+            with trio.move_on_after(rng.random() * 0.3 if stop == "outer" else 1000) as scope:
+                if mode == "arun":
+                    result = await pipeline.arun(source)
+                    seen = list(result.outputs)
+                elif mode == "stream":
+                    outputs = None
+                    try:
+                        async with pipeline.stream(source, buffer=rng.choice([0, 32])) as outputs:
+                            async for out in outputs:
+                                seen.append(out)
+                                if stop == "leave" and len(seen) > n * rng.random():
+                                    stopped = True
+                                    break
+                    finally:
+                        result = outputs.result if outputs is not None else None
+                else:
+                    flow = None
+                    try:
+                        async with pipeline.open() as flow:
+                            for i in range(n):
+                                try:
+                                    flow.send_nowait(i)
+                                except PipelineFull:
+                                    await flow.send(i)
+                    finally:
+                        result = flow.result if flow is not None else None
+            stopped = stopped or scope.cancelled_caught
+        except StageError as exc:
+            assert any(s.options.errors == "fail_fast" for s in pipeline.stages)
+            result, stopped = exc.result, True
+    if result is None:
+        assert mode == "arun"  # cancelled from outside: nothing to look at
+        assert stopped
+    else:
+        assert_balanced(result, None if stopped and sink == "stage" else pipeline)
+        if all(s.options.ordered for s in pipeline.stages):
+            assert [_origin(o) for o in seen] == sorted(_origin(o) for o in seen)
+        if not stopped:
+            assert [] == result.unfinished
+            if sink == "callable":
+                with_sink = [s for s in pipeline.stages if s.options.dead_letter is not None]
+                assert len(letters) == sum(result.stats[s.name].failed for s in with_sink)
+        if acking is not None:
+            unfinished = {x for name, x in result.unfinished if name != "letters"}
+            assert len(acking.acked) == len(set(acking.acked))
+            assert not unfinished & set(acking.acked)
+            if not stopped and mode != "open":
+                assert list(range(n)) == sorted(acking.acked)
+    for st in pipeline.stages:
+        assert [] == getattr(st, "opened", []), st.name
     assert_nothing_left_running()
 
 

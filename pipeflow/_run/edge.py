@@ -225,10 +225,11 @@ class Edge:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def take_nowait(self, limit: int = CHUNK) -> list[Env]:
-        """Up to ``limit`` waiting items, oldest first, leaving a share for each receiver
-        woken for them. Raises ``trio.WouldBlock`` when
-        none waits, ``trio.EndOfChannel`` once every sender has left and none is left."""
+    def take_ready(self, limit: int = CHUNK) -> list[Env]:
+        """Up to ``limit`` waiting items, oldest first; an empty list when none waits.
+        Raises ``trio.EndOfChannel`` once every sender has left and none is left. (The
+        worker loop's form: no exception on the way to waiting, which is most hops at
+        low load.)"""
         buf = self._buf
         n = len(buf)
         if not n:
@@ -240,7 +241,7 @@ class Edge:
                     self._waking += len(self._recv_lot)
                     self._recv_lot.unpark_all()
                 raise trio.EndOfChannel
-            raise trio.WouldBlock
+            return []
         if limit >= n:
             out = list(buf)
             buf.clear()
@@ -250,13 +251,19 @@ class Edge:
             self._send_lot.unpark(count=len(out))
         return out
 
+    def take_nowait(self, limit: int = CHUNK) -> list[Env]:
+        """As :meth:`take_ready`, but raises ``trio.WouldBlock`` when none waits."""
+        out = self.take_ready(limit)
+        if not out:
+            raise trio.WouldBlock
+        return out
+
     async def take(self, limit: int = CHUNK) -> list[Env]:
-        """Wait for at least one item, then take as :meth:`take_nowait` does."""
+        """Wait for at least one item, then take as :meth:`take_ready` does."""
         while True:
-            try:
-                return self.take_nowait(limit)
-            except trio.WouldBlock:
-                pass
+            out = self.take_ready(limit)
+            if out:
+                return out
             if self._send_lot:
                 # A waiting receiver is room too (a rendezvous edge has no other).
                 self._send_lot.unpark()

@@ -314,8 +314,14 @@ class StageRun:
                 # one slot, not a chunk's worth that the others could use.
                 limit = await window.reserve(min(limit, max(1, len(inbox))))
             try:
-                chunk = inbox.take_nowait(limit)
-            except trio.WouldBlock:
+                chunk = inbox.take_ready(limit)
+            except trio.EndOfChannel:
+                if window is not None:
+                    window.release(limit)
+                return
+            if chunk:
+                spins += len(chunk)
+            else:
                 ws.state = WAITING
                 ws.since = now()
                 try:
@@ -332,12 +338,6 @@ class StageRun:
                     return
                 chunk = got
                 spins = 0
-            except trio.EndOfChannel:
-                if window is not None:
-                    window.release(limit)
-                return
-            else:
-                spins += len(chunk)
             if window is not None and limit > len(chunk):
                 window.release(limit - len(chunk))
 

@@ -373,9 +373,11 @@ class StageRun:
                 c.busy_workers += 1
                 busy = True
                 in_thread = -1.0  # seconds the items took in a worker thread, if they did
-                if stepper is not None:
+                if stepper is not None and n > 1:
                     # async def items, run by one driver (calls.drive): no scheduler round
                     # and no StopIteration per item while they finish without waiting.
+                    # (One item alone is simply awaited below: nothing could be given
+                    # back, and an item that waits, I/O, then resumes without a trampoline.)
                     failures: list[tuple[int, Exception | None]] = []
                     gen = drive(stepper, chunk, failures, res, one_arg, passthrough)
                     start = calls_passed = 0

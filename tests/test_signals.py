@@ -165,7 +165,19 @@ def test_two_signals_in_a_row_stop_a_process_stage_with_interrupted(tmp_path):
         time.sleep(rng.random() * 0.05)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-        result = json.loads(out.strip().splitlines()[-1])
+        lines = out.strip().splitlines()
+        if not lines:
+            # On a loaded machine the second signal can come after run() has returned
+            # Interrupted, in the script's own except block: a plain KeyboardInterrupt
+            # there is Python's answer to a late Ctrl+C, not the pipeline's. It must
+            # follow the Interrupted, and no StageError may appear.
+            assert "pipeflow._errors.Interrupted: run stopped by SIGINT" in err, err[-3000:]
+            assert "StageError" not in err, err[-3000:]
+            late = err.rsplit("Traceback", 1)[-1]  # where the KeyboardInterrupt came from
+            assert "pipeflow" not in late, err[-3000:]
+            assert "trio" not in late, err[-3000:]
+            continue
+        result = json.loads(lines[-1])
         assert "interrupted" == result["outcome"], (result, err[-2000:])
         assert result["in"] == result["ok"] + result["failed"] + result["cancelled"]
         assert 0 == result["failed"]

@@ -889,3 +889,31 @@ async def test_ordered_chains_restore_input_order_once_with_holes(seed, autojump
     assert got == expected
     assert sorted(f.item for f in dead) == sorted(failed)
     assert_balanced(result, pipeline)
+
+
+async def test_a_hole_that_waits_for_a_slow_reader_is_blocked_time_not_busy(autojump_clock):
+    """In an order-once group, a failure in the first stage leaves a hole; handing on
+    the outputs that hole completes can wait for a slow reader. That wait is the first
+    stage's blocked time, never its busy time (only its own 0.5 s sleeps are)."""
+
+    @stage(workers=2, ordered=True, errors="skip")
+    async def first(x):
+        if x % 2:
+            await trio.sleep(0.5)  # the items after it are done (and wait) meanwhile
+            raise ValueError(x)
+        return x
+
+    @stage(workers=2, ordered=True)
+    async def second(x):
+        return x
+
+    seen = []
+    async with Pipeline(first | second).stream(range(20), buffer=0) as outputs:
+        async for out in outputs:
+            seen.append(out)
+            await trio.sleep(1)
+    assert list(range(0, 20, 2)) == seen
+    s = outputs.result.stats["first"]
+    assert s.busy_seconds == pytest.approx(10 * 0.5)
+    assert s.blocked_seconds > 0
+    assert (10, 10) == (s.ok, s.failed)

@@ -463,7 +463,7 @@ class StageRun:
                             elif produced:
                                 outs.extend(produced)
                             elif holes is not None:
-                                await holes.deposit([(env.seq, [])])
+                                await self._hole(holes, env, task)
                         if reorder is None:
                             outs.extend(chunk[after:n])
                         else:
@@ -530,7 +530,7 @@ class StageRun:
                             elif produced:
                                 outs.extend(produced)
                             elif holes is not None:
-                                await holes.deposit([(env.seq, [])])
+                                await self._hole(holes, env, task)
                             continue
                         if not multi:
                             ok_w += w
@@ -597,6 +597,15 @@ class StageRun:
                 if not handed_over:
                     self.run.strand(self, outs, results)
                 raise
+
+    async def _hole(self, holes: Reorder, env: Env, task: trio.lowlevel.Task) -> None:
+        """Tell the window of an order-once group that ``env`` left no output. Handing
+        on the run this completes is blocked time, not the failed item's work."""
+        since = self.run.now()
+        try:
+            self.c.blocked_time += await holes.deposit([(env.seq, [])])
+        finally:
+            self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
 
     async def _fail(
         self, env: Env, error: Exception, attempts: int, weight: int, task: trio.lowlevel.Task

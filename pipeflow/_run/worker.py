@@ -293,7 +293,6 @@ class StageRun:
         passthrough = self.passthrough
         reorder = self.reorder
         window = self.window
-        holes = self.holes
         policy = self.policy
         # Only where items may be taken back by another worker: not a keyed worker's own
         # edge (one key, one worker, its items in order).
@@ -455,15 +454,13 @@ class StageRun:
                                 c.inflight -= 1
                                 c.passed += 1
                                 calls -= 1
-                                produced = [env]
+                                if reorder is not None:
+                                    results.append((env.seq, [env]))
+                                else:
+                                    outs.append(env)
                             else:
                                 produced = await self._fail(env, raised, 1, 1, task)
-                            if reorder is not None:
-                                results.append((env.seq, produced))
-                            elif produced:
-                                outs.extend(produced)
-                            elif holes is not None:
-                                await self._hole(holes, env, task)
+                                await self._place(env, produced, outs, results, task)
                         if reorder is None:
                             outs.extend(chunk[after:n])
                         else:
@@ -525,12 +522,7 @@ class StageRun:
                                 attempts = error.attempts
                                 error = error.error
                             produced = await self._fail(env, error, attempts, w, task)
-                            if reorder is not None:
-                                results.append((env.seq, produced))
-                            elif produced:
-                                outs.extend(produced)
-                            elif holes is not None:
-                                await self._hole(holes, env, task)
+                            await self._place(env, produced, outs, results, task)
                             continue
                         if not multi:
                             ok_w += w
@@ -598,14 +590,28 @@ class StageRun:
                     self.run.strand(self, outs, results)
                 raise
 
-    async def _hole(self, holes: Reorder, env: Env, task: trio.lowlevel.Task) -> None:
-        """Tell the window of an order-once group that ``env`` left no output. Handing
-        on the run this completes is blocked time, not the failed item's work."""
-        since = self.run.now()
-        try:
-            self.c.blocked_time += await holes.deposit([(env.seq, [])])
-        finally:
-            self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
+    async def _place(
+        self,
+        env: Env,
+        produced: list[Env],
+        outs: list[Env],
+        results: list[tuple[int, list[Env]]],
+        task: trio.lowlevel.Task,
+    ) -> None:
+        """Put what a failed item left (``produced``) with the chunk's outputs: by its
+        position for an ordered stage. In an order-once group, an item that left
+        nothing is a hole the group's window is told of; handing on the run the hole
+        completes is blocked time, not the failed item's work."""
+        if self.reorder is not None:
+            results.append((env.seq, produced))
+        elif produced:
+            outs.extend(produced)
+        elif self.holes is not None:
+            since = self.run.now()
+            try:
+                self.c.blocked_time += await self.holes.deposit([(env.seq, [])])
+            finally:
+                self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
 
     async def _fail(
         self, env: Env, error: Exception, attempts: int, weight: int, task: trio.lowlevel.Task

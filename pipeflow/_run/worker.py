@@ -391,8 +391,6 @@ class StageRun:
                         # Resume: the scheduler will wake this task for item k's trap.
                         k = waiting_at(gen)
                         if k + 1 < n:
-                            if window is not None:
-                                window.release(n - k - 1)  # their slots go with them
                             self._give_back(inbox, chunk, k + 1)
                             n = len(chunk)
                         self.chunked = False
@@ -449,15 +447,8 @@ class StageRun:
                                     results.extend((e.seq, [e]) for e in chunk[after:i])
                                 after = i + 1
                             if raised is None:
-                                # An upstream failure travelling as a value: pass it on.
-                                c.items_in -= 1
-                                c.inflight -= 1
-                                c.passed += 1
+                                self._pass_on(env, outs, results)
                                 calls -= 1
-                                if reorder is not None:
-                                    results.append((env.seq, [env]))
-                                else:
-                                    outs.append(env)
                             else:
                                 produced = await self._fail(env, raised, 1, 1, task)
                                 await self._place(env, produced, outs, results, task)
@@ -466,8 +457,6 @@ class StageRun:
                         else:
                             results.extend((e.seq, [e]) for e in chunk[after:n])
                         if rest:
-                            if window is not None:
-                                window.release(rest)  # their slots go with them
                             self._give_back(inbox, chunk, n)
                 else:
                     outcomes = None
@@ -484,25 +473,15 @@ class StageRun:
                     for env in chunk:
                         item = env.item
                         if passthrough and type(item) is Failed:
-                            # An upstream failure travelling as a value: pass it on untouched.
-                            c.items_in -= 1
-                            c.inflight -= 1
-                            c.passed += 1
+                            self._pass_on(env, outs, results)
                             done += 1
-                            if reorder is not None:
-                                results.append((env.seq, [env]))
-                            else:
-                                outs.append(env)
                             continue
                         if keyed and type(item) is KeyFailed:
                             env.item = item.item
                             done += 1
                             produced = await policy.fail(env, item.error, 1, 1)
                             calls += 1
-                            if reorder is not None:
-                                results.append((env.seq, produced))
-                            else:
-                                outs.extend(produced)
+                            await self._place(env, produced, outs, results, task)
                             continue
                         w = len(item) if batched else 1
                         calls += 1
@@ -611,7 +590,7 @@ class StageRun:
             try:
                 self.c.blocked_time += await self.holes.deposit([(env.seq, [])])
             finally:
-                self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
+                self._not_busy_since(task, since)
 
     async def _fail(
         self, env: Env, error: Exception, attempts: int, weight: int, task: trio.lowlevel.Task
@@ -622,7 +601,24 @@ class StageRun:
         try:
             return await self.policy.fail(env, error, attempts, weight)
         finally:
-            self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
+            self._not_busy_since(task, since)
+
+    def _not_busy_since(self, task: trio.lowlevel.Task, since: float) -> None:
+        """The time since ``since`` was not the item's work: not in busy time (the
+        chunk's record subtracts it), so a stage is not mistaken for the bottleneck."""
+        self.throttled[task] = self.throttled.get(task, 0.0) + (self.run.now() - since)
+
+    def _pass_on(self, env: Env, outs: list[Env], results: list[tuple[int, list[Env]]]) -> None:
+        """An upstream failure travelling as a value (``Failed``): passed on untouched,
+        counted as ``passed``, not as an item of this stage."""
+        c = self.c
+        c.items_in -= 1
+        c.inflight -= 1
+        c.passed += 1
+        if self.reorder is not None:
+            results.append((env.seq, [env]))
+        else:
+            outs.append(env)
 
     def _hand_on_soon(self, outs: list[Env]) -> None:
         """Hand ``outs`` on without waiting for the item now in this worker: at once if
@@ -642,9 +638,12 @@ class StageRun:
         self.nursery.start_soon(hand_on, name=f"pipeflow:{self.run.pipeline}:{self.name}:hand-on")
 
     def _give_back(self, inbox: Edge, chunk: list[Env], start: int) -> None:
-        """Return ``chunk[start:]`` (not started) to the front of ``inbox``."""
+        """Return ``chunk[start:]`` (not started) to the front of ``inbox``, with their
+        window slots if the stage takes any (the worker that takes them takes new ones)."""
         back = chunk[start:]
         del chunk[start:]
+        if self.window is not None:
+            self.window.release(len(back))
         weight = sum(e.weight(self.batched) for e in back)
         self.c.items_in -= weight
         self.c.inflight -= weight

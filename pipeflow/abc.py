@@ -46,7 +46,9 @@ the run is full and no ack can come until it takes more (backpressure across mac
 A source that reads items in pages (a message queue) may also give its iterator an
 ``async def __pipeflow_take__(self, limit)`` returning up to ``limit`` pairs (waiting
 for the first; ``[]`` at the end): the run then takes them a chunk at a time instead of
-one ``__anext__`` per item, which costs less per item.
+one ``__anext__`` per item, which costs less per item. ``limit`` is the room in front of
+the first stage, whose buffer holds at least 64 items after an acking source (unless
+the stage sets ``buffer=``), and ``capacity`` counts them.
 """
 
 from __future__ import annotations

@@ -87,3 +87,58 @@ async def test_a_fail_fast_stop_acks_only_what_finished(autojump_clock):
     assert 5 not in source.acked
     assert not unfinished & set(source.acked)
     assert set(source.acked) == set(result.outputs)
+
+
+class PagedSource:
+    """An acking source that reads pages: it hands them over with ``__pipeflow_take__``
+    (as pipeflow.abc describes) and records the limits the run asks for."""
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.acked = []
+        self.limits = []
+        self.capacity = None
+
+    @contextlib.asynccontextmanager
+    async def __pipeflow_open__(self, *, capacity):
+        self.capacity = capacity
+        yield Pages(self)
+
+
+class Pages:
+    def __init__(self, source):
+        self.source = source
+        self.next = 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):  # pragma: no cover - the run takes chunks
+        raise StopAsyncIteration
+
+    async def __pipeflow_take__(self, limit):
+        await trio.lowlevel.checkpoint()
+        s = self.source
+        s.limits.append(limit)
+        page = s.items[self.next : self.next + limit]
+        self.next += len(page)
+        return [(x, ItemAck(s.acked, x)) for x in page]
+
+
+@pytest.mark.parametrize(("buffer", "room"), [(None, 64), (4, 4)])
+async def test_a_paged_source_hands_over_a_page_at_a_time(autojump_clock, buffer, room):
+    """The first stage after an acking source holds 64 items unless buffer= says
+    otherwise (a slot per worker would take a page in bits): the source is asked for up
+    to that many (and the workers waiting) at once, and told that the run holds them."""
+
+    @stage(workers=2, buffer=buffer)
+    async def slow(x):
+        await trio.sleep(0.01)
+        return x
+
+    source = PagedSource(range(300))
+    result = await Pipeline(slow).arun(source)
+    assert sorted(result.outputs) == list(range(300))
+    assert sorted(source.acked) == list(range(300))
+    assert room <= max(source.limits) <= room + 2
+    assert source.capacity == 2 + room

@@ -35,6 +35,12 @@ from .worker import CollectSink, DropSink, Outbox, StageRun, teardown_scope
 
 Outlet = Literal["collect", "drop", "channel"]
 
+#: The buffer of the first stage after an acking source, unless ``buffer=`` is given: such
+#: a source has its items in hand already (a page read from a queue) and hands them over
+#: many at a time, where a slot per worker would let in a few per scheduler round. The
+#: source is told of the extra room (``capacity``), and keeps that many more un-acked.
+SOURCE_BUFFER = 2 * CHUNK
+
 #: A service runs beside a pipeline for exactly its lifetime (a metrics endpoint):
 #: started with ``nursery.start`` before the first item, cancelled after the last.
 Service = Callable[..., Awaitable[None]]
@@ -377,8 +383,12 @@ class Run:
         """Start the task that feeds ``source`` in. An acking source's task lives beside
         the dead-letter stages, not the main ones, so that a fail-fast stop does not
         close the source before the items the dead-letter stages took are acked."""
-        if hasattr(source, "__pipeflow_open__") and self.dead_letter_nursery is not None:
-            nursery = self.dead_letter_nursery
+        if hasattr(source, "__pipeflow_open__"):
+            first = self.stages[0]
+            if first.opts.buffer is None:
+                first.inbox.capacity = max(first.inbox.capacity, SOURCE_BUFFER)
+            if self.dead_letter_nursery is not None:
+                nursery = self.dead_letter_nursery
         self.stages[0].inbox.add_sender()
         nursery.start_soon(self.pump, source, name=f"pipeflow:{self.pipeline}:source")
 
@@ -388,9 +398,9 @@ class Run:
             if acking:
                 take = getattr(source, "__pipeflow_take__", None)
                 if take is not None:
-                    # A source that reads pages (Redis) hands them over in chunks: one
-                    # put per chunk, not one per item.
-                    while pairs := await take(max(1, min(inbox.room(), CHUNK))):
+                    # A source that reads pages (Redis) hands them over in chunks: as
+                    # many as the first stage has room for in one put, not one per item.
+                    while pairs := await take(max(1, inbox.room())):
                         await inbox.put([Env(item, ack) for item, ack in pairs])
                     return
                 entries = cast(AsyncIterator[tuple[Any, Ack | None]], source)
@@ -438,7 +448,7 @@ class Run:
         batches = 1
         for sr in self.stages:
             o = sr.opts
-            total += o.max_workers + o.buffer_size
+            total += o.max_workers + sr.inbox.capacity  # (the first's may be SOURCE_BUFFER)
             if sr.reorder is not None:
                 total += sr.reorder.size
             if o.batch is not None:

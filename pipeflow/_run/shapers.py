@@ -222,23 +222,36 @@ async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
 
     try:
         while True:
+            # Up to what the batch still needs (the rest wait on the edge, where a stop
+            # counts them), without a cancel scope while items are waiting.
+            want = size - len(buf)
             try:
-                if buf and timeout is not None:
-                    got: list[Env] | None = None
-                    with trio.move_on_at(deadline):
-                        got = await inbox.take(CHUNK)
-                    if got is None:
-                        await flush()
-                        continue
-                    envs = got
-                else:
-                    envs = await inbox.take(CHUNK)
+                envs = inbox.take_ready(want)
+                if not envs:
+                    if buf and timeout is not None:
+                        got: list[Env] | None = None
+                        with trio.move_on_at(deadline):
+                            got = await inbox.take(want)
+                        if got is None:
+                            await flush()
+                            continue
+                        envs = got
+                    else:
+                        envs = await inbox.take(want)
             except trio.EndOfChannel:
                 break
+            if sr.is_dead_letter or not any(type(env.item) is Failed for env in envs):
+                # The usual case: the items join the batch in one step.
+                if not buf and timeout is not None:
+                    deadline = now() + timeout
+                buf.extend(envs)
+                if len(buf) >= size:
+                    await flush()
+                continue
             taken = envs
             for pos, env in enumerate(envs, 1):
                 done = pos  # taken[done:] is what a stop during a flush below strands
-                if type(env.item) is Failed and not sr.is_dead_letter:
+                if type(env.item) is Failed:
                     # Failures from upstream pass a main stage unbatched; a dead-letter
                     # stage's input is all Failed values, and those it batches.
                     env.seq = seq

@@ -123,7 +123,7 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
 
     from pipeflow import Pipeline, stage
     from pipeflow.connectors._resp import _pack
-    from pipeflow.connectors.redis import Entry, RedisStreamSink, _fields_of
+    from pipeflow.connectors.redis import Entry, RedisStreamSink
 
     acked: list[str] = []
 
@@ -176,7 +176,7 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
             pass
 
         async def process(self, item: Any, resource: Any = None) -> Any:
-            return len(b"".join(_pack(self._xadd(_fields_of(x))) for x in item))
+            return len(b"".join(_pack(command) for command in self._commands(item)))
 
     @stage(workers=8)
     async def work(entry: Entry) -> Entry:

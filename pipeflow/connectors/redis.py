@@ -119,17 +119,26 @@ class Entry:
     """
 
     id: str
-    fields: dict[str, str] = attrs.field(factory=dict, hash=False)
+    fields: dict[str, str] = attrs.field(hash=False)
+
+    def __init__(self, id: str, fields: dict[str, str] | None = None) -> None:
+        # Written out (attrs' frozen __init__ goes through object.__setattr__): an entry
+        # is made for every item read, and again by every with_fields().
+        _set_id(self, id)
+        _set_fields(self, {} if fields is None else fields)
 
     def with_fields(self, fields: Mapping[str, object] | None = None, /, **more: object) -> Entry:
         """A new entry with the same ``id`` and these fields (values turned into ``str``)."""
-        merged: dict[str, str] = {}
         if fields:
-            for key, value in fields.items():
-                merged[str(key)] = str(value)
-        for key, value in more.items():  # keyword names are str already
-            merged[key] = value if type(value) is str else str(value)
-        return Entry(self.id, merged)
+            merged = {str(key): str(value) for key, value in fields.items()}
+            for key, value in more.items():  # keyword names are str already
+                merged[key] = value if type(value) is str else str(value)
+        else:
+            merged = {k: v if type(v) is str else str(v) for k, v in more.items()}
+        entry = _new(Entry)
+        _set_id(entry, self.id)
+        _set_fields(entry, merged)
+        return entry
 
     def json(self) -> Any:
         """The value a :class:`RedisStreamSink` wrote as JSON in the field ``data``."""
@@ -139,6 +148,13 @@ class Entry:
             msg = f"entry {self.id} has no field 'data' (its fields: {sorted(self.fields)})"
             raise KeyError(msg) from None
         return json.loads(data)
+
+
+# The slots' own setters, for Entry's __init__ (the class is frozen: its __setattr__ raises).
+_set_id = Entry.__dict__["id"].__set__
+_set_fields = Entry.__dict__["fields"].__set__
+_new = object.__new__
+_flat = itertools.chain.from_iterable
 
 
 # -- talking to Redis from Trio ------------------------------------------------------------
@@ -1218,24 +1234,35 @@ class RedisStreamSink(Stage[Any, Any]):
         """Append ``item`` to the stream; return the new entry's id (with ``batch=``, a
         list of items in one round trip, and the list of their ids)."""
         batched = self.options.batch is not None and isinstance(item, list)
-        rows = [_fields_of(x) for x in item] if batched else [_fields_of(item)]
+        commands = self._commands(item if batched else [item])
         conn: _Conn = resource if resource is not None else self._connect()
         try:
-            if len(rows) == 1:
-                ids = [await conn.call(*self._xadd(rows[0]))]
+            if len(commands) == 1:
+                ids = [await conn.call(*commands[0])]
             else:
-                ids = await conn.call_many("XADD", [self._xadd(fields) for fields in rows])
+                ids = await conn.call_many("XADD", commands)
         finally:
             if resource is None:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
         return ids if batched else ids[0]
 
-    def _xadd(self, fields: dict[str, str]) -> list[Any]:
-        command: list[Any] = ["XADD", self.stream]
+    def _commands(self, items: list[Any]) -> list[list[Any]]:
+        """The ``XADD`` of each item (checked and converted as the class says)."""
+        head: list[Any] = ["XADD", self.stream]
         if self.maxlen is not None:
-            command += ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
-        command.append("*")
-        for pair in fields.items():
-            command += pair
-        return command
+            head += ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
+        head.append("*")
+        commands = []
+        for item in items:
+            if type(item) is Entry and "source_id" not in item.fields:
+                # The usual item (what a stage after a RedisStreamSource returns): its
+                # fields as they are, and its id.
+                fields = item.fields
+                commands.append([*head, *_flat(fields.items()), "source_id", item.id])
+                continue
+            command = head.copy()
+            for pair in _fields_of(item).items():
+                command += pair
+            commands.append(command)
+        return commands

@@ -25,7 +25,8 @@ from collections import deque
 from collections.abc import Callable
 
 import trio
-from trio.lowlevel import ParkingLot
+from trio.lowlevel import Abort, Task, current_task, enable_ki_protection, reschedule
+from trio.lowlevel import wait_task_rescheduled as _wait_rescheduled
 
 from .envelope import Env
 
@@ -36,6 +37,41 @@ CHUNK = 32
 #: so that slow (I/O) items spread over its workers instead of queueing behind each
 #: other in one worker's chunk; below it, a worker takes every item already waiting.
 CHUNK_BELOW = 0.0005
+
+
+class Lot(deque[Task]):
+    """Tasks waiting on an edge, oldest first, woken first come, first served.
+
+    What :class:`trio.lowlevel.ParkingLot` does for the edge, without what it does not
+    use (breaking, generic counts): one ``reschedule`` per wake and nothing more, which
+    is a third cheaper on the hop every item makes. A deque itself, so that ``len`` and
+    truth, asked on every hand-over, cost no Python call.
+    """
+
+    __slots__ = ()
+
+    @enable_ki_protection
+    async def park(self) -> None:
+        """Wait until :meth:`unpark` wakes this task (or it is cancelled)."""
+        task = current_task()
+        self.append(task)
+
+        def abort(_: object) -> Abort:
+            self.remove(task)
+            return Abort.SUCCEEDED
+
+        await _wait_rescheduled(abort)
+
+    @enable_ki_protection
+    def unpark(self, count: int = 1) -> int:
+        """Wake up to ``count`` waiting tasks, oldest first; how many were woken."""
+        n = min(count, len(self))
+        for _ in range(n):
+            reschedule(self.popleft())
+        return n
+
+    def unpark_all(self) -> int:
+        return self.unpark(len(self))
 
 
 class Edge:
@@ -58,6 +94,7 @@ class Edge:
         "stamp",
         "stranded",
         "wake_all",
+        "woke",
     )
 
     def __init__(
@@ -84,11 +121,13 @@ class Edge:
         self._holders = 0
         self._senders = 0
         self._receivers = 0
-        self._recv_lot = ParkingLot()
-        self._send_lot = ParkingLot()
+        self._recv_lot = Lot()
+        self._send_lot = Lot()
         # Receivers woken for an item that have not run yet: like those still parked,
         # each will take an item, so they count as room (as a rendezvous hand-off).
         self._waking = 0
+        # Receivers the last hand-over woke (0 if none was parked).
+        self.woke = 0
 
     # -- lifetimes --------------------------------------------------------------------------
 
@@ -121,7 +160,8 @@ class Edge:
         every receiver has left (after a checkpoint, so a cancellation is raised instead
         when that is why they left).
         """
-        if len(envs) <= self._room() and not (self._send_lot or self.broken):
+        room = self.capacity - len(self._buf) + len(self._recv_lot) + self._waking
+        if len(envs) <= room and not (self._send_lot or self.broken):
             if self.stamp:
                 t = self.now()
                 for env in envs:
@@ -165,7 +205,8 @@ class Edge:
 
     def put_now(self, envs: list[Env]) -> bool:
         """Hand ``envs`` over if they fit now; False (and nothing done) if not."""
-        if len(envs) > self._room() or self._send_lot or self.broken:
+        room = self.capacity - len(self._buf) + len(self._recv_lot) + self._waking
+        if len(envs) > room or self._send_lot or self.broken:
             return False
         if self.stamp:
             t = self.now()
@@ -192,7 +233,7 @@ class Edge:
         self._buf.extendleft(reversed(envs))
         lot = self._recv_lot
         if lot:
-            self._waking += len(lot.unpark(count=len(envs)))
+            self._waking += lot.unpark(len(envs))
 
     def put_nowait(self, env: Env) -> None:
         """Hand one item over, or raise ``trio.WouldBlock`` if the edge is full (or other
@@ -212,6 +253,7 @@ class Edge:
             self.seq = seq
         self._buf.extend(envs)
         lot = self._recv_lot
+        self.woke = 0
         if lot:
             if self.wake_all:
                 n = len(envs)
@@ -221,7 +263,9 @@ class Edge:
                 return
             else:
                 n = -(-len(envs) // CHUNK)
-            self._waking += len(lot.unpark(count=n))
+            woke = lot.unpark(n)
+            self._waking += woke
+            self.woke = woke
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -248,7 +292,7 @@ class Edge:
         else:
             out = [buf.popleft() for _ in range(limit)]
         if self._send_lot:
-            self._send_lot.unpark(count=len(out))
+            self._send_lot.unpark(len(out))
         return out
 
     def take_nowait(self, limit: int = CHUNK) -> list[Env]:

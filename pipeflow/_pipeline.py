@@ -191,21 +191,23 @@ class Outputs(Generic[Out]):
         """The next output; raises ``trio.EndOfChannel`` once the run has finished."""
         taken = self._taken
         if not taken:
+            edge = self._edge
             try:
-                taken.extend(self._edge.take_nowait(CHUNK))
-            except trio.WouldBlock:
-                try:
-                    taken.extend(await self._edge.take(CHUNK))
-                except trio.EndOfChannel:
-                    self.ended = True
-                    self._run.outlet_drained.set()
-                    raise
-                self._spins = 0
+                got = edge.take_ready(CHUNK)
             except trio.EndOfChannel:
                 self.ended = True
                 self._run.outlet_drained.set()
                 await trio.lowlevel.checkpoint()
                 raise
+            if not got:
+                try:
+                    got = await edge.take(CHUNK)
+                except trio.EndOfChannel:
+                    self.ended = True
+                    self._run.outlet_drained.set()
+                    raise
+                self._spins = 0
+            taken.extend(got)
         self._spins += 1
         if self._spins >= CHUNK:
             self._spins = 0

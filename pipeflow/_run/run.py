@@ -411,7 +411,13 @@ class Run:
                 owns = hasattr(aiter_, "aclose") and not isinstance(source, trio.abc.ReceiveChannel)
                 async with contextlib.aclosing(aiter_) if owns else contextlib.nullcontext():
                     async for item in aiter_:
-                        await inbox.put([Env(item)])
+                        envs = [Env(item)]
+                        if not inbox.put_now(envs):
+                            await inbox.put(envs)
+                        if inbox.woke:
+                            # A worker was waiting for this item: let it start before
+                            # this task goes on to fetch the next (latency at low load).
+                            await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 # A plain iterable is pulled only as far as the first stage has room,
                 # so an endless source streams in bounded memory.

@@ -59,9 +59,14 @@ class Outbox(Protocol):
         """Hand ``envs`` over if that needs no waiting; False (and nothing done) if not."""
         ...
 
+    #: How many waiting receivers the last hand-over woke.
+    woke: int
+
 
 class CollectSink:
     """The outlet of ``run()``: outputs kept in a list, each acked as it arrives."""
+
+    woke = 0  # nobody waits on a list
 
     def __init__(self, outputs: list[Any]) -> None:
         self.outputs = outputs
@@ -81,6 +86,8 @@ class CollectSink:
 
 class DropSink:
     """The outlet of ``run(collect=False)`` and ``open()``: outputs acked and dropped."""
+
+    woke = 0
 
     async def put(self, envs: list[Env]) -> float:
         self.put_now(envs)
@@ -276,12 +283,6 @@ class StageRun:
                     # Every item has left the main stages: no more dead letters.
                     self.run.close_dead_letters()
 
-    async def _take(self, inbox: Edge, limit: int) -> list[Env] | None:
-        """Wait for items; None when an autoscaled worker should retire instead."""
-        if not self.opts.autoscale:
-            return await inbox.take(limit)
-        return await take_or_retire(self, inbox, limit)
-
     async def _work(self, inbox: Edge, res: Any) -> None:
         c = self.c
         now = self.run.now
@@ -298,6 +299,8 @@ class StageRun:
         # edge (one key, one worker, its items in order).
         stepper = self.stepper if not keyed else None
         one_arg = not self.takes_resource
+        # A simple async function called as it is (no wrapper coroutine around it).
+        direct = self.stepper if one_arg else None
         autoscale = self.opts.autoscale
         min_workers = self.opts.min_workers
         task = trio.lowlevel.current_task()
@@ -324,7 +327,9 @@ class StageRun:
                 ws.state = WAITING
                 ws.since = now()
                 try:
-                    got = await self._take(inbox, limit)
+                    got = await (
+                        inbox.take(limit) if not autoscale else take_or_retire(self, inbox, limit)
+                    )
                 except trio.EndOfChannel:
                     got = None
                 except BaseException:
@@ -360,6 +365,9 @@ class StageRun:
             handed_over = False
             busy = False
             t0 = 0.0
+            # When the chunk's first item was handed to this stage: read now, as the
+            # hand-on restamps the envelopes (they travel on as the outputs).
+            queued_at = chunk[0].t
             try:
                 if spins >= CHUNK:
                     spins = 0
@@ -491,7 +499,10 @@ class StageRun:
                         else:
                             ws.at = done
                             try:
-                                result = await call(item, res)
+                                if direct is not None:
+                                    result = await direct(item)
+                                else:
+                                    result = await call(item, res)
                             except Exception as exc:
                                 error = exc
                         done += 1
@@ -539,12 +550,27 @@ class StageRun:
                     c.inflight -= ok_w
                     ok_w = ok_n = 0
                 busy = False
-                self._record(t0, chunk, calls, task, in_thread)
-                inbox.wake_all = not self.chunked
-                handed_over = True
                 if holding:
                     holding = False
                     inbox.release()
+                if reorder is None and outs and self.out.put_now(outs):
+                    # Handed on without waiting (the usual case). If that woke a worker
+                    # (or the reader) and this one has nothing more to do, step aside
+                    # before the bookkeeping, as a channel's send does: the item goes on
+                    # at once instead of after this worker's record and return to wait,
+                    # which is what latency at low load is made of. Only for quick
+                    # items: behind an item that took long (I/O), the step would cost
+                    # more than it saves.
+                    end = now()
+                    handed_over = True
+                    if self.out.woke and self.chunked and not len(inbox):
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    self._record(t0, queued_at, chunk, calls, task, in_thread, end=end)
+                    inbox.wake_all = not self.chunked
+                    continue
+                self._record(t0, queued_at, chunk, calls, task, in_thread)
+                inbox.wake_all = not self.chunked
+                handed_over = True
                 if reorder is not None:
                     blocked = await reorder.deposit(results)
                 elif outs:
@@ -561,7 +587,7 @@ class StageRun:
                     c.items_out += ok_n
                     c.inflight -= ok_w
                 if busy:
-                    self._record(t0, chunk, calls, task, stopped=True)
+                    self._record(t0, queued_at, chunk, calls, task, stopped=True)
                 # A stop (or a failure) took these items from this worker: count them,
                 # list them, and keep the outputs made but not handed on.
                 self.run.unfinish(self, [*loose[loose_from:], *chunk[done:]])
@@ -653,22 +679,28 @@ class StageRun:
     def _record(
         self,
         t0: float,
+        queued_at: float,
         chunk: list[Env],
         calls: int,
         task: trio.lowlevel.Task,
         in_thread: float = -1.0,
         *,
+        end: float | None = None,
         stopped: bool = False,
     ) -> None:
-        """A chunk's statistics: busy time, queue wait and durations, by weight.
+        """A chunk's statistics: busy time, queue wait (since ``queued_at``) and
+        durations, by weight.
         ``in_thread``: the items' own time in a worker thread, without the round trip
         to it, which is what decides whether the stage's items are quick."""
         c = self.c
+        if end is None:
+            end = self.run.now()
+        d = end - t0
         # Time spent waiting for a rate-limit token or a held breaker, or handing a
         # failure to a dead-letter sink, is not work: it must not make the stage look
         # busy (or name it the bottleneck).
-        end = self.run.now()
-        d = end - t0 - self.throttled.pop(task, 0.0)
+        if self.throttled:
+            d -= self.throttled.pop(task, 0.0)
         ws = self.workers[task]
         if ws.stalled:
             note_unstalled(self, ws, d, stopped=stopped)
@@ -677,7 +709,7 @@ class StageRun:
         ws.chunk = None
         c.busy_workers -= 1
         c.busy_time += d
-        c.waits.observe_many(t0 - chunk[0].t, len(chunk))
+        c.waits.observe_many(t0 - queued_at, len(chunk))
         if calls:
             c.durations.observe_many(d / calls, calls)
             # Only a stage with no per-item policy: retries, timeouts and rate limits

@@ -82,6 +82,7 @@ STREAM_ROWS = [
     ),
     "stream_w2_trio",
     "stream_w2_bound",
+    "stream_w2_ceiling",
     "stream_w2_cpu",
     "stream_w2_asyncio",
     "stream_threads_wall",

@@ -211,6 +211,30 @@ async def test_queue_wait_and_conservation(autojump_clock):
     assert math.isclose(1.0, e.queue_wait_p99, rel_tol=0.1)
 
 
+async def test_queue_wait_of_a_chunk_whose_item_waits(autojump_clock):
+    """The outputs a chunk hands on before its waiting item finishes do not change the
+    queue wait it records (the envelopes travel on as outputs, restamped)."""
+
+    @stage(buffer=8)
+    async def work(x):
+        if x == 0:
+            await trio.sleep(3)  # slow: the next item is taken alone, at 3
+        elif x == 3:
+            await trio.sleep(1)  # waits inside the chunk [2, 3, 4, 5] taken at 3
+        return x
+
+    @stage
+    async def after(x):
+        return x
+
+    result = await Pipeline(work | after).arun(range(6))
+    assert list(range(6)) == sorted(result.outputs)
+    # All six queued at 0. Taken at 0 (item 0), 3 (item 1), 3 (items 2 and 3: 4 and 5
+    # go back when 3 waits), 4 (items 4 and 5): waits 0, 3, 3, 3, 4, 4.
+    s = result.stats["work"]
+    assert math.isclose(17 / 6, s.queue_wait_mean)
+
+
 async def test_a_stage_held_up_by_a_slow_consumer_is_not_the_bottleneck(autojump_clock):
     """The consumer of stream() reads one output a second, with no buffer between them;
     quick (0.125 s per item) spends most of its time blocked sending: it does not limit

@@ -417,7 +417,9 @@ class Run:
                         if inbox.woke:
                             # A worker was waiting for this item: let it start before
                             # this task goes on to fetch the next (latency at low load).
-                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            # A checkpoint a stop can end, as a source that never waits
+                            # might never let the edge fill.
+                            await trio.lowlevel.checkpoint()
             else:
                 # A plain iterable is pulled only as far as the first stage has room,
                 # so an endless source streams in bounded memory.

@@ -122,7 +122,7 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
     import trio
 
     from pipeflow import Pipeline, stage
-    from pipeflow.connectors._resp import _pack
+    from pipeflow.connectors._resp import _pack_many
     from pipeflow.connectors.redis import Entry, RedisStreamSink
 
     acked: list[str] = []
@@ -176,7 +176,7 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
             pass
 
         async def process(self, item: Any, resource: Any = None) -> Any:
-            return len(b"".join(_pack(command) for command in self._commands(item)))
+            return len(_pack_many(self._commands(item)))
 
     @stage(workers=8)
     async def work(entry: Entry) -> Entry:
@@ -192,7 +192,7 @@ async def _hand_no_io(pages: list[list[Any]]) -> int:
     """The hand-written member with Redis taken out: the same decoding, work and packing."""
     import trio
 
-    from pipeflow.connectors._resp import _pack
+    from pipeflow.connectors._resp import _pack_many
 
     done = 0
     for page in pages:
@@ -204,7 +204,7 @@ async def _hand_no_io(pages: list[list[Any]]) -> int:
             commands.append(("XADD", RESULTS, "*", "n", n, "square", n * n, "source_id", entry_id))
             ids.append(entry_id)
         commands.append(("XACK", STREAM, GROUP, *ids))
-        b"".join(_pack(c) for c in commands)
+        _pack_many(commands)
         done += len(ids)
         await trio.lowlevel.checkpoint()
     return done

@@ -49,6 +49,10 @@ for the first; ``[]`` at the end): the run then takes them a chunk at a time ins
 one ``__anext__`` per item, which costs less per item. ``limit`` is the room in front of
 the first stage, whose buffer holds at least 64 items after an acking source (unless
 the stage sets ``buffer=``), and ``capacity`` counts them.
+
+An ack class may also offer a static ``__pipeflow_done_all__(acks)`` that does what
+``done()`` on each of ``acks`` would, in one call (its own acks settled together, any
+other ack in the list by its ``done()``): the run then settles a batch's items with it.
 """
 
 from __future__ import annotations

@@ -142,6 +142,39 @@ async def test_a_flat_map_acks_once_every_child_is_done(r, url):
     assert set() == pending_ids(r)
 
 
+async def test_an_entry_split_across_batches_is_acked_after_its_last_batch(r, url):
+    """A flat-map's children in different batches of a batched sink (whose items are
+    acked together): the entry stays pending until the batch with its last child is
+    written, then is acked once."""
+    (entry_id,) = add_jobs(r, 1)
+    release = trio.Event()
+
+    @stage
+    async def split(entry: Entry):
+        for k in range(5):
+            yield entry.with_fields(k=k)
+
+    @stage
+    async def gate(entry: Entry) -> Entry:
+        if entry.fields["k"] == "4":
+            await release.wait()
+        return entry
+
+    source = RedisStreamSource(url, "jobs", group="workers", consumer="a", drain=True)
+    sink = RedisStreamSink(url, "results", batch=2, batch_timeout=0.05)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Pipeline(split | gate | sink).arun, source)
+            await eventually(lambda: r.xlen("results") >= 4)
+            await trio.sleep(0.1)  # time enough for a wrong, early XACK
+            assert {entry_id} == await trio.to_thread.run_sync(pending_ids, r)
+            assert (0, 1) == (source.statistics().acked, source.statistics().pending)
+            release.set()
+    assert [entry_id] * 5 == source_ids(r)
+    assert set() == pending_ids(r)
+    assert 1 == source.statistics().acked
+
+
 async def test_filtered_and_multiplied_entries_are_all_acked(r, url):
     """A stage yielding 0, 1 or 2 outputs per entry: every entry is acked, every output
     written."""

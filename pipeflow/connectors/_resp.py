@@ -219,6 +219,15 @@ def _pack(args: Sequence[Any]) -> bytes:
         )
 
 
+def _pack_many(commands: Sequence[Sequence[Any]]) -> bytes:
+    """Several commands packed into one payload (a pipeline)."""
+    pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+    try:
+        return b"".join([pack(tuple(command)) for command in commands])
+    except UnicodeEncodeError:
+        return b"".join([_pack(command) for command in commands])
+
+
 class Connection:
     """One connection: a command goes out, its reply comes back, in step."""
 
@@ -400,8 +409,7 @@ class Client:
     ) -> list[Any]:
         """Run several commands in one round trip (a pipeline, not a transaction); their
         replies, error replies as :class:`RedisError` values in the list."""
-        payload = b"".join(_pack(c) for c in commands)
-        return await self._request(payload, len(commands), blocks_for)
+        return await self._request(_pack_many(commands), len(commands), blocks_for)
 
     async def _request(self, payload: bytes, replies: int, blocks_for: float) -> list[Any]:
         if self._closed:

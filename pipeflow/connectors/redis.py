@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .._errors import short_repr
 from .._log import get_logger
 from .._stage import Stage
+from ..abc import Ack
 
 __all__ = [
     "RedisStreamSource",
@@ -129,12 +130,12 @@ class Entry:
 
     def with_fields(self, fields: Mapping[str, object] | None = None, /, **more: object) -> Entry:
         """A new entry with the same ``id`` and these fields (values turned into ``str``)."""
+        merged: dict[str, str] = {}
         if fields:
-            merged = {str(key): str(value) for key, value in fields.items()}
-            for key, value in more.items():  # keyword names are str already
-                merged[key] = value if type(value) is str else str(value)
-        else:
-            merged = {k: v if type(v) is str else str(v) for k, v in more.items()}
+            for key, value in fields.items():
+                merged[str(key)] = str(value)
+        for key, value in more.items():  # keyword names are str already
+            merged[key] = value if type(value) is str else str(value)
         entry = _new(Entry)
         _set_id(entry, self.id)
         _set_fields(entry, merged)
@@ -772,6 +773,27 @@ class _EntryAck:
         if self._left == 0:
             self._consumer.finished(self._id)
 
+    @staticmethod
+    def __pipeflow_done_all__(acks: Sequence[Ack]) -> None:
+        """``done()`` on each of ``acks`` (a batch's items), their finished entries
+        handed to their consumer together; an ack of another kind by its ``done()``."""
+        consumer: _Consumer | None = None
+        ids: list[str] = []
+        for ack in acks:
+            if type(ack) is not _EntryAck:
+                ack.done()
+                continue
+            ack._left -= 1
+            if ack._left == 0:
+                if ack._consumer is not consumer:
+                    if consumer is not None:
+                        consumer.finished_many(ids)
+                    consumer = ack._consumer
+                    ids = []
+                ids.append(ack._id)
+        if consumer is not None:
+            consumer.finished_many(ids)
+
 
 class _Consumer:
     """One open source: what it holds, and how it reads, reclaims and acks.
@@ -1053,6 +1075,13 @@ class _Consumer:
         self._ack_wanted.set()
         if 2 * len(self.to_ack) >= self.capacity:
             self._room.set()  # a reader waiting for room can read now, acking these
+
+    def finished_many(self, ids: list[str]) -> None:
+        """As :meth:`finished`, for several entries at once."""
+        self.to_ack += ids
+        self._ack_wanted.set()
+        if 2 * len(self.to_ack) >= self.capacity:
+            self._room.set()
 
     def _take_acks(self) -> list[str]:
         """Up to a chunk of finished ids, taken for one XACK (given back if it fails)."""

@@ -10,8 +10,9 @@ item has left the pipeline (``XACK`` batched by the source); the hand-written me
 the minimal loop a careful programmer writes with the same client (``XREADGROUP COUNT
 100``, then the ``XADD``s and one ``XACK`` in one round trip, nothing in flight).
 
-Each member is a fresh process (``--member``) that imports everything, says it is ready
-and starts on a signal, so start-up is not timed; it reports its own CPU seconds
+Each member is a fresh process (``--member``) that imports everything, freezes what it
+loaded (``gc.freeze()``, as ``pipeflow run`` does), says it is ready and starts on a
+signal, so start-up is not timed; it reports its own CPU seconds
 (``time.process_time()``). A redis-server of its own (no persistence) runs on a free
 127.0.0.1 port; its CPU is read from ``/proc``. Figures: entries/s of the fleet
 (entries / the span from the first start to the last end), CPU per entry of the members
@@ -29,6 +30,7 @@ Redis: 6 or more).
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import shutil
@@ -228,6 +230,9 @@ def member(url: str, consumer: str, kind: str) -> None:
     else:
         member_of = _pipeflow_member if kind == "pipeflow" else _hand_member
         run = functools.partial(member_of, url, consumer)
+    # As `pipeflow run` does before its run: what is loaded is frozen, so full
+    # collections do not walk it (both kinds, so the comparison stays fair).
+    gc.freeze()
     print("ready", flush=True)
     sys.stdin.readline()  # "go"
     cpu0, start = time.process_time(), time.time()

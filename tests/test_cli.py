@@ -4,6 +4,7 @@ status 2 for every kind of bad input."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -321,6 +322,36 @@ def test_run_without_input_runs_no_items(app, capsys):
     assert captured.err.startswith("pipeflow: no --input given: running with no items")
     report = json.loads((app / "empty.json").read_text())
     assert [0, 0] == [s["items_in"] for s in report["stages"]]
+
+
+def test_run_freezes_what_it_loaded_for_the_run(app, capsys):
+    """During `pipeflow run` the objects loaded before it (modules, the pipeline) are
+    frozen (gc.freeze), so full collections do not walk them; unfrozen after."""
+    (app / "gcapp.py").write_text(
+        textwrap.dedent(
+            """
+            import gc
+            from pipeflow import Pipeline, stage
+
+            seen = []
+
+            @stage
+            def frozen(line):
+                seen.append(gc.get_freeze_count())
+                return line
+
+            pipeline = Pipeline(frozen)
+            """
+        )
+    )
+    assert 0 == gc.get_freeze_count()
+    assert 0 == main(["run", "gcapp:pipeline", "--input", "items.txt", "-q"])
+    capsys.readouterr()
+    seen = sys.modules["gcapp"].seen
+    assert 20 == len(seen)
+    assert min(seen) > 0
+    assert 0 == gc.get_freeze_count()
+    sys.modules.pop("gcapp", None)
 
 
 def test_run_accepts_a_chain_and_a_file_path(app, capsys):

@@ -91,6 +91,26 @@ async def test_outer_cancellation_sets_the_stream_result_and_balances(autojump_c
     assert_nothing_left_running()
 
 
+async def test_a_stop_during_a_rate_limit_wait_counts_it_as_throttled(autojump_clock):
+    """A wait for a token that a stop ends is throttled time, not busy time: the stage
+    did no work, and must not look like the bottleneck in the stopped run's figures."""
+
+    @stage(rate=1.0)
+    async def paced(x):
+        return x
+
+    with trio.move_on_after(0.5):
+        async with Pipeline(paced).stream(range(3)) as outputs:
+            async for _ in outputs:
+                pass
+    assert outputs.result is not None
+    s = outputs.result.stats["paced"]
+    # Item 0 takes the one token at 0; item 1 waits for the next (due at 1.0) until
+    # the stop at 0.5; item 2 never leaves the queue.
+    assert (1, 2) == (s.ok, s.cancelled)
+    assert (0.5, 0.0) == (s.throttled_seconds, s.busy_seconds)
+
+
 async def test_leaving_stream_early_lists_the_unfinished_items(autojump_clock):
     """A reader that stops after 3 outputs cancels the run; the items in flight are
     cancelled, and the outputs never read are neither acked nor lost from the counts."""

@@ -312,12 +312,13 @@ def with_policies(sr: StageRun, call: Call) -> Call:
                         c.busy_workers += 1
                         if ws is not None:
                             ws.state = CALLING
-                    waited = now() - waited_from
-                    if waited:
                         # Waiting for a token or a held breaker is not work: it must not
-                        # make the stage look busy (or name it the bottleneck).
-                        c.throttled_time += waited
-                        sr.throttled[task] = sr.throttled.get(task, 0.0) + waited
+                        # make the stage look busy (or name it the bottleneck), also
+                        # when a stop ends the wait.
+                        waited = now() - waited_from
+                        if waited:
+                            c.throttled_time += waited
+                            sr.throttled[task] = sr.throttled.get(task, 0.0) + waited
                 if timeout is not None and process_pool is not None:
                     await process_pool.warm()
                 if timeout is None:

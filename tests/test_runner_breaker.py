@@ -585,3 +585,203 @@ def test_signals_at_random_moments_near_the_end_of_a_run(tmp_path):
         assert r["stop_after"] < r["grace"] + 5, r  # loaded CI machines: a wide margin
         # Stopped by the signal: none is raised again when the gate closes.
         assert "__exit__" not in [where for _, where in r["seen"]], r
+
+
+# -- the step aside, the Lot, the reader's take_ready (issue 11) ------------------------------
+
+
+def _mixed_stage(rng, i):
+    """A stage of a kind today's hot path treats differently: a quick async map (its
+    worker steps aside after waking the next), one that waits now and then, a keyed or
+    batch stage, an autoscaled one (workers retire while parked in the Lot), an inline
+    plain function, an async generator."""
+    kind = rng.choice(["quick", "quick", "waits", "keyed", "batch", "auto", "inline", "agen"])
+    name = f"m{i}_{kind}"
+    options = {"name": name, "buffer": rng.choice([0, 1, 8, None])}
+    if rng.random() < 0.3 and kind not in ("batch", "keyed"):
+        options["ordered"] = True
+    if rng.random() < 0.2:
+        options["errors"] = rng.choice(["skip", "embed", "collect"])
+    fails = rng.choice([0, 0, 7, 23])
+
+    def check(x):
+        if fails and isinstance(x, int) and x % fails == 3:
+            raise ValueError(f"{name} fails on {x}")
+
+    if kind == "batch":
+
+        @stage(**options, workers=rng.choice([1, 2]), batch=rng.choice([2, 5]), batch_timeout=0.05)
+        async def batched(xs):
+            await trio.sleep(0.001 * rng.random())
+            return xs[0] if xs else 0
+
+        return batched
+    if kind == "agen":
+
+        @stage(**options, workers=rng.choice([1, 3]))
+        async def spread(x):
+            check(x)
+            for _ in range(x % 3 if isinstance(x, int) else 1):
+                yield x
+
+        return spread
+    if kind == "inline":
+
+        @stage(**options, workers=rng.choice([1, 2]), run_in="task")
+        def inline(x):
+            check(x)
+            return x
+
+        return inline
+    if kind == "keyed":
+        options["key"] = lambda x: x % 5 if isinstance(x, int) else 0
+    if kind == "auto":
+        options["workers"] = (1, rng.choice([2, 4]))
+    else:
+        options.setdefault("workers", rng.choice([1, 2, 4, 8]))
+    waits = kind in ("waits", "auto", "keyed")
+
+    @stage(**options)
+    async def work(x):
+        check(x)
+        if waits and isinstance(x, int) and x % 4 == 1:
+            await trio.sleep(rng.choice([0, 0.001, 0.01]))
+        return x
+
+    return work
+
+
+def _check_gauges(pipeline, previous):
+    """What a monitor reads while items flow: no gauge negative, no more busy workers
+    than workers, counters that only go up."""
+    samples = pipeline.samples()
+    for name, s in samples.items():
+        assert s.inflight >= 0, s
+        assert s.queue_depth >= 0, s
+        assert 0 <= s.busy_workers <= s.workers, s
+        assert s.wait_sum >= 0, s
+        assert s.duration_sum >= 0, s
+        assert s.oldest_inflight_seconds >= 0, s
+        before = previous.get(name)
+        if before is not None:
+            for field in ("ok", "failed", "filtered", "dropped", "cancelled", "retried"):
+                assert getattr(s, field) >= getattr(before, field), (field, before, s)
+            assert sum(s.wait_counts) >= sum(before.wait_counts), s
+            assert sum(s.duration_counts) >= sum(before.duration_counts), s
+        previous[name] = s
+    for w in pipeline.current_workers() or []:
+        assert w.seconds >= 0, w
+    for s in (pipeline.current_stats() or {}).values():
+        assert s.inflight >= 0, s
+        assert s.busy_workers >= 0, s
+        assert s.items_in >= s.ok + s.filtered + s.failed + s.dropped + s.cancelled, s
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_mixed_chains_watched_while_they_run_under_random_stops(seed, autojump_clock):
+    """Random chains of quick, waiting, keyed, batch, autoscaled, inline and flat-map
+    stages fed by a list, an async generator with long gaps (autoscaled workers retire
+    while parked) or an endless async generator that never awaits, read by arun, a
+    stream(buffer=0 or 32) or open() fed from several tasks; a monitor reads samples(),
+    current_workers() and current_stats() between every scheduler round it gets. Gauges
+    never go negative, busy never exceeds workers, counters only go up, every stage
+    balances at the end, waits are never negative, nothing is left running."""
+    rng = random.Random(seed)
+    chain = _mixed_stage(rng, 0)
+    for i in range(1, rng.randint(1, 4)):
+        chain = chain | _mixed_stage(rng, i)
+    pipeline = Pipeline(chain)
+    n = rng.choice([1, 50, 300])
+    source_kind = rng.choice(["list", "gaps", "endless"])
+
+    async def gaps():
+        for i in range(n):
+            if i % 97 == 96:
+                await trio.sleep(rng.choice([0.5, 40]))
+            yield i
+
+    async def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    mode = rng.choice(["arun", "stream", "open"]) if source_kind != "endless" else "stream"
+    stop = rng.choice(["none", "outer", "leave"]) if source_kind != "endless" else "leave"
+    leave_at = rng.randint(0, n)
+    previous = {}
+    result, stopped, seen = None, False, []
+
+    async def monitor():
+        for _ in range(800):  # a budget: each look costs about a millisecond
+            _check_gauges(pipeline, previous)
+            await trio.sleep(rng.choice([0, 0, 0.001, 0.05]))
+
+    with trio.fail_after(10_000):
+        async with trio.open_nursery() as watch:
+            watch.start_soon(monitor)
+            try:
+                with trio.move_on_after(rng.random() * 3 if stop == "outer" else 10_000) as scope:
+                    if mode == "arun":
+                        source = range(n) if source_kind == "list" else gaps()
+                        result = await pipeline.arun(source)
+                        seen = result.outputs
+                    elif mode == "stream":
+                        source = {"list": range(n), "gaps": gaps(), "endless": endless()}[
+                            source_kind
+                        ]
+                        outputs = None
+                        try:
+                            async with pipeline.stream(
+                                source, buffer=rng.choice([0, 32])
+                            ) as outputs:
+                                async for out in outputs:
+                                    seen.append(out)
+                                    if stop == "leave" and len(seen) >= leave_at:
+                                        stopped = True
+                                        break
+                        finally:
+                            result = outputs.result if outputs is not None else None
+                    else:
+                        flow = None
+                        try:
+                            async with pipeline.open() as flow, trio.open_nursery() as feeders:
+                                for f in range(rng.randint(1, 4)):
+
+                                    async def feed(f=f):
+                                        for i in range(f, n, 4):
+                                            how = rng.choice(["send", "send", "nowait", "offer"])
+                                            if how == "send":
+                                                await flow.send(i)
+                                            elif how == "offer":
+                                                flow.offer(i)
+                                            else:
+                                                try:
+                                                    flow.send_nowait(i)
+                                                except PipelineFull:
+                                                    await flow.send(i)
+                                            if i % 9 == 0:
+                                                await trio.sleep(0.001)
+
+                                    feeders.start_soon(feed)
+                        finally:
+                            result = flow.result if flow is not None else None
+                stopped = stopped or scope.cancelled_caught
+            except StageError as exc:
+                result, stopped = exc.result, True
+            _check_gauges(pipeline, previous)
+            watch.cancel_scope.cancel()
+    if result is None:
+        assert mode == "arun"
+        assert stopped
+    else:
+        assert_balanced(result, pipeline if not stopped else None)
+        for s in result.stats.values():
+            assert s.queue_wait_mean >= 0, s
+            assert s.duration_mean >= 0, s
+            assert s.busy_seconds >= 0, s
+            assert s.blocked_seconds >= 0, s
+            assert s.busy_workers == 0, s
+        if not stopped and source_kind != "endless":
+            assert [] == result.unfinished
+    assert_nothing_left_running()

@@ -785,3 +785,46 @@ async def test_mixed_chains_watched_while_they_run_under_random_stops(seed, auto
         if not stopped and source_kind != "endless":
             assert [] == result.unfinished
     assert_nothing_left_running()
+
+
+@pytest.mark.parametrize("reader", ["arun", "stream"])
+async def test_a_worker_stepping_aside_is_not_shown_busy_with_the_item_it_handed_on(
+    reader, autojump_clock
+):
+    """At low load a quick stage's worker that woke the next stage steps aside before its
+    bookkeeping. Meanwhile the next stage runs the item: what a monitor reads then (the
+    next stage's function reads it here, as a /workers page or a scrape in that round
+    would) must not show the first stage still calling that item, or busy with nothing
+    in flight (before the fix: "calling 1" in both stages, workers_busy 1, inflight 0)."""
+    seen = []
+
+    @stage(workers=1)
+    async def first(x):
+        return x
+
+    @stage(workers=1)
+    async def second(x):
+        workers = [w for w in pipeline.current_workers() if w.stage == "first"]
+        sample = pipeline.samples()["first"]
+        seen.append((x, [(w.state, w.item) for w in workers], sample.busy_workers, sample.inflight))
+        return x
+
+    pipeline = Pipeline(first | second)
+
+    async def trickle():
+        for i in range(20):
+            await trio.sleep(0.01)  # the stages are idle when each item comes
+            yield i
+
+    if reader == "arun":
+        result = await pipeline.arun(trickle())
+    else:
+        async with pipeline.stream(trickle()) as outputs:
+            async for _ in outputs:
+                pass
+        result = outputs.result
+    assert list(range(20)) == sorted(result.outputs if reader == "arun" else [x for x, *_ in seen])
+    for x, workers, busy, inflight in seen:
+        assert ("calling", str(x)) not in workers, (x, workers)
+        assert (busy, inflight) == (0, 0), (x, workers, busy, inflight)
+    assert_balanced(result, pipeline)

@@ -564,7 +564,14 @@ class StageRun:
                     end = now()
                     handed_over = True
                     if self.out.woke and self.chunked and not len(inbox):
+                        # Its items have gone on: while it steps aside, the gauges and
+                        # the live views must not show it busy with them (_record, next,
+                        # does the rest of the bookkeeping).
+                        c.busy_workers -= 1
+                        ws.state = SENDING
                         await trio.lowlevel.cancel_shielded_checkpoint()
+                        c.busy_workers += 1
+                        ws.state = CALLING
                     self._record(t0, queued_at, chunk, calls, task, in_thread, end=end)
                     inbox.wake_all = not self.chunked
                     continue

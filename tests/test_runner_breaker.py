@@ -828,3 +828,31 @@ async def test_a_worker_stepping_aside_is_not_shown_busy_with_the_item_it_handed
         assert ("calling", str(x)) not in workers, (x, workers)
         assert (busy, inflight) == (0, 0), (x, workers, busy, inflight)
     assert_balanced(result, pipeline)
+
+
+@pytest.mark.parametrize("workers", [(1, 4), (2, 8), (1, 1)])
+async def test_an_autoscaled_quick_stage_takes_a_lone_item_at_once(workers, autojump_clock):
+    """Low load through an autoscaled stage whose items are quick: each item, coming
+    alone, is taken at once by a parked worker. (Before the fix it waited in the queue
+    for seconds, until the queue was 80% full and the autoscaler started a worker: the
+    autoscaler counted as a receiver "at work", so the hand-over woke no parked worker.)"""
+
+    @stage(workers=workers)
+    async def scaled(t):
+        return t
+
+    @stage(workers=1)
+    async def after(t):
+        return t
+
+    async def trickle():
+        for _ in range(12):
+            await trio.sleep(1)
+            yield trio.current_time()
+
+    latencies = []
+    async with Pipeline(scaled | after).stream(trickle()) as outputs:
+        async for t in outputs:
+            latencies.append(trio.current_time() - t)
+    assert [0.0] * 12 == latencies
+    assert_balanced(outputs.result)

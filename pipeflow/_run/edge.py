@@ -81,6 +81,7 @@ class Edge:
         "_buf",
         "_closed",
         "_holders",
+        "_keepers",
         "_receivers",
         "_recv_lot",
         "_send_lot",
@@ -121,6 +122,9 @@ class Edge:
         self._holders = 0
         self._senders = 0
         self._receivers = 0
+        # Tasks that keep the edge open for receivers they may start (the autoscaler)
+        # but take nothing: not receivers a hand-over may count on to come back for it.
+        self._keepers = 0
         self._recv_lot = Lot()
         self._send_lot = Lot()
         # Receivers woken for an item that have not run yet: like those still parked,
@@ -146,7 +150,18 @@ class Edge:
 
     def receiver_done(self) -> None:
         self._receivers -= 1
-        if self._receivers == 0 and not self.broken:
+        if self._receivers == 0 and not self._keepers and not self.broken:
+            self.broken = True
+            self._send_lot.unpark_all()
+
+    def add_keeper(self) -> None:
+        """A task that may start receivers (the autoscaler) holds the edge open, as a
+        receiver would, without counting as one that will come back for items."""
+        self._keepers += 1
+
+    def keeper_done(self) -> None:
+        self._keepers -= 1
+        if self._receivers == 0 and not self._keepers and not self.broken:
             self.broken = True
             self._send_lot.unpark_all()
 

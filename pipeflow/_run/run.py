@@ -341,7 +341,7 @@ class Run:
             for _ in range(opts.min_workers):
                 sr.start_worker(nursery, inbox)
             if opts.autoscale:
-                inbox.add_receiver()
+                inbox.add_keeper()
                 sr.add_sender()
                 nursery.start_soon(supervise, sr, nursery, inbox, name=f"{name}:autoscale")
         self._inner_edges[id(sr)] = inner

@@ -405,5 +405,5 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
                 )
                 last_change = now()
     finally:
-        inbox.receiver_done()
+        inbox.keeper_done()
         sr.sender_done()

@@ -856,3 +856,35 @@ async def test_an_autoscaled_quick_stage_takes_a_lone_item_at_once(workers, auto
             latencies.append(trio.current_time() - t)
     assert [0.0] * 12 == latencies
     assert_balanced(outputs.result)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="edge._add: while a receiver of quick items is at work, a hand-over wakes no "
+    "parked receiver, even when that worker's item turned out to wait (I/O): the items "
+    "behind it wait for it while the stage's other workers sit idle (7c273d2)",
+)
+async def test_an_item_that_turns_out_slow_does_not_hold_up_the_items_after_it(autojump_clock):
+    """A stage whose items are quick (so it takes chunks) has one item that waits 10 s
+    (a cache miss, say). The items that come while it waits are taken at once by the
+    stage's other, idle worker, not kept in the queue behind it (they waited 9, 8, 7 and
+    6 s: head-of-line blocking with a worker idle)."""
+
+    @stage(workers=2)
+    async def lookup(x):
+        i, _ = x
+        if i == 5:
+            await trio.sleep(10)
+        return x
+
+    async def trickle():
+        for i in range(12):
+            await trio.sleep(1)
+            yield i, trio.current_time()
+
+    latencies = {}
+    async with Pipeline(lookup).stream(trickle()) as outputs:
+        async for i, t in outputs:
+            latencies[i] = trio.current_time() - t
+    assert 10 == latencies.pop(5)
+    assert {i: 0.0 for i in range(12) if i != 5} == latencies

@@ -888,3 +888,39 @@ async def test_an_item_that_turns_out_slow_does_not_hold_up_the_items_after_it(a
             latencies[i] = trio.current_time() - t
     assert 10 == latencies.pop(5)
     assert {i: 0.0 for i in range(12) if i != 5} == latencies
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="edge._add: a receiver of quick items blocked handing its outputs on counts as "
+    "at work too: the hand-over wakes none of the stage's parked workers (7c273d2)",
+)
+async def test_items_that_need_nothing_downstream_pass_a_worker_blocked_downstream(
+    autojump_clock,
+):
+    """A quick filter with two workers before a slow stage (20 s an item, no buffer): the
+    second item it keeps leaves one worker blocked handing it on, the other idle. The
+    items the filter drops, coming after, are taken at once by the idle worker (they
+    waited 17, 16, 15, 14 s in the queue for the blocked one)."""
+    dropped_after = {}
+
+    @stage(workers=2, run_in="task")
+    def pick(x):
+        i, t = x
+        if i not in (0, 2):
+            dropped_after[i] = trio.current_time() - t
+            return
+        yield x
+
+    @stage(workers=1, buffer=0)
+    async def slow(x):
+        await trio.sleep(20)
+        return x
+
+    async def trickle():
+        for i in range(12):
+            await trio.sleep(1)
+            yield i, trio.current_time()
+
+    await Pipeline(pick | slow).arun(trickle())
+    assert {i: 0.0 for i in range(12) if i not in (0, 2)} == dropped_after

@@ -860,11 +860,13 @@ class _Consumer:
         if not await self._ready():
             return []
         buffer = self.buffer
-        pairs = []
-        for _ in range(min(limit, len(buffer))):
-            entry = buffer.popleft()
-            pairs.append((entry, _EntryAck(self, entry.id)))
-        return pairs
+        if limit >= len(buffer):
+            entries = list(buffer)
+            buffer.clear()
+        else:
+            popleft = buffer.popleft
+            entries = [popleft() for _ in range(limit)]
+        return [(entry, _EntryAck(self, entry.id)) for entry in entries]
 
     async def _ready(self) -> bool:
         """Until an entry waits in ``buffer`` (True), or the source has ended (False)."""

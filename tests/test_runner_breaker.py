@@ -858,12 +858,6 @@ async def test_an_autoscaled_quick_stage_takes_a_lone_item_at_once(workers, auto
     assert_balanced(outputs.result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edge._add: while a receiver of quick items is at work, a hand-over wakes no "
-    "parked receiver, even when that worker's item turned out to wait (I/O): the items "
-    "behind it wait for it while the stage's other workers sit idle (7c273d2)",
-)
 async def test_an_item_that_turns_out_slow_does_not_hold_up_the_items_after_it(autojump_clock):
     """A stage whose items are quick (so it takes chunks) has one item that waits 10 s
     (a cache miss, say). The items that come while it waits are taken at once by the

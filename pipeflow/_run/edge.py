@@ -88,6 +88,7 @@ class Edge:
         "_senders",
         "_waking",
         "broken",
+        "calling",
         "capacity",
         "now",
         "numbered",
@@ -132,6 +133,9 @@ class Edge:
         self._waking = 0
         # Receivers the last hand-over woke (0 if none was parked).
         self.woke = 0
+        # Receivers in a call of the stage's function. A hand-over can only happen
+        # during one if the call waits (I/O): such a receiver is not coming back soon.
+        self.calling = 0
 
     # -- lifetimes --------------------------------------------------------------------------
 
@@ -272,9 +276,10 @@ class Edge:
         if lot:
             if self.wake_all:
                 n = len(envs)
-            elif self._receivers > len(lot) + self._waking:
-                # A receiver of quick items is at work and will take these when it
-                # comes back: waking another would only cost a scheduler round.
+            elif self._receivers > len(lot) + self._waking + self.calling:
+                # A receiver of quick items is at work (its bookkeeping, or stepping
+                # aside) and will take these when it comes back: waking another would
+                # only cost a scheduler round.
                 return
             else:
                 n = -(-len(envs) // CHUNK)

@@ -364,6 +364,7 @@ class StageRun:
             ok_w = ok_n = 0  # items with one output (weight, count): counted per chunk
             handed_over = False
             busy = False
+            calling = False
             t0 = 0.0
             # When the chunk's first item was handed to this stage: read now, as the
             # hand-on restamps the envelopes (they travel on as the outputs).
@@ -379,6 +380,15 @@ class StageRun:
                 ws.at = 0
                 c.busy_workers += 1
                 busy = True
+                # While this worker calls the stage's function in its own task, items
+                # handed to its inbox wake a waiting worker: if a hand-over happens
+                # meanwhile, the call has let other tasks run (it waits: I/O), and no
+                # one should queue behind it (see Edge.calling). A thread chunk's call
+                # is not counted: its round trip is short, and the stage's chunks stay
+                # whole.
+                if chunk_call is None:
+                    inbox.calling += 1
+                    calling = True
                 in_thread = -1.0  # seconds the items took in a worker thread, if they did
                 if stepper is not None and n > 1:
                     # async def items, run by one driver (calls.drive): no scheduler round
@@ -543,6 +553,9 @@ class StageRun:
                         else:
                             outs.append(env)
                             outs.extend(Env(x, ack) for x in result[1:])
+                if calling:
+                    inbox.calling -= 1
+                    calling = False
                 # Statistics once per chunk: two clock reads, histograms by weight.
                 if ok_n:
                     c.ok += ok_w
@@ -587,6 +600,8 @@ class StageRun:
                 if blocked:
                     c.blocked_time += blocked
             except BaseException:
+                if calling:
+                    inbox.calling -= 1
                 if holding:
                     inbox.release()
                 if ok_n:

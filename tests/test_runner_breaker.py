@@ -884,11 +884,6 @@ async def test_an_item_that_turns_out_slow_does_not_hold_up_the_items_after_it(a
     assert {i: 0.0 for i in range(12) if i != 5} == latencies
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edge._add: a receiver of quick items blocked handing its outputs on counts as "
-    "at work too: the hand-over wakes none of the stage's parked workers (7c273d2)",
-)
 async def test_items_that_need_nothing_downstream_pass_a_worker_blocked_downstream(
     autojump_clock,
 ):

@@ -87,8 +87,8 @@ class Edge:
         "_send_lot",
         "_senders",
         "_waking",
+        "away",
         "broken",
-        "calling",
         "capacity",
         "now",
         "numbered",
@@ -133,9 +133,10 @@ class Edge:
         self._waking = 0
         # Receivers the last hand-over woke (0 if none was parked).
         self.woke = 0
-        # Receivers in a call of the stage's function. A hand-over can only happen
-        # during one if the call waits (I/O): such a receiver is not coming back soon.
-        self.calling = 0
+        # Receivers away from this edge for a while: in a call of the stage's function
+        # (a hand-over can only happen during one if the call waits: I/O), or waiting
+        # for room to hand their outputs on. Not coming back soon, so not counted on.
+        self.away = 0
 
     # -- lifetimes --------------------------------------------------------------------------
 
@@ -276,7 +277,7 @@ class Edge:
         if lot:
             if self.wake_all:
                 n = len(envs)
-            elif self._receivers > len(lot) + self._waking + self.calling:
+            elif self._receivers > len(lot) + self._waking + self.away:
                 # A receiver of quick items is at work (its bookkeeping, or stepping
                 # aside) and will take these when it comes back: waking another would
                 # only cost a scheduler round.

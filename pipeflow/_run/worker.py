@@ -383,11 +383,11 @@ class StageRun:
                 # While this worker calls the stage's function in its own task, items
                 # handed to its inbox wake a waiting worker: if a hand-over happens
                 # meanwhile, the call has let other tasks run (it waits: I/O), and no
-                # one should queue behind it (see Edge.calling). A thread chunk's call
+                # one should queue behind it (see Edge.away). A thread chunk's call
                 # is not counted: its round trip is short, and the stage's chunks stay
                 # whole.
                 if chunk_call is None:
-                    inbox.calling += 1
+                    inbox.away += 1
                     calling = True
                 in_thread = -1.0  # seconds the items took in a worker thread, if they did
                 if stepper is not None and n > 1:
@@ -554,7 +554,7 @@ class StageRun:
                             outs.append(env)
                             outs.extend(Env(x, ack) for x in result[1:])
                 if calling:
-                    inbox.calling -= 1
+                    inbox.away -= 1
                     calling = False
                 # Statistics once per chunk: two clock reads, histograms by weight.
                 if ok_n:
@@ -591,17 +591,22 @@ class StageRun:
                 self._record(t0, queued_at, chunk, calls, task, in_thread)
                 inbox.wake_all = not self.chunked
                 handed_over = True
-                if reorder is not None:
-                    blocked = await reorder.deposit(results)
-                elif outs:
-                    blocked = await self.out.put(outs)
-                else:
+                if not outs and reorder is None:
                     continue
+                # It may wait for room downstream: away, for its inbox (Edge.away).
+                inbox.away += 1
+                try:
+                    if reorder is not None:
+                        blocked = await reorder.deposit(results)
+                    else:
+                        blocked = await self.out.put(outs)
+                finally:
+                    inbox.away -= 1
                 if blocked:
                     c.blocked_time += blocked
             except BaseException:
                 if calling:
-                    inbox.calling -= 1
+                    inbox.away -= 1
                 if holding:
                     inbox.release()
                 if ok_n:

@@ -624,18 +624,12 @@ async def test_async_generator_stage_fast_then_slow_spreads_the_slow_items(autoj
     assert trio.current_time() - start == pytest.approx(2.0)
 
 
-@pytest.mark.xfail(
-    # Not strict: the stage takes chunks only once a one-item thread call measures under
-    # CHUNK_BELOW, which a loaded machine may never reach in six rounds (seen: about 1
-    # run in 14 passed at a load average of 8 on 2 cores).
-    strict=False,
-    reason="calls.make_chunk_call: a plain function stage in chunked mode runs every "
-    "waiting item in one thread call, so items that block run one after another",
-)
 def test_thread_stage_fast_then_blocking_items_run_on_idle_workers():
     """A plain-function stage with 4 workers, after hundreds of instant items: 4 items
     that each wait for the others (a barrier) arriving at once run at the same time
-    (in every one of six rounds)."""
+    (in every one of six rounds). They arrive together, so one worker takes them in one
+    thread call: the first blocks there, and the stage's watcher hands the others back
+    to the idle workers while it does (calls.watch_claims)."""
     barrier = threading.Barrier(4, timeout=0.3)
 
     @stage(workers=4, errors="collect")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
+import threading
 import time
 import types
 from collections.abc import Awaitable, Callable, Generator
@@ -33,12 +35,45 @@ if TYPE_CHECKING:
     from .worker import StageRun
 
 Call = Callable[[Any, Any], Awaitable[Any]]
-#: ``await chunk_call(items, resource, stop_when_slow)`` -> (one ``(error, result)`` per
-#: item run, the wall seconds they took in the thread). With ``stop_when_slow``, the
-#: thread stops after an item that took long, and the items after it are not run.
+#: ``await chunk_call(items, resource, give_back)`` -> (one ``(error, result)`` per item
+#: run, the wall seconds they took in the thread). With ``give_back``, the thread stops
+#: after an item that took long, and while an item has been running for ``SLOW`` the
+#: stage's watcher hands the items after it to ``give_back(k)`` (``items[k:]``, not
+#: started) at once, for idle workers; the items not run are not in the outcomes.
 ChunkCall = Callable[
-    [list[Any], Any, bool], Awaitable[tuple[list[tuple[Exception | None, Any]], float]]
+    [list[Any], Any, Callable[[int], None] | None],
+    Awaitable[tuple[list[tuple[Exception | None, Any]], float]],
 ]
+#: A thread chunk's item still running after this long gives the items after it back.
+SLOW = 4 * CHUNK_BELOW
+
+
+class Claim:
+    """A thread chunk's items, started one at a time by the thread: the stage's watcher
+    can close it (no item starts after that) from Trio while an item runs."""
+
+    __slots__ = ("_lock", "closed", "next", "size")
+
+    def __init__(self, size: int) -> None:
+        self._lock = threading.Lock()
+        self.size = size
+        self.next = 0  # items started so far
+        self.closed = False
+
+    def take(self) -> int:
+        """In the thread: the index of the next item to run, or -1 to stop."""
+        with self._lock:
+            if self.closed or self.next >= self.size:
+                return -1
+            i = self.next
+            self.next += 1
+            return i
+
+    def close(self) -> int:
+        """No item starts after this; how many have started."""
+        with self._lock:
+            self.closed = True
+            return self.next
 
 
 class GaveUp(Exception):
@@ -154,12 +189,13 @@ def make_chunk_call(sr: StageRun) -> ChunkCall | None:
     c = sr.c
 
     def run_all(
-        items: list[Any], res: Any, stop_when_slow: bool
+        items: list[Any], res: Any, claim: Claim, stop_when_slow: bool
     ) -> tuple[list[tuple[Exception | None, Any]], float, float]:
         t = time.thread_time()  # CPU time in the thread, as for one call (see make_call)
         t_wall = last = time.perf_counter()
         out: list[tuple[Exception | None, Any]] = []
-        for item in items:
+        while (i := claim.take()) >= 0:
+            item = items[i]
             if (passthrough and type(item) is Failed) or type(item) is KeyFailed:
                 out.append((None, item))  # the worker passes these on or fails them
                 continue
@@ -175,15 +211,62 @@ def make_chunk_call(sr: StageRun) -> ChunkCall | None:
         return out, time.thread_time() - t, time.perf_counter() - t_wall
 
     async def chunk_call(
-        items: list[Any], res: Any, stop_when_slow: bool
+        items: list[Any], res: Any, give_back: Callable[[int], None] | None
     ) -> tuple[list[tuple[Exception | None, Any]], float]:
-        out, cpu, wall = await trio.to_thread.run_sync(
-            run_all, items, res, stop_when_slow, limiter=limiter, thread_name=thread_name
-        )
+        claim = Claim(len(items))
+        watched = give_back is not None and len(items) > 1 and _real_clock()
+        if watched:
+            assert give_back is not None
+            sr.claims[claim] = give_back
+            if not sr.watching_claims:
+                sr.watching_claims = True
+                assert sr.nursery is not None
+                sr.nursery.start_soon(watch_claims, sr, name=f"{thread_name}:claims")
+        try:
+            out, cpu, wall = await trio.to_thread.run_sync(
+                run_all,
+                items,
+                res,
+                claim,
+                give_back is not None,
+                limiter=limiter,
+                thread_name=thread_name,
+            )
+        finally:
+            if watched:
+                sr.claims.pop(claim, None)
         c.cpu_time += cpu
         return out, wall
 
     return chunk_call
+
+
+def _real_clock() -> bool:
+    """Not under a ``trio.testing.MockClock``: there, the watcher's timers would be
+    jumped to while a thread runs in real time, and move a test's time on."""
+    testing = sys.modules.get("trio.testing")
+    return testing is None or not isinstance(trio.lowlevel.current_clock(), testing.MockClock)
+
+
+async def watch_claims(sr: StageRun) -> None:
+    """A stage's thread chunks in flight, looked at every ``SLOW``: one whose item has
+    run for a whole ``SLOW`` (it blocks: on I/O, on another item of the chunk) has the
+    items after it handed back to idle workers at once, while it runs. Ends when no
+    chunk is in flight (a worker starts it again)."""
+    seen: dict[Claim, int] = {}
+    try:
+        while sr.claims:
+            await trio.sleep(SLOW)
+            for claim, give_back in list(sr.claims.items()):
+                started = claim.next
+                if seen.get(claim) == started:
+                    del sr.claims[claim]
+                    give_back(claim.close())
+                else:
+                    seen[claim] = started
+            seen = {claim: n for claim, n in seen.items() if claim in sr.claims}
+    finally:
+        sr.watching_claims = False
 
 
 class Resume:

@@ -10,7 +10,7 @@ item, counts, and hands the outputs on as one chunk.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -22,6 +22,7 @@ from .._process import ProcessPool
 from .._stage import Stage
 from .._stats import StageCounters, StageSample, StageStats
 from .calls import (
+    Claim,
     GaveUp,
     Resume,
     drive,
@@ -152,6 +153,9 @@ class StageRun:
         base = make_call(self)
         self.call = base if self.simple else with_policies(self, base)
         self.chunk_call = make_chunk_call(self)
+        # Thread chunks in flight, with their give-back, for the stage's watcher.
+        self.claims: dict[Claim, Callable[[int], None]] = {}
+        self.watching_claims = False
         self.stepper = make_stepper(self)
         # Take chunks only where an item that turns out to wait cannot hold the others
         # back: async functions are stepped (see _work), plain functions in threads go
@@ -346,6 +350,19 @@ class StageRun:
                 window.release(limit - len(chunk))
 
             n = len(chunk)
+            if chunk_call is not None:
+                stuck = [False]
+
+                def give_back(k: int, chunk: list[Env] = chunk, stuck: list[bool] = stuck) -> None:
+                    # An item blocks in the thread (the stage's watcher says so, see
+                    # calls.watch_claims): the ones after it go back for idle workers,
+                    # this worker is away (Edge.away) until the thread returns, and the
+                    # stage takes one item at a time again.
+                    self._give_back(inbox, chunk, k)
+                    self.chunked = False
+                    stuck[0] = True
+                    inbox.away += 1
+
             # Items of this chunk may go back to the inbox (an item that turns out slow):
             # until this worker is done with it, the inbox's end is not the end.
             holding = n > 1 and (stepper is not None or chunk_call is not None)
@@ -480,14 +497,19 @@ class StageRun:
                     outcomes = None
                     if chunk_call is not None:
                         outcomes, in_thread = await chunk_call(
-                            [e.item for e in chunk], res, window is None
+                            [e.item for e in chunk],
+                            res,
+                            None if window is not None else give_back,
                         )
-                        if len(outcomes) < n:
-                            # An item turned slow in the thread: the ones after it go back
-                            # for idle workers, and the stage takes one at a time again.
+                        if stuck[0]:
+                            stuck[0] = False
+                            inbox.away -= 1
+                        if len(outcomes) < len(chunk):
+                            # An item turned slow in the thread: the ones after it go
+                            # back for idle workers; one item at a time again.
                             self._give_back(inbox, chunk, len(outcomes))
-                            n = len(chunk)
                             self.chunked = False
+                        n = len(chunk)
                     for env in chunk:
                         item = env.item
                         if passthrough and type(item) is Failed:
@@ -606,6 +628,8 @@ class StageRun:
                     c.blocked_time += blocked
             except BaseException:
                 if calling:
+                    inbox.away -= 1
+                if chunk_call is not None and stuck[0]:
                     inbox.away -= 1
                 if holding:
                     inbox.release()

@@ -913,3 +913,45 @@ async def test_items_that_need_nothing_downstream_pass_a_worker_blocked_downstre
 
     await Pipeline(pick | slow).arun(trickle())
     assert {i: 0.0 for i in range(12) if i not in (0, 2)} == dropped_after
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts scheduler task steps: a measure of the runner's overhead per item that does
+    not depend on the machine's speed."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def before_task_step(self, task):
+        self.steps += 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="run._pump: after a put that woke a worker, the pump of an async source "
+    "checkpoints (2c3f9c0, 49b22c8): with several parked workers every item wakes one, "
+    "so every item costs a scheduler round and goes alone (2.0 task steps per item, "
+    "0.6 before; 40k items/s through 4 quick workers became about 19k/s)",
+)
+@pytest.mark.parametrize("workers", [4, 16])
+async def test_an_async_source_that_never_waits_is_taken_in_chunks(workers):
+    """An async generator that has its items at hand (it never waits) feeding a quick
+    stage with several workers: the items go over in chunks, not one scheduler round
+    each (at most one task step per item; 0.54-0.63 at 31ec5f1)."""
+
+    @stage(workers=workers)
+    async def quick(x):
+        return x
+
+    async def at_hand():
+        for i in range(3000):
+            yield i
+
+    counter = _TaskSteps()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        result = await Pipeline(quick).arun(at_hand(), collect=False)
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert 3000 == result.stats["quick"].ok
+    assert counter.steps / 3000 < 1.0

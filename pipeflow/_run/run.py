@@ -14,6 +14,7 @@ reach them; services (a metrics endpoint) in one around that.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice
@@ -26,7 +27,7 @@ from .._log import get_logger
 from .._policies import BreakerRuntime, BreakerState, CircuitBreaker
 from .._stage import Stage
 from .._stats import StageStats
-from .edge import CHUNK, Edge
+from .edge import CHUNK, CHUNK_BELOW, Edge
 from .envelope import Ack, Env, KeyFailed
 from .failures import TEARDOWN_LIMIT, finish_budget
 from .forensics import watch_stalls
@@ -410,16 +411,20 @@ class Run:
                 aiter_ = source.__aiter__()
                 owns = hasattr(aiter_, "aclose") and not isinstance(source, trio.abc.ReceiveChannel)
                 async with contextlib.aclosing(aiter_) if owns else contextlib.nullcontext():
+                    previous = -math.inf  # when the item before was handed over
                     async for item in aiter_:
                         envs = [Env(item)]
                         if not inbox.put_now(envs):
                             await inbox.put(envs)
-                        if inbox.woke:
+                        now = envs[0].t  # stamped by the hand-over
+                        if inbox.woke and now - previous > CHUNK_BELOW:
                             # A worker was waiting for this item: let it start before
                             # this task goes on to fetch the next (latency at low load).
-                            # A checkpoint a stop can end, as a source that never waits
-                            # might never let the edge fill.
+                            # Not when the items come quicker than that (the source has
+                            # them at hand): a round per item would be the cost, and
+                            # the items would go one by one instead of in chunks.
                             await trio.lowlevel.checkpoint()
+                        previous = now
             else:
                 # A plain iterable is pulled only as far as the first stage has room,
                 # so an endless source streams in bounded memory.

@@ -21,7 +21,7 @@ receiver leaves, senders are refused (the run is stopping).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import trio
@@ -39,13 +39,14 @@ CHUNK = 32
 CHUNK_BELOW = 0.0005
 
 
-class Lot(deque[Task]):
+class Lot(OrderedDict[Task, None]):
     """Tasks waiting on an edge, oldest first, woken first come, first served.
 
     What :class:`trio.lowlevel.ParkingLot` does for the edge, without what it does not
     use (breaking, generic counts): one ``reschedule`` per wake and nothing more, which
-    is a third cheaper on the hop every item makes. A deque itself, so that ``len`` and
-    truth, asked on every hand-over, cost no Python call.
+    is a third cheaper on the hop every item makes. An ordered dict itself, so that
+    ``len`` and truth, asked on every hand-over, cost no Python call, and a cancelled
+    wait leaves in one step however many wait (thousands of ``open()`` senders).
     """
 
     __slots__ = ()
@@ -54,10 +55,10 @@ class Lot(deque[Task]):
     async def park(self) -> None:
         """Wait until :meth:`unpark` wakes this task (or it is cancelled)."""
         task = current_task()
-        self.append(task)
+        self[task] = None
 
         def abort(_: object) -> Abort:
-            self.remove(task)
+            del self[task]
             return Abort.SUCCEEDED
 
         await _wait_rescheduled(abort)
@@ -67,7 +68,7 @@ class Lot(deque[Task]):
         """Wake up to ``count`` waiting tasks, oldest first; how many were woken."""
         n = min(count, len(self))
         for _ in range(n):
-            reschedule(self.popleft())
+            reschedule(self.popitem(last=False)[0])
         return n
 
     def unpark_all(self) -> int:

@@ -62,14 +62,20 @@ async def test_outer_cancellation_waits_for_threads_and_leaves_nothing():
     opened, closed = [], []
     release = threading.Event()
     pipeline = make_pipeline(opened, closed, block=release)
-    timer = threading.Timer(0.5, release.set)  # the threads' work ends at 0.5 s
+    # The threads' work ends at 0.5 s. Started first: if a loaded machine let the
+    # sleep below overrun the cancellation at 0.2 s, a timer started after it would
+    # never start, and the threads (and the test) would wait forever.
+    timer = threading.Timer(0.5, release.set)
     start = trio.current_time()
-    with trio.move_on_after(0.2):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pipeline.arun, range(50))
-            await trio.sleep(0.1)
-            assert running_threads() != []
-            timer.start()
+    timer.start()
+    try:
+        with trio.move_on_after(0.2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pipeline.arun, range(50))
+                await trio.sleep(0.1)
+                assert running_threads() != []
+    finally:
+        release.set()  # however the block ended, no thread is left waiting
     # A thread cannot be interrupted: the cancelled run waited for it to return.
     assert trio.current_time() - start >= 0.5
     timer.join()

@@ -156,9 +156,7 @@ class Edge:
 
     def receiver_done(self) -> None:
         self._receivers -= 1
-        if self._receivers == 0 and not self._keepers and not self.broken:
-            self.broken = True
-            self._send_lot.unpark_all()
+        self._break_if_unheld()
 
     def add_keeper(self) -> None:
         """A task that may start receivers (the autoscaler) holds the edge open, as a
@@ -167,6 +165,10 @@ class Edge:
 
     def keeper_done(self) -> None:
         self._keepers -= 1
+        self._break_if_unheld()
+
+    def _break_if_unheld(self) -> None:
+        """Once no receiver or keeper holds the edge, senders are refused."""
         if self._receivers == 0 and not self._keepers and not self.broken:
             self.broken = True
             self._send_lot.unpark_all()
@@ -181,13 +183,7 @@ class Edge:
         every receiver has left (after a checkpoint, so a cancellation is raised instead
         when that is why they left).
         """
-        room = self.capacity - len(self._buf) + len(self._recv_lot) + self._waking
-        if len(envs) <= room and not (self._send_lot or self.broken):
-            if self.stamp:
-                t = self.now()
-                for env in envs:
-                    env.t = t
-            self._add(envs)
+        if self.put_now(envs):
             return 0.0
         return await self._put_slow(envs)
 
@@ -226,7 +222,7 @@ class Edge:
 
     def put_now(self, envs: list[Env]) -> bool:
         """Hand ``envs`` over if they fit now; False (and nothing done) if not."""
-        room = self.capacity - len(self._buf) + len(self._recv_lot) + self._waking
+        room = self.capacity - len(self._buf) + len(self._recv_lot) + self._waking  # _room()
         if len(envs) > room or self._send_lot or self.broken:
             return False
         if self.stamp:

@@ -505,6 +505,15 @@ def measure_io(n: int, rounds: int) -> list[Row]:
                 "trio_fraction_of_bound": n / median(wall["trio"]) / bound,
                 "asyncio_fraction_of_bound": n / median(wall["asyncio"]) / bound,
                 "trio_ceiling_fraction_of_bound": n / median(wall["ceiling"]) / bound,
+                # The bound is a steady-state rate; a finite run also fills and drains
+                # the pipeline (the first item needs one sleep per stage before the
+                # last stage starts): n items could take no less than this.
+                "finite_run_fraction_of_bound": n / (n / bound + (STAGES - 1) * LATENCY) / bound,
+                # How busy each side kept the CPU (CPU / wall): near 1.0, the event loop
+                # is saturated and every sleep overshoots by more.
+                "cpu_busy": {
+                    name: median(t["cpu"]) / median(t["wall"]) for name, t in times.items()
+                },
             },
         ),
         rate_row(

@@ -24,6 +24,7 @@ from benchmarks import (  # noqa: E402
     bench_overhead,
     bench_process,
     bench_stream,
+    latency_hops,
     run,
 )
 from benchmarks._common import Row, format_table  # noqa: E402
@@ -41,6 +42,20 @@ def check_rows(rows: list[Row], benchmarks: list[str]) -> None:
     table = format_table(rows)
     for row in rows:
         assert row.workload in table
+
+
+def test_latency_hops_counts_every_hop_of_every_item():
+    """The latency diagnostic stamps every item at every stage, on both sides, and
+    counts the scheduler rounds of every hop."""
+    for side in ("pipeflow", "trio"):
+        result = latency_hops.measure(40, side)
+        assert 40 == result["items"]
+        assert list(latency_hops.HOPS) == [h["hop"] for h in result["hops"]]
+        for hop in result["hops"]:
+            assert 40 == sum(hop["rounds"].values())
+            assert hop["p50_us"] <= hop["p99_us"]
+        assert result["steps_per_item"] > 0
+        assert side in latency_hops.report(result)
 
 
 def test_overhead_runs():

@@ -125,7 +125,7 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
 
     from pipeflow import Pipeline, stage
     from pipeflow.connectors._resp import _pack_many
-    from pipeflow.connectors.redis import Entry, RedisStreamSink
+    from pipeflow.connectors.redis import Entry, RedisStreamSink, _fields_dict
 
     acked: list[str] = []
 
@@ -154,8 +154,7 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
                 self.buffer = list(next(self.pages, []))
             pairs = []
             for entry_id, fields in self.buffer[:limit]:
-                it = iter(fields)
-                pairs.append((Entry(entry_id, dict(zip(it, it, strict=True))), EntryAck(entry_id)))
+                pairs.append((Entry(entry_id, _fields_dict(fields)), EntryAck(entry_id)))
             del self.buffer[:limit]
             return pairs
 

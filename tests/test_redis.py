@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -761,6 +762,19 @@ def test_entries_are_values():
     assert Entry("5-1", {"a": "1"}) == entry
     assert Entry("5-1", {"b": "2", "c": "3"}) == entry.with_fields({"b": 2}, c=3)
     assert hash(Entry("5-1", {"z": "0"})) == hash(entry)
+    assert Entry("5-1", {"a": "2"}) != entry
+    assert Entry("5-2", {"a": "1"}) != entry
+    assert ("5-1", {"a": "1"}) != entry
+    assert Entry("5-1", {"n": "5", "square": "25"}) == entry.with_fields(n=5, square="25")
+    assert Entry("5-1", {}) == Entry("5-1")
+    assert "Entry(id='5-1', fields={'a': '1'})" == repr(entry)
+    for name in ("id", "fields", "other"):
+        with pytest.raises(AttributeError):
+            setattr(entry, name, "x")
+    assert entry == pickle.loads(pickle.dumps(entry))
+    match entry:
+        case Entry(entry_id, fields):
+            assert ("5-1", {"a": "1"}) == (entry_id, fields)
     with pytest.raises(KeyError, match=r"entry 5-1 has no field 'data' \(its fields: \['a'\]\)"):
         entry.json()
 

@@ -17,7 +17,7 @@ import contextlib
 import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from itertools import islice
+from itertools import islice, starmap
 from typing import Any, Literal, cast
 
 import trio
@@ -402,7 +402,7 @@ class Run:
                     # A source that reads pages (Redis) hands them over in chunks: as
                     # many as the first stage has room for in one put, not one per item.
                     while pairs := await take(max(1, inbox.room())):
-                        await inbox.put([Env(item, ack) for item, ack in pairs])
+                        await inbox.put(list(starmap(Env, pairs)))
                     return
                 entries = cast(AsyncIterator[tuple[Any, Ack | None]], source)
                 async for item, ack in entries:

@@ -8,6 +8,7 @@ comes: batching (:func:`batcher`), key routing (:func:`router`), reordering
 from __future__ import annotations
 
 import math
+import operator
 import zlib
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,10 @@ GROW_AT = 0.8  # input queue this full (or upstream blocked): grow by half, at l
 SHRINK_AT = 0.2  # input queue this empty, and no change for a cooldown: retire one
 SHRINK_COOLDOWN = 5.0
 IDLE_RETIRE = 30.0  # a worker idle this long retires (never below min)
+
+# The batcher's per-item passes, done in C (map) rather than in Python loops.
+_item_of = operator.attrgetter("item")
+_ack_of = operator.attrgetter("ack")
 
 
 def stable_hash(key: object) -> int:
@@ -211,8 +216,10 @@ async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
 
     async def flush() -> None:
         nonlocal seq, buf, deadline
-        acks = [e.ack for e in buf if e.ack is not None]
-        batch = Env([e.item for e in buf], CountedAck(acks) if acks else None)
+        acks = list(map(_ack_of, buf))
+        if None in acks:  # (an identity check first: acks compare by identity)
+            acks = [a for a in acks if a is not None]
+        batch = Env(list(map(_item_of, buf)), CountedAck(acks) if acks else None)
         batch.seq = seq
         batch.t = buf[0].t
         seq += 1
@@ -240,7 +247,7 @@ async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
                         envs = await inbox.take(want)
             except trio.EndOfChannel:
                 break
-            if sr.is_dead_letter or not any(type(env.item) is Failed for env in envs):
+            if sr.is_dead_letter or Failed not in map(type, map(_item_of, envs)):
                 # The usual case: the items join the batch in one step.
                 if not buf and timeout is not None:
                     deadline = now() + timeout

@@ -37,9 +37,9 @@ import contextlib
 import itertools
 import json
 import math
+import operator
 import os
 import socket
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -105,7 +105,6 @@ class ConsumerGroupLost(RuntimeError):
     or Redis restarted without persistence): its pending entries are gone with it."""
 
 
-@attrs.frozen
 class Entry:
     """One entry of a Redis stream: its ``id`` (``"1700000000000-0"``) and its ``fields``.
 
@@ -117,45 +116,82 @@ class Entry:
         @stage
         async def work(entry: Entry) -> Entry:
             return entry.with_fields(total=int(entry.fields["a"]) + int(entry.fields["b"]))
+
+    Entries compare equal when their ids and fields are, hash by id, and are immutable:
+    ``id`` and ``fields`` cannot be set (``AttributeError``); treat ``fields`` as
+    read-only too (``with_fields`` makes a new entry).
     """
 
-    id: str
-    fields: dict[str, str] = attrs.field(hash=False)
+    # A plain slotted class (not attrs): an entry is made for every item read, and again
+    # by every with_fields(), and this one is made in half the instructions of attrs'
+    # frozen one. The public attributes are read-only properties over the slots.
+    __slots__ = ("_fields", "_id")
+    __match_args__ = ("id", "fields")
 
     def __init__(self, id: str, fields: dict[str, str] | None = None) -> None:
-        # Written out (attrs' frozen __init__ goes through object.__setattr__): an entry
-        # is made for every item read, and again by every with_fields().
-        _set_id(self, id)
-        _set_fields(self, {} if fields is None else fields)
+        self._id = id
+        self._fields = {} if fields is None else fields
+
+    @property
+    def id(self) -> str:
+        """The entry's id in its stream, ``"<milliseconds>-<sequence>"``."""
+        return self._id
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The entry's fields (names and values, ``str``)."""
+        return self._fields
+
+    def __repr__(self) -> str:
+        return f"Entry(id={self._id!r}, fields={self._fields!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Entry:
+            return NotImplemented
+        return self._id == other._id and self._fields == other._fields
+
+    def __hash__(self) -> int:
+        return hash(self._id)
 
     def with_fields(self, fields: Mapping[str, object] | None = None, /, **more: object) -> Entry:
         """A new entry with the same ``id`` and these fields (values turned into ``str``)."""
-        merged: dict[str, str] = {}
         if fields:
-            for key, value in fields.items():
-                merged[str(key)] = str(value)
-        for key, value in more.items():  # keyword names are str already
-            merged[key] = value if type(value) is str else str(value)
-        entry = _new(Entry)
-        _set_id(entry, self.id)
-        _set_fields(entry, merged)
-        return entry
+            merged: dict[str, Any] = {str(key): str(value) for key, value in fields.items()}
+            for key, value in more.items():  # keyword names are str already
+                merged[key] = value if type(value) is str else str(value)
+        else:
+            merged = more  # a dict of our own (the call's keywords): filled in place
+            for key, value in more.items():
+                if type(value) is not str:
+                    merged[key] = str(value)
+        return Entry(self._id, merged)
 
     def json(self) -> Any:
         """The value a :class:`RedisStreamSink` wrote as JSON in the field ``data``."""
         try:
-            data = self.fields["data"]
+            data = self._fields["data"]
         except KeyError:
-            msg = f"entry {self.id} has no field 'data' (its fields: {sorted(self.fields)})"
+            msg = f"entry {self._id} has no field 'data' (its fields: {sorted(self._fields)})"
             raise KeyError(msg) from None
         return json.loads(data)
 
 
-# The slots' own setters, for Entry's __init__ (the class is frozen: its __setattr__ raises).
-_set_id = Entry.__dict__["id"].__set__
-_set_fields = Entry.__dict__["fields"].__set__
-_new = object.__new__
 _flat = itertools.chain.from_iterable
+
+
+def _fields_dict(flat: list[str]) -> dict[str, str]:
+    """An entry's fields as Redis sends them, ``[k1, v1, k2, v2, ...]``, as a dict.
+    Entries of one to three fields are written out: ``dict(zip(...))`` costs three
+    calls, more than the rest of reading an entry."""
+    n = len(flat)
+    if n == 2:
+        return {flat[0]: flat[1]}
+    if n == 4:
+        return {flat[0]: flat[1], flat[2]: flat[3]}
+    if n == 6:
+        return {flat[0]: flat[1], flat[2]: flat[3], flat[4]: flat[5]}
+    pairs = iter(flat)
+    return dict(zip(pairs, pairs, strict=True))
 
 
 # -- talking to Redis from Trio ------------------------------------------------------------
@@ -258,9 +294,8 @@ class _Conn:
         replies: list[Any] = await self._retrying(
             what, patience, self.client.execute_many, commands, blocks_for=blocks_for
         )
-        for reply in replies:
-            if isinstance(reply, RedisError):
-                raise self._translate(reply)
+        if RedisError in map(type, replies):  # (the reader makes them of this very class)
+            raise self._translate(next(r for r in replies if isinstance(r, RedisError)))
         return replies
 
     async def _retrying(
@@ -766,6 +801,7 @@ class _EntryAck:
     def add(self, n: int) -> None:
         """The item became ``n + 1`` items (a flat-mapping stage's children)."""
         self._left += n
+        self._consumer.split = True
 
     def done(self) -> None:
         """One of them left the pipeline; the last one acks the entry."""
@@ -777,6 +813,15 @@ class _EntryAck:
     def __pipeflow_done_all__(acks: Sequence[Ack]) -> None:
         """``done()`` on each of ``acks`` (a batch's items), their finished entries
         handed to their consumer together; an ack of another kind by its ``done()``."""
+        if set(map(type, acks)) == _ENTRY_ACKS:
+            consumers = set(map(_consumer_of, acks))
+            if len(consumers) == 1:
+                (only,) = consumers
+                if not only.split:
+                    # The usual batch: one consumer's entries, none split into several
+                    # items (so each is done with its one item), in C-level passes.
+                    only.finished_many(list(map(_id_of, acks)))
+                    return
         consumer: _Consumer | None = None
         ids: list[str] = []
         for ack in acks:
@@ -795,6 +840,11 @@ class _EntryAck:
             consumer.finished_many(ids)
 
 
+_ENTRY_ACKS = {_EntryAck}
+_consumer_of = operator.attrgetter("_consumer")
+_id_of = operator.attrgetter("_id")
+
+
 class _Consumer:
     """One open source: what it holds, and how it reads, reclaims and acks.
 
@@ -810,7 +860,7 @@ class _Consumer:
         self.capacity = capacity
         self.log = conn.log
         self.held: set[str] = set()
-        self.buffer: deque[Entry] = deque()
+        self.buffer: list[Entry] = []  # read, not yet handed over (a page at most)
         self.to_ack: list[str] = []
         self._ack_wanted = trio.Event()
         self._room = trio.Event()
@@ -828,6 +878,8 @@ class _Consumer:
         self._ended = False
         self.joined = False
         self.inline_acks = False
+        #: Whether an entry's item became several (a flat-map): acks count their parts.
+        self.split = False
         #: Dead consumers this one removed from the group.
         self.removed = 0
 
@@ -850,8 +902,8 @@ class _Consumer:
     async def __anext__(self) -> tuple[Entry, _EntryAck]:
         if not await self._ready():
             raise StopAsyncIteration
-        entry = self.buffer.popleft()
-        return entry, _EntryAck(self, entry.id)
+        entry = self.buffer.pop(0)
+        return entry, _EntryAck(self, entry._id)
 
     async def __pipeflow_take__(self, limit: int) -> list[tuple[Entry, _EntryAck]]:
         """Up to ``limit`` (entry, ack) pairs, waiting for the first; ``[]`` at the end.
@@ -861,12 +913,11 @@ class _Consumer:
             return []
         buffer = self.buffer
         if limit >= len(buffer):
-            entries = list(buffer)
-            buffer.clear()
+            self.buffer = []
         else:
-            popleft = buffer.popleft
-            entries = [popleft() for _ in range(limit)]
-        return [(entry, _EntryAck(self, entry.id)) for entry in entries]
+            self.buffer = buffer[limit:]
+            del buffer[limit:]
+        return [(entry, _EntryAck(self, entry._id)) for entry in buffer]
 
     async def _ready(self) -> bool:
         """Until an entry waits in ``buffer`` (True), or the source has ended (False)."""
@@ -972,7 +1023,11 @@ class _Consumer:
         n = n if s.count is None else min(n, s.count)
         # Draining, a read need not wait: an empty answer is what ends the source.
         block = None if s.drain else self._block_ms
-        return self._accept(await self._read(">", n, block=block, acks=ids))
+        raw = await self._read(">", n, block=block, acks=ids)
+        # New entries were never delivered before, so none is held here already, and
+        # none is a deleted one (nil fields): taken in one step each.
+        self.held.update([entry_id for entry_id, _ in raw])
+        return [Entry(entry_id, _fields_dict(fields)) for entry_id, fields in raw]
 
     async def _read(
         self, start: str, n: int, *, block: int | None, acks: list[str] | None = None
@@ -1015,8 +1070,7 @@ class _Consumer:
                 # (Redis answers nil fields; no real entry has none.)
                 self.finished(entry_id)
                 continue
-            pairs = iter(fields)  # [k1, v1, k2, v2, ...]: Redis sends them in pairs
-            entries.append(Entry(entry_id, dict(zip(pairs, pairs, strict=True))))
+            entries.append(Entry(entry_id, _fields_dict(fields)))
         return entries
 
     async def _remove_dead_consumers(self) -> None:
@@ -1286,11 +1340,10 @@ class RedisStreamSink(Stage[Any, Any]):
         head.append("*")
         commands = []
         for item in items:
-            if type(item) is Entry and "source_id" not in item.fields:
+            if type(item) is Entry and "source_id" not in item._fields:
                 # The usual item (what a stage after a RedisStreamSource returns): its
                 # fields as they are, and its id.
-                fields = item.fields
-                commands.append([*head, *_flat(fields.items()), "source_id", item.id])
+                commands.append([*head, *_flat(item._fields.items()), "source_id", item._id])
                 continue
             command = head.copy()
             for pair in _fields_of(item).items():

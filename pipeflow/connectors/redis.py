@@ -41,7 +41,8 @@ import operator
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from itertools import repeat
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
@@ -132,15 +133,24 @@ class Entry:
         self._id = id
         self._fields = {} if fields is None else fields
 
-    @property
-    def id(self) -> str:
-        """The entry's id in its stream, ``"<milliseconds>-<sequence>"``."""
-        return self._id
+    if TYPE_CHECKING:
 
-    @property
-    def fields(self) -> dict[str, str]:
-        """The entry's fields (names and values, ``str``)."""
-        return self._fields
+        @property
+        def id(self) -> str:
+            """The entry's id in its stream, ``"<milliseconds>-<sequence>"``."""
+
+        @property
+        def fields(self) -> dict[str, str]:
+            """The entry's fields (names and values, ``str``)."""
+
+    else:  # read by C-level getters: a quarter fewer instructions than a Python one
+        id = property(
+            operator.attrgetter("_id"),
+            doc='The entry\'s id in its stream, ``"<milliseconds>-<sequence>"``.',
+        )
+        fields = property(
+            operator.attrgetter("_fields"), doc="The entry's fields (names and values, ``str``)."
+        )
 
     def __repr__(self) -> str:
         return f"Entry(id={self._id!r}, fields={self._fields!r})"
@@ -917,7 +927,8 @@ class _Consumer:
         else:
             self.buffer = buffer[limit:]
             del buffer[limit:]
-        return [(entry, _EntryAck(self, entry._id)) for entry in buffer]
+        # The pairs made in C-level passes (no Python loop per entry).
+        return list(zip(buffer, map(_EntryAck, repeat(self), map(_id_of, buffer)), strict=True))
 
     async def _ready(self) -> bool:
         """Until an entry waits in ``buffer`` (True), or the source has ended (False)."""
@@ -1027,7 +1038,10 @@ class _Consumer:
         # New entries were never delivered before, so none is held here already, and
         # none is a deleted one (nil fields): taken in one step each.
         self.held.update([entry_id for entry_id, _ in raw])
-        return [Entry(entry_id, _fields_dict(fields)) for entry_id, fields in raw]
+        # (Entries of two fields, the usual shape of a job, have their dict made in place.)
+        return [
+            Entry(i, {f[0]: f[1], f[2]: f[3]} if len(f) == 4 else _fields_dict(f)) for i, f in raw
+        ]
 
     async def _read(
         self, start: str, n: int, *, block: int | None, acks: list[str] | None = None

@@ -39,7 +39,7 @@ CHUNK = 32
 CHUNK_BELOW = 0.0005
 
 
-class Lot(OrderedDict[Task, None]):
+class Lot(OrderedDict[Task, int]):
     """Tasks waiting on an edge, oldest first, woken first come, first served.
 
     What :class:`trio.lowlevel.ParkingLot` does for the edge, without what it does not
@@ -52,10 +52,11 @@ class Lot(OrderedDict[Task, None]):
     __slots__ = ()
 
     @enable_ki_protection
-    async def park(self) -> None:
-        """Wait until :meth:`unpark` wakes this task (or it is cancelled)."""
+    async def park(self, wants: int = 1) -> None:
+        """Wait until :meth:`unpark` wakes this task (or it is cancelled). ``wants``: how
+        many slots the task waits for (a sender's items), for :meth:`unpark_for`."""
         task = current_task()
-        self[task] = None
+        self[task] = wants
 
         def abort(_: object) -> Abort:
             del self[task]
@@ -73,6 +74,19 @@ class Lot(OrderedDict[Task, None]):
 
     def unpark_all(self) -> int:
         return self.unpark(len(self))
+
+    @enable_ki_protection
+    def unpark_for(self, room: int) -> int:
+        """Wake the oldest waiting tasks, as many as ``room`` slots can serve (each
+        wants what it parked with); how many were woken. A sender of a chunk is woken
+        once for it, not once per slot that frees up."""
+        n = 0
+        while room > 0 and self:
+            task, wants = self.popitem(last=False)
+            reschedule(task)
+            room -= wants
+            n += 1
+        return n
 
 
 class Edge:
@@ -209,12 +223,12 @@ class Edge:
                     if done == len(envs):
                         break
                 queued = False
-                await self._send_lot.park()
+                await self._send_lot.park(len(envs) - done)
         except BaseException:
             self.stranded.extend(envs[done:])
             raise
         if self._send_lot and self._room() > 0:
-            self._send_lot.unpark()  # room is left: the next sender's turn
+            self._send_lot.unpark_for(self._room())  # room is left: the next senders' turn
         return self.now() - t0
 
     def _room(self) -> int:
@@ -310,7 +324,9 @@ class Edge:
         else:
             out = [buf.popleft() for _ in range(limit)]
         if self._send_lot:
-            self._send_lot.unpark(len(out))
+            # Senders waiting for room, as many as the room now serves (a sender
+            # waiting with a chunk is woken once, not once per item taken).
+            self._send_lot.unpark_for(self._room())
         return out
 
     def take_nowait(self, limit: int = CHUNK) -> list[Env]:

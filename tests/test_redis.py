@@ -9,12 +9,14 @@ through Redis and worker threads, so these tests run on the real clock, each bou
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import pickle
 import re
 import signal
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -771,7 +773,8 @@ def test_entries_are_values():
     for name in ("id", "fields", "other"):
         with pytest.raises(AttributeError):
             setattr(entry, name, "x")
-    assert entry == pickle.loads(pickle.dumps(entry))
+    assert entry == pickle.loads(pickle.dumps(entry)) == copy.deepcopy(entry)
+    assert entry is weakref.ref(entry)()
     match entry:
         case Entry(entry_id, fields):
             assert ("5-1", {"a": "1"}) == (entry_id, fields)

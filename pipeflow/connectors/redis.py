@@ -126,7 +126,7 @@ class Entry:
     # A plain slotted class (not attrs): an entry is made for every item read, and again
     # by every with_fields(), and this one is made in half the instructions of attrs'
     # frozen one. The public attributes are read-only properties over the slots.
-    __slots__ = ("_fields", "_id")
+    __slots__ = ("__weakref__", "_fields", "_id")  # (weak references, as attrs' had)
     __match_args__ = ("id", "fields")
 
     def __init__(self, id: str, fields: dict[str, str] | None = None) -> None:

@@ -32,6 +32,7 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._common import percentile
 from benchmarks.bench_stream import STAGES, make_pipeline, paced, pipeflow_stream, trio_stream
 
 WORKERS = 4
@@ -86,24 +87,24 @@ def measure(items: int, side: str) -> dict[str, Any]:
     trio.run(run, instruments=[counter])
     hops = []
     for k, name in enumerate(HOPS):
-        waits = sorted(r[k + 1][0] - r[k][0] for r in stamps)
+        waits = [r[k + 1][0] - r[k][0] for r in stamps]
         rounds = collections.Counter(r[k + 1][1] - r[k][1] for r in stamps)
         hops.append(
             {
                 "hop": name,
-                "p50_us": percentile(waits, 0.50) * 1e6,
-                "p90_us": percentile(waits, 0.90) * 1e6,
-                "p99_us": percentile(waits, 0.99) * 1e6,
+                "p50_us": percentile(waits, 50) * 1e6,
+                "p90_us": percentile(waits, 90) * 1e6,
+                "p99_us": percentile(waits, 99) * 1e6,
                 "rounds": dict(sorted(rounds.items())),
             }
         )
-    total = sorted(r[-1][0] - r[0][0] for r in stamps)
+    total = [r[-1][0] - r[0][0] for r in stamps]
     steps = sum(len(v) for v in counter.steps.values())
     return {
         "side": side,
         "items": len(stamps),
-        "p50_us": percentile(total, 0.50) * 1e6,
-        "p99_us": percentile(total, 0.99) * 1e6,
+        "p50_us": percentile(total, 50) * 1e6,
+        "p99_us": percentile(total, 99) * 1e6,
         "hops": hops,
         "rounds_per_item": counter.rounds / items,
         "steps_per_item": steps / items,
@@ -113,10 +114,6 @@ def measure(items: int, side: str) -> dict[str, Any]:
             if len(v) >= items / 10
         },
     }
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 def report(result: dict[str, Any]) -> str:

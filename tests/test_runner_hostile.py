@@ -526,16 +526,20 @@ async def test_a_source_that_raises_midway_stops_the_run_with_its_error(
 # -- found by trying to break the runner, fixed ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("errors", ["collect", "embed"])
+@pytest.mark.parametrize("errors", ["collect", "embed", "skip"])
 async def test_a_stop_during_a_dead_letter_hand_over_leaves_nothing_in_flight(
     errors, autojump_clock
 ):
     """An outer cancellation while a failed item waits for a busy dead-letter stage:
-    afterwards no stage shows an item in flight, and each failure counted under collect
-    is in result.errors."""
+    afterwards no stage shows an item in flight, each failure counted under collect
+    is in result.errors, and no failed item is lost: the one whose hand-over the stop
+    cut is listed in result.unfinished under the dead-letter stage, as the items the
+    stop took from the stage's queue are under the stage."""
+    letters = []
 
     @stage(name="letters", workers=1, buffer=0)
     async def keep_letter(failed):
+        letters.append(failed.item)
         await trio.sleep(10)
 
     @stage(workers=1, errors=errors, dead_letter=keep_letter)
@@ -552,6 +556,16 @@ async def test_a_stop_during_a_dead_letter_hand_over_leaves_nothing_in_flight(
     assert_balanced(result)
     if errors == "collect":
         assert len(result.errors) == result.stats["bad"].failed
+    # 0 is with the letters' worker, 1 on its way there, 2 and 3 queued (the source is
+    # pulled only as far as the stage has room: 4 was never taken).
+    assert letters == [0]
+    assert sorted((s, x.item if s == "letters" else x) for s, x in result.unfinished) == [
+        ("bad", 2),
+        ("bad", 3),
+        ("letters", 0),
+        ("letters", 1),
+    ]
+    assert (result.stats["bad"].failed, result.stats["bad"].cancelled) == (2, 2)
     assert_nothing_left_running()
 
 

@@ -800,13 +800,21 @@ async def test_a_worker_stepping_aside_is_not_shown_busy_with_the_item_it_handed
 
     @stage(workers=1)
     async def first(x):
+        await trio.sleep(0.0004)  # quick enough to count as quick (CHUNK_BELOW)
         return x
 
     @stage(workers=1)
     async def second(x):
         workers = [w for w in pipeline.current_workers() if w.stage == "first"]
         sample = pipeline.samples()["first"]
-        seen.append((x, [(w.state, w.item) for w in workers], sample.busy_workers, sample.inflight))
+        seen.append(
+            (
+                x,
+                [(w.state, w.item, w.seconds) for w in workers],
+                sample.busy_workers,
+                sample.inflight,
+            )
+        )
         return x
 
     pipeline = Pipeline(first | second)
@@ -824,9 +832,16 @@ async def test_a_worker_stepping_aside_is_not_shown_busy_with_the_item_it_handed
                 pass
         result = outputs.result
     assert list(range(20)) == sorted(result.outputs if reader == "arun" else [x for x, *_ in seen])
+    stepping_aside = 0
     for x, workers, busy, inflight in seen:
-        assert ("calling", str(x)) not in workers, (x, workers)
+        assert ("calling", str(x)) not in [(state, item) for state, item, _ in workers]
         assert (busy, inflight) == (0, 0), (x, workers, busy, inflight)
+        # Its time as "sending" starts when the item went on, not with the item.
+        for state, _, seconds in workers:
+            if state == "sending":
+                stepping_aside += 1
+                assert seconds == 0.0, (x, workers)
+    assert stepping_aside >= 3  # the case the test is about did happen (about 1 in 2)
     assert_balanced(result, pipeline)
 
 

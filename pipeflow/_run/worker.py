@@ -618,6 +618,7 @@ class StageRun:
                         # does the rest of the bookkeeping).
                         c.busy_workers -= 1
                         ws.state = SENDING
+                        ws.since = end
                         await trio.lowlevel.cancel_shielded_checkpoint()
                         c.busy_workers += 1
                         ws.state = CALLING

@@ -454,7 +454,7 @@ _MAX_HEAD = 16 * 1024
 
 
 def metrics_service(
-    pipeline: Pipeline[Any, Any], port: int, *, host: str = HOST
+    pipeline: Pipeline[Any, Any], port: int, *, host: str = HOST, source: object = None
 ) -> Callable[..., Awaitable[None]]:
     """The ``metrics_port=`` service: ``/metrics`` over HTTP on ``host``:``port``
     (127.0.0.1 unless ``metrics_host=`` says otherwise), the live dashboard at ``/``
@@ -464,7 +464,8 @@ def metrics_service(
     ``pipeline.metrics_address`` to the bound ``(host, port)`` (useful with port 0,
     which picks a free port), reports started, and serves until cancelled, then closes
     its socket. A pipeline without a registry gets a private one
-    (``pipeline.registry``).
+    (``pipeline.registry``). ``source``: what the run reads, for the buffers the
+    dashboard shows (an acking source's first stage gets a larger one).
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         msg = (
@@ -485,7 +486,7 @@ def metrics_service(
         registry = CollectorRegistry()
         register(pipeline, registry)
         pipeline.registry = registry
-    dashboard = Dashboard(structures={pipeline.name: describe_pipeline(pipeline)})
+    dashboard = Dashboard(structures={pipeline.name: describe_pipeline(pipeline, source=source)})
 
     async def serve_metrics(
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,

@@ -31,6 +31,13 @@ Kind = Literal["async", "asyncgen", "sync", "syncgen"]
 ERROR_POLICIES: tuple[str, ...] = get_args(ErrorPolicy)
 RUN_IN_CHOICES: tuple[str, ...] = get_args(RunIn)
 
+#: The buffer of the first stage after an acking source, unless ``buffer=`` is given: such
+#: a source has its items in hand already (a page read from a queue) and hands them over
+#: many at a time, where a slot per worker would let in a few per scheduler round. The
+#: source is told of the extra room (``capacity``), and keeps that many more un-acked.
+#: Two of the runner's chunks (``pipeflow._run.edge.CHUNK``, 32).
+SOURCE_BUFFER = 64
+
 
 def _fail(stage: str, option: str, expected: str, value: object, exc: type[Exception]) -> None:
     msg = f"stage {stage!r}: option {option}= must be {expected}, got {value!r}"
@@ -271,6 +278,14 @@ class StageOptions:
     def buffer_size(self) -> int:
         """The input channel's capacity: the option, else one slot per (max) worker."""
         return self.max_workers if self.buffer is None else self.buffer
+
+    def input_buffer(self, *, after_acking_source: bool = False) -> int:
+        """The input channel's capacity a run gives the stage: :attr:`buffer_size`; for
+        the first stage after an acking source (which hands over pages of entries) with
+        no ``buffer=`` set, at least :data:`SOURCE_BUFFER`."""
+        if after_acking_source and self.buffer is None:
+            return max(self.buffer_size, SOURCE_BUFFER)
+        return self.buffer_size
 
     def evolve(self, **changes: Any) -> StageOptions:
         """A copy with some options changed, every option validated again."""

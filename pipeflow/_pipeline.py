@@ -468,7 +468,7 @@ class Pipeline(Generic[In, Out]):
         if metrics_port is not None:
             from ._metrics import metrics_service
 
-            services.append(metrics_service(self, metrics_port, host=metrics_host))
+            services.append(metrics_service(self, metrics_port, host=metrics_host, source=source))
         self._sources.note(source)
         self._live.append(run)
         try:

@@ -38,6 +38,12 @@ class SourceTotals:
         )
 
 
+def is_acking(source: object) -> bool:
+    """Whether ``source`` is an acking source (it implements ``__pipeflow_open__``: see
+    :class:`pipeflow.abc.AckingSource`)."""
+    return hasattr(source, "__pipeflow_open__")
+
+
 def has_statistics(source: object) -> bool:
     return hasattr(source, "__pipeflow_open__") and callable(getattr(source, "statistics", None))
 

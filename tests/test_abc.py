@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from pipeflow import Pipeline, StageError, stage
+from pipeflow._report import describe_pipeline
 from pipeflow.abc import AckingSource
 
 
@@ -142,3 +143,31 @@ async def test_a_paged_source_hands_over_a_page_at_a_time(autojump_clock, buffer
     assert sorted(source.acked) == list(range(300))
     assert room <= max(source.limits) <= room + 2
     assert source.capacity == 2 + room
+
+
+@pytest.mark.parametrize(("buffer", "room"), [(None, 64), (4, 4), (100, 100)])
+async def test_a_run_report_shows_the_buffer_the_run_gave_the_first_stage(
+    autojump_clock, buffer, room
+):
+    """The structure a run report or the dashboard shows (describe_pipeline, given the
+    source) has the first stage's buffer the run used behind an acking source (it said
+    8, a slot per worker, where the run held 64); the run holds exactly that much."""
+
+    @stage(workers=8, buffer=buffer)
+    async def slow(x):
+        await trio.sleep(0.01)
+        return x
+
+    @stage(workers=2)
+    async def after(x):
+        return x
+
+    pipeline = Pipeline(slow | after)
+    source = PagedSource(range(200))
+    described = describe_pipeline(pipeline, source=source)["stages"]
+    assert [s["buffer"] for s in described] == [room, 2]
+    await pipeline.arun(source)
+    assert source.capacity == 8 + room + 2 + 2  # workers and buffers of both stages
+    # Without an acking source (a list), the first stage keeps a slot per worker.
+    assert describe_pipeline(pipeline, source=[1])["stages"][0]["buffer"] == (buffer or 8)
+    assert describe_pipeline(pipeline)["stages"][0]["buffer"] == (buffer or 8)

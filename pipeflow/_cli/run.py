@@ -364,7 +364,7 @@ class _RunCommand:
             target=self.target,
             status=status,
             result=data,
-            structure=describe_pipeline(self.pipeline),
+            structure=describe_pipeline(self.pipeline, source=self.source),
             series=self.series,
             failure=failure,
             signal=signal.Signals(signum).name if signum else None,

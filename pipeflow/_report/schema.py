@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._errors import short_repr
+from .._sources import is_acking
 from .._stats import StageCounters, StageStats
 from .format import json_safe
 
@@ -51,9 +52,10 @@ class ReportError(ValueError):
 # -- structure ----------------------------------------------------------------------------
 
 
-def describe_stage(st: Stage[Any, Any]) -> dict[str, Any]:
+def describe_stage(st: Stage[Any, Any], *, after_acking_source: bool = False) -> dict[str, Any]:
     """A stage's structure as plain data: name, kind, workers, buffer and the options
-    that differ from the defaults."""
+    that differ from the defaults. ``after_acking_source``: the stage is the first
+    behind an acking source, which gives it a larger default buffer."""
     o = st.options
     options: dict[str, Any] = {}
     if o.ordered:
@@ -89,14 +91,22 @@ def describe_stage(st: Stage[Any, Any]) -> dict[str, Any]:
         "kind": o.kind,
         "run_in": o.run_in,
         "workers": list(o.workers) if isinstance(o.workers, tuple) else o.workers,
-        "buffer": o.buffer_size,
+        "buffer": o.input_buffer(after_acking_source=after_acking_source),
         "options": options,
     }
 
 
-def describe_pipeline(pipeline: Pipeline[Any, Any]) -> dict[str, Any]:
-    """A pipeline's structure as plain data: its name and each stage's description."""
-    return {"pipeline": pipeline.name, "stages": [describe_stage(s) for s in pipeline.stages]}
+def describe_pipeline(pipeline: Pipeline[Any, Any], *, source: object = None) -> dict[str, Any]:
+    """A pipeline's structure as plain data: its name and each stage's description, with
+    the buffers a run over ``source`` (when given) gives its stages."""
+    acking = is_acking(source)
+    return {
+        "pipeline": pipeline.name,
+        "stages": [
+            describe_stage(s, after_acking_source=acking and i == 0)
+            for i, s in enumerate(pipeline.stages)
+        ],
+    }
 
 
 # -- the time series ----------------------------------------------------------------------

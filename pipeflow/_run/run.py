@@ -36,12 +36,6 @@ from .worker import CollectSink, DropSink, Outbox, StageRun, teardown_scope
 
 Outlet = Literal["collect", "drop", "channel"]
 
-#: The buffer of the first stage after an acking source, unless ``buffer=`` is given: such
-#: a source has its items in hand already (a page read from a queue) and hands them over
-#: many at a time, where a slot per worker would let in a few per scheduler round. The
-#: source is told of the extra room (``capacity``), and keeps that many more un-acked.
-SOURCE_BUFFER = 2 * CHUNK
-
 #: A service runs beside a pipeline for exactly its lifetime (a metrics endpoint):
 #: started with ``nursery.start`` before the first item, cancelled after the last.
 Service = Callable[..., Awaitable[None]]
@@ -386,8 +380,7 @@ class Run:
         close the source before the items the dead-letter stages took are acked."""
         if hasattr(source, "__pipeflow_open__"):
             first = self.stages[0]
-            if first.opts.buffer is None:
-                first.inbox.capacity = max(first.inbox.capacity, SOURCE_BUFFER)
+            first.inbox.capacity = first.opts.input_buffer(after_acking_source=True)
             if self.dead_letter_nursery is not None:
                 nursery = self.dead_letter_nursery
         self.stages[0].inbox.add_sender()
@@ -461,7 +454,7 @@ class Run:
         batches = 1
         for sr in self.stages:
             o = sr.opts
-            total += o.max_workers + sr.inbox.capacity  # (the first's may be SOURCE_BUFFER)
+            total += o.max_workers + sr.inbox.capacity  # (the first's: see input_buffer)
             if sr.reorder is not None:
                 total += sr.reorder.size
             if o.batch is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 import attrs
@@ -332,22 +332,27 @@ def _default_run_in(kind: Kind) -> RunIn:
 def _check_known(stage: object, options: dict[str, Any]) -> None:
     """Refuse an unknown option, naming the stage, the option and the closest valid one."""
     unknown = [k for k in options if k not in OPTION_NAMES]
-    if not unknown:
-        return
+    if unknown:
+        raise TypeError(unknown_options_message(stage, unknown, OPTION_NAMES))
+
+
+def unknown_options_message(stage: object, unknown: Sequence[str], known: Sequence[str]) -> str:
+    """What to say about keywords ``unknown`` given to ``stage`` (its name, if known),
+    which takes ``known``: each with the closest valid one, or the list of them."""
     who = f"stage {stage!r}" if isinstance(stage, str) else "stage"
     parts = []
     for name in unknown:
-        close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]}=?" if close else ""
         parts.append((name, hint))
     if len(parts) == 1:
         name, hint = parts[0]
         msg = f"{who}: unknown option {name}="
-        msg += f"; {hint}" if hint else f"; the options are {', '.join(OPTION_NAMES)}"
+        msg += f"; {hint}" if hint else f"; the options are {', '.join(known)}"
     else:
         listed = ", ".join(f"{n}= ({h})" if h else f"{n}=" for n, h in parts)
-        msg = f"{who}: unknown options {listed}; the options are {', '.join(OPTION_NAMES)}"
-    raise TypeError(msg)
+        msg = f"{who}: unknown options {listed}; the options are {', '.join(known)}"
+    return msg
 
 
 def make_options(*, kind: Kind, **options: Any) -> StageOptions:

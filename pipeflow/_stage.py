@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Unpack, overload
 
-from ._options import Kind, StageKeywords, StageOptions, make_options
+from ._options import Kind, StageKeywords, StageOptions, make_options, unknown_options_message
 
 if TYPE_CHECKING:
     from ._chain import Chain
@@ -39,6 +39,33 @@ def _kind_of(fn: Callable[..., Any]) -> Kind:
     if inspect.isgeneratorfunction(target):
         return "syncgen"
     return "sync"
+
+
+def _checking_keywords(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` (a stage class's own ``__init__`` with named keywords, such as a built-in
+    stage's), refusing an unknown keyword as ``@stage`` does: naming the stage, the
+    keyword and the closest valid one, where Python would only say "unexpected keyword
+    argument". An ``__init__`` that takes ``**options`` passes them on to one that checks."""
+    params = inspect.signature(init).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return init
+    known = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.name != "self"
+    ]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            name = kwargs.get("name")
+            stage = name if isinstance(name, str) else type(self).__name__
+            raise TypeError(unknown_options_message(stage, unknown, known))
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 def _snake(name: str) -> str:
@@ -68,6 +95,12 @@ class Stage(Generic[In, Out]):
     """
 
     options: StageOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _checking_keywords(init)  # type: ignore[method-assign]
 
     def __init__(self, **options: Unpack[StageKeywords]) -> None:
         cls = type(self)

@@ -75,6 +75,41 @@ def test_a_misspelt_option_in_with_options_and_a_class_stage():
         Upper(name="shout", retry=2)  # type: ignore[call-arg]
 
 
+def test_a_misspelt_option_of_a_built_in_stage_names_the_stage_and_the_closest_option(
+    tmp_path,
+):
+    """The built-in stages (which take named keywords of their own) answer as @stage
+    does, where Python said only "got an unexpected keyword argument 'worker'"; so
+    does a subclass that passes its keywords on."""
+    from pipeflow.stages import HttpFetch, JsonLinesSink, SQLiteSink
+
+    with pytest.raises(TypeError) as info:
+        HttpFetch(worker=4)  # type: ignore[call-arg]
+    assert "stage 'HttpFetch': unknown option worker=; did you mean workers=?" == str(info.value)
+    with pytest.raises(
+        TypeError, match=re.escape("stage 'rows': unknown option batchs=; did you mean batch=?")
+    ):
+        SQLiteSink(tmp_path / "x.db", "t", ["a"], name="rows", batchs=10)  # type: ignore[call-arg]
+    with pytest.raises(TypeError) as info:
+        JsonLinesSink(tmp_path / "x.jsonl", colour="red")  # type: ignore[call-arg]
+    assert str(info.value).startswith(
+        "stage 'JsonLinesSink': unknown option colour=; the options are path, default, "
+    )
+
+    class Fetch(HttpFetch):
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+
+    with pytest.raises(
+        TypeError,
+        match=re.escape("stage 'Fetch': unknown option retry=; did you mean retries=?"),
+    ):
+        Fetch(retry=2)
+    # What is valid is unchanged, positional arguments included.
+    assert HttpFetch(workers=3).options.max_workers == 3
+    assert SQLiteSink(tmp_path / "x.db", "t", ["a"], batch=5).options.batch == 5
+
+
 def test_an_unknown_option_with_no_close_match_lists_the_options():
     """An option that resembles none of them is answered with the list of options."""
     kw: dict[str, Any] = {"colour": "red"}

@@ -67,6 +67,9 @@ class Lot(OrderedDict[Task, int]):
     @enable_ki_protection
     def unpark(self, count: int = 1) -> int:
         """Wake up to ``count`` waiting tasks, oldest first; how many were woken."""
+        if count == 1 and self:  # the usual case: one item, one receiver
+            reschedule(self.popitem(last=False)[0])
+            return 1
         n = min(count, len(self))
         for _ in range(n):
             reschedule(self.popitem(last=False)[0])
@@ -234,13 +237,14 @@ class Edge:
     def _room(self) -> int:
         return self.capacity - len(self._buf) + len(self._recv_lot) + self._waking
 
-    def put_now(self, envs: list[Env]) -> bool:
-        """Hand ``envs`` over if they fit now; False (and nothing done) if not."""
+    def put_now(self, envs: list[Env], now: float | None = None) -> bool:
+        """Hand ``envs`` over if they fit now; False (and nothing done) if not. ``now``:
+        the time, if the sender has just read the clock."""
         room = self.capacity - len(self._buf) + len(self._recv_lot) + self._waking  # _room()
         if len(envs) > room or self._send_lot or self.broken:
             return False
         if self.stamp:
-            t = self.now()
+            t = self.now() if now is None else now
             for env in envs:
                 env.t = t
         self._add(envs)
@@ -336,12 +340,16 @@ class Edge:
             raise trio.WouldBlock
         return out
 
-    async def take(self, limit: int = CHUNK) -> list[Env]:
-        """Wait for at least one item, then take as :meth:`take_ready` does."""
+    async def take(self, limit: int = CHUNK, *, empty: bool = False) -> list[Env]:
+        """Wait for at least one item, then take as :meth:`take_ready` does. ``empty``:
+        the caller's own :meth:`take_ready` just found nothing (wait at once)."""
         while True:
-            out = self.take_ready(limit)
-            if out:
-                return out
+            if empty:
+                empty = False
+            else:
+                out = self.take_ready(limit)
+                if out:
+                    return out
             if self._send_lot:
                 # A waiting receiver is room too (a rendezvous edge has no other).
                 self._send_lot.unpark()

@@ -56,8 +56,9 @@ class Outbox(Protocol):
 
     async def put(self, envs: list[Env]) -> float: ...
 
-    def put_now(self, envs: list[Env]) -> bool:
-        """Hand ``envs`` over if that needs no waiting; False (and nothing done) if not."""
+    def put_now(self, envs: list[Env], now: float | None = None) -> bool:
+        """Hand ``envs`` over if that needs no waiting; False (and nothing done) if not.
+        ``now``: the time, if the sender has just read the clock."""
         ...
 
     #: How many waiting receivers the last hand-over woke.
@@ -76,7 +77,7 @@ class CollectSink:
         self.put_now(envs)
         return 0.0
 
-    def put_now(self, envs: list[Env]) -> bool:
+    def put_now(self, envs: list[Env], now: float | None = None) -> bool:
         outputs = self.outputs
         for env in envs:
             outputs.append(env.item)
@@ -94,7 +95,7 @@ class DropSink:
         self.put_now(envs)
         return 0.0
 
-    def put_now(self, envs: list[Env]) -> bool:
+    def put_now(self, envs: list[Env], now: float | None = None) -> bool:
         for env in envs:
             if env.ack is not None:
                 env.ack.done()
@@ -315,6 +316,7 @@ class StageRun:
         task = trio.lowlevel.current_task()
         ws = self.workers[task]
         spins = 0
+        idle_since = -1.0  # when the chunk just recorded ended (it went on at once)
         while True:
             if autoscale and self.retire and c.workers > min_workers:
                 self.retire -= 1
@@ -334,10 +336,12 @@ class StageRun:
                 spins += len(chunk)
             else:
                 ws.state = WAITING
-                ws.since = now()
+                ws.since = idle_since if idle_since >= 0.0 else now()
                 try:
                     got = await (
-                        inbox.take(limit) if not autoscale else take_or_retire(self, inbox, limit)
+                        inbox.take(limit, empty=True)
+                        if not autoscale
+                        else take_or_retire(self, inbox, limit)
                     )
                 except trio.EndOfChannel:
                     got = None
@@ -351,6 +355,7 @@ class StageRun:
                     return
                 chunk = got
                 spins = 0
+            idle_since = -1.0
             if window is not None and limit > len(chunk):
                 window.release(limit - len(chunk))
 
@@ -593,7 +598,8 @@ class StageRun:
                 if holding:
                     holding = False
                     inbox.release()
-                if reorder is None and outs and self.out.put_now(outs):
+                end = now()
+                if reorder is None and outs and self.out.put_now(outs, end):
                     # Handed on without waiting (the usual case). If that woke a worker
                     # (or the reader) and this one has nothing more to do, step aside
                     # before the bookkeeping, as a channel's send does: the item goes on
@@ -605,8 +611,8 @@ class StageRun:
                     # moving a stream, where the step would be a second scheduler step
                     # per chunk (7% more CPU per item in W1) and the woken worker has a
                     # chunk to start on anyway.
-                    end = now()
                     handed_over = True
+                    shown_busy = True
                     if (
                         self.out.woke
                         and self.chunked
@@ -619,13 +625,15 @@ class StageRun:
                         c.busy_workers -= 1
                         ws.state = SENDING
                         ws.since = end
+                        shown_busy = False
                         await trio.lowlevel.cancel_shielded_checkpoint()
-                        c.busy_workers += 1
-                        ws.state = CALLING
-                    self._record(t0, queued_at, chunk, calls, task, in_thread, end=end)
+                    self._record(
+                        ws, t0, queued_at, chunk, calls, task, in_thread, end, busy=shown_busy
+                    )
                     inbox.wake_all = not self.chunked
+                    idle_since = end
                     continue
-                self._record(t0, queued_at, chunk, calls, task, in_thread)
+                self._record(ws, t0, queued_at, chunk, calls, task, in_thread, end)
                 inbox.wake_all = not self.chunked
                 handed_over = True
                 if not outs and reorder is None:
@@ -653,7 +661,7 @@ class StageRun:
                     c.items_out += ok_n
                     c.inflight -= ok_w
                 if busy:
-                    self._record(t0, queued_at, chunk, calls, task, stopped=True)
+                    self._record(ws, t0, queued_at, chunk, calls, task, end=now(), stopped=True)
                 # A stop (or a failure) took these items from this worker: count them,
                 # list them, and keep the outputs made but not handed on.
                 self.run.unfinish(self, [*loose[loose_from:], *chunk[done:]])
@@ -744,36 +752,38 @@ class StageRun:
 
     def _record(
         self,
+        ws: WorkerState,
         t0: float,
         queued_at: float,
         chunk: list[Env],
         calls: int,
         task: trio.lowlevel.Task,
         in_thread: float = -1.0,
+        end: float = 0.0,
         *,
-        end: float | None = None,
+        busy: bool = True,
         stopped: bool = False,
     ) -> None:
-        """A chunk's statistics: busy time, queue wait (since ``queued_at``) and
-        durations, by weight.
+        """A chunk's statistics (it ended at ``end``): busy time, queue wait (since
+        ``queued_at``) and durations, by weight.
         ``in_thread``: the items' own time in a worker thread, without the round trip
-        to it, which is what decides whether the stage's items are quick."""
+        to it, which is what decides whether the stage's items are quick.
+        ``busy``: the worker is still shown busy with the chunk (not if it stepped aside
+        after handing it on: it shows as sending since then)."""
         c = self.c
-        if end is None:
-            end = self.run.now()
         d = end - t0
         # Time spent waiting for a rate-limit token or a held breaker, or handing a
         # failure to a dead-letter sink, is not work: it must not make the stage look
         # busy (or name it the bottleneck).
         if self.throttled:
             d -= self.throttled.pop(task, 0.0)
-        ws = self.workers[task]
         if ws.stalled:
             note_unstalled(self, ws, d, stopped=stopped)
-        ws.state = SENDING
-        ws.since = end
+        if busy:
+            ws.state = SENDING
+            ws.since = end
+            c.busy_workers -= 1
         ws.chunk = None
-        c.busy_workers -= 1
         c.busy_time += d
         c.waits.observe_many(t0 - queued_at, len(chunk))
         if calls:

@@ -44,7 +44,10 @@ async def _lines(open_input: Opener, where: str) -> AsyncIterator[str]:
     """Lines of UTF-8 text, the newline (and a carriage return before it) stripped."""
     read, close = await open_input()
     decoder = codecs.getincrementaldecoder("utf-8")()
-    pending = ""
+    # The pieces of the line not finished yet, joined once its newline comes: adding
+    # each chunk to it instead would copy a long line again for every chunk (a line of
+    # 32 MB took a minute).
+    pending: list[str] = []
     offset = 0  # bytes read so far
     try:
         while True:
@@ -53,23 +56,33 @@ async def _lines(open_input: Opener, where: str) -> AsyncIterator[str]:
             # start counts from the first of them, which ``offset`` already passed.
             held = len(decoder.getstate()[0])
             try:
-                text = pending + decoder.decode(chunk, final=not chunk)
+                text = decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:
                 msg = f"{where} is not UTF-8 text (byte {offset - held + exc.start})"
                 raise InputError(msg) from None
             offset += len(chunk)
-            *lines, pending = text.split("\n")
-            for line in lines:
-                # A graceful stop cancels the source, then closes its channel. If the
-                # source is between two checkpoints then (it was just woken from a
-                # send), its next send would hit the closed channel: stop here first.
-                # (Cheap: it only yields when cancelled.)
-                await trio.lowlevel.checkpoint_if_cancelled()
-                yield line.removesuffix("\r")
+            if "\n" not in text:
+                if text:
+                    pending.append(text)
+            else:
+                *lines, rest = text.split("\n")
+                if pending:
+                    pending.append(lines[0])
+                    lines[0] = "".join(pending)
+                    pending.clear()
+                if rest:
+                    pending.append(rest)
+                for line in lines:
+                    # A graceful stop cancels the source, then closes its channel. If the
+                    # source is between two checkpoints then (it was just woken from a
+                    # send), its next send would hit the closed channel: stop here first.
+                    # (Cheap: it only yields when cancelled.)
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    yield line.removesuffix("\r")
             if not chunk:
                 break
         if pending:
-            yield pending.removesuffix("\r")
+            yield "".join(pending).removesuffix("\r")
     finally:
         with trio.CancelScope(shield=True):
             await close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import pickle
 import re
@@ -142,6 +143,32 @@ async def test_a_flat_map_acks_once_every_child_is_done(r, url):
             assert (0, 1) == (source.statistics().acked, source.statistics().pending)
             release.set()
     assert [entry_id, entry_id] == source_ids(r)
+    assert set() == pending_ids(r)
+
+
+@pytest.mark.parametrize("batch", [None, 50])
+async def test_what_a_run_holds_for_an_entry_is_freed_once_it_is_acked(r, url, batch):
+    """An entry's envelope through the run (which is also its ack) is freed once the
+    entry is acked, one by one or a batch at a time, without waiting for the garbage
+    collector: no reference cycle is left per entry."""
+    add_jobs(r, 300)
+
+    @stage(workers=4)
+    async def work(entry: Entry) -> Entry:
+        return entry.with_fields(done="1")
+
+    source = RedisStreamSource(url, "jobs", group="workers", consumer="a", drain=True)
+    sink = RedisStreamSink(url, "results", batch=batch)
+    gc.collect()
+    gc.disable()
+    try:
+        with trio.fail_after(10):
+            await Pipeline(work | sink).arun(source, collect=False)
+        left = [o for o in gc.get_objects() if type(o).__name__ == "KeyedAckEnv"]
+    finally:
+        gc.enable()
+    assert [] == left
+    assert 300 == r.xlen("results")
     assert set() == pending_ids(r)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 
 class Ack(Protocol):
@@ -65,6 +66,88 @@ class Env:
     def weight(self, batched: bool) -> int:
         """How many source items this envelope stands for (a batch counts its items)."""
         return len(self.item) if batched and type(self.item) is list else 1
+
+
+class KeyedSource(Protocol):
+    """A source that acks its items by key (an id): it is told ``finished(key)`` (or
+    ``finished_many(keys)``) once an item has wholly left the pipeline, and ``split``
+    is set once an item became several (a flat-map), so that it counts their parts.
+    Such a source hands its items over with ``_pipeflow_take_keyed(limit)`` -> (items,
+    keys), and each item travels in a :class:`KeyedAckEnv`."""
+
+    split: bool
+
+    def finished(self, key: Any) -> None: ...
+    def finished_many(self, keys: list[Any]) -> None: ...
+
+
+class KeyedAckEnv(Env):
+    """The envelope of a :class:`KeyedSource`'s item that is also its ack: one object
+    per item rather than an envelope and an ack. ``ack`` is the envelope itself until
+    the item is done, then ``None`` (so that no reference cycle outlives it); it travels
+    on as the outputs' envelope, as any envelope does."""
+
+    __slots__ = ("key", "left", "owner")
+
+    def __init__(self, owner: KeyedSource, item: Any, key: Any) -> None:
+        self.item = item
+        self.seq = 0
+        self.t = 0.0
+        self.ack = self
+        self.owner = owner
+        self.key = key
+        self.left = 1
+
+    def add(self, n: int) -> None:
+        """The item became ``n + 1`` items (a flat-mapping stage's children)."""
+        self.left += n
+        self.owner.split = True
+
+    def done(self) -> None:
+        """One of them left the pipeline; the last one tells the source."""
+        self.left -= 1
+        if self.left == 0:
+            self.ack = None
+            self.owner.finished(self.key)
+
+    @staticmethod
+    def __pipeflow_done_all__(acks: Sequence[Ack]) -> None:
+        """``done()`` on each of ``acks`` (a batch's items): one source's keys handed
+        over together; an ack of another kind by its ``done()``."""
+        if set(map(type, acks)) == _KEYED:
+            owners = set(map(_owner_of, acks))
+            if len(owners) == 1:
+                (only,) = owners
+                if not only.split:
+                    # The usual batch: one source's items, none split into several (so
+                    # each is done with its one item), in C-level passes but for the
+                    # cycles broken.
+                    only.finished_many(list(map(_key_of, acks)))
+                    for env in cast("Sequence[KeyedAckEnv]", acks):
+                        env.ack = None
+                    return
+        owner: KeyedSource | None = None
+        keys: list[Any] = []
+        for ack in acks:
+            if type(ack) is not KeyedAckEnv:
+                ack.done()
+                continue
+            ack.left -= 1
+            if ack.left == 0:
+                ack.ack = None
+                if ack.owner is not owner:
+                    if owner is not None:
+                        owner.finished_many(keys)
+                    owner = ack.owner
+                    keys = []
+                keys.append(ack.key)
+        if owner is not None:
+            owner.finished_many(keys)
+
+
+_KEYED = {KeyedAckEnv}
+_owner_of = operator.attrgetter("owner")
+_key_of = operator.attrgetter("key")
 
 
 class KeyFailed:

@@ -17,7 +17,7 @@ import contextlib
 import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from itertools import islice, starmap
+from itertools import islice, repeat, starmap
 from typing import Any, Literal, cast
 
 import trio
@@ -28,7 +28,7 @@ from .._policies import BreakerRuntime, BreakerState, CircuitBreaker
 from .._stage import Stage
 from .._stats import StageStats
 from .edge import CHUNK, CHUNK_BELOW, Edge
-from .envelope import Ack, Env, KeyFailed
+from .envelope import Ack, Env, KeyedAckEnv, KeyedSource, KeyFailed
 from .failures import TEARDOWN_LIMIT, finish_budget
 from .forensics import watch_stalls
 from .shapers import batcher, order_once, router, supervise
@@ -390,6 +390,16 @@ class Run:
         inbox = self.stages[0].inbox
         try:
             if acking:
+                take_keyed = getattr(source, "_pipeflow_take_keyed", None)
+                if take_keyed is not None:
+                    # pipeflow's own paging sources (Redis) ack by key: each item goes
+                    # in an envelope that is also its ack (one object per item, not two).
+                    owner = cast(KeyedSource, source)
+                    while True:
+                        items, keys = await take_keyed(max(1, inbox.room()))
+                        if not items:
+                            return
+                        await inbox.put(list(map(KeyedAckEnv, repeat(owner), items, keys)))
                 take = getattr(source, "__pipeflow_take__", None)
                 if take is not None:
                     # A source that reads pages (Redis) hands them over in chunks: as

@@ -930,6 +930,20 @@ class _Consumer:
         # The pairs made in C-level passes (no Python loop per entry).
         return list(zip(buffer, map(_EntryAck, repeat(self), map(_id_of, buffer)), strict=True))
 
+    async def _pipeflow_take_keyed(self, limit: int) -> tuple[list[Entry], list[str]]:
+        """As :meth:`__pipeflow_take__`, the entries with their ids (the keys the run
+        acks them by: :meth:`finished`) rather than an ack object each; ``[]`` at the
+        end. pipeflow's runner takes them this way (see ``KeyedAckEnv``)."""
+        if not await self._ready():
+            return [], []
+        buffer = self.buffer
+        if limit >= len(buffer):
+            self.buffer = []
+        else:
+            self.buffer = buffer[limit:]
+            del buffer[limit:]
+        return buffer, list(map(_id_of, buffer))
+
     async def _ready(self) -> bool:
         """Until an entry waits in ``buffer`` (True), or the source has ended (False)."""
         while True:
@@ -1346,18 +1360,19 @@ class RedisStreamSink(Stage[Any, Any]):
                     await conn.aclose()
         return ids if batched else ids[0]
 
-    def _commands(self, items: list[Any]) -> list[list[Any]]:
+    def _commands(self, items: list[Any]) -> list[Sequence[Any]]:
         """The ``XADD`` of each item (checked and converted as the class says)."""
         head: list[Any] = ["XADD", self.stream]
         if self.maxlen is not None:
             head += ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
         head.append("*")
-        commands = []
+        commands: list[Sequence[Any]] = []
         for item in items:
             if type(item) is Entry and "source_id" not in item._fields:
                 # The usual item (what a stage after a RedisStreamSource returns): its
-                # fields as they are, and its id.
-                commands.append([*head, *_flat(item._fields.items()), "source_id", item._id])
+                # fields as they are, and its id; a tuple, which the packing takes as
+                # it is (a list would be copied into one).
+                commands.append((*head, *_flat(item._fields.items()), "source_id", item._id))
                 continue
             command = head.copy()
             for pair in _fields_of(item).items():

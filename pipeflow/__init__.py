@@ -8,6 +8,8 @@ async def fetch(url): ...
 result = Pipeline(fetch | parse | store).run(urls)
 """
 
+# First: in the pipeflow command, a signal during the imports below is one line (see it).
+from . import _cli_start as _cli_start
 from ._chain import Chain as Chain
 from ._errors import CircuitOpen as CircuitOpen
 from ._errors import Failed as Failed

@@ -27,6 +27,7 @@ from .._stats import StageStats, find_bottleneck
 from .errors import EXIT_FAILED, EXIT_OK, CliError, one_line
 from .loading import load_pipeline
 from .progress import LogHandler, Progress
+from .signals import CommandSignals
 from .summary import summary
 
 
@@ -170,6 +171,10 @@ class _RunCommand:
         self.cpu0 = 0.0
         self.metrics_url: str | None = None
         self.metrics_address: tuple[str, int] | None = None
+        # main()'s handler of SIGINT and SIGTERM, if it has one (see signals.py): the run
+        # takes it over, from just before trio.run until the report is written.
+        signals: CommandSignals | None = getattr(args, "signals", None)
+        self.signals = signals if signals is not None and signals.installed else None
 
     def _source(self) -> Any:
         args = self.args
@@ -216,6 +221,23 @@ class _RunCommand:
     async def execute(self) -> None:
         self.t0 = trio.current_time()
         self.cpu0 = time.process_time()
+        signals = self.signals
+        if signals is None:
+            await self._execute()
+            return
+        # A signal from now until the run's gate is installed is handed to it; one that
+        # came before is not lost: the run does not start.
+        signals.connect(trio.lowlevel.current_trio_token())
+        try:
+            if signals.first is not None:
+                self.outcome.error = KeyboardInterrupt()
+                self.outcome.signal = signals.first
+                return
+            await self._execute()
+        finally:
+            signals.disconnect()
+
+    async def _execute(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch)
             try:
@@ -280,6 +302,16 @@ class _RunCommand:
         freeze = gc.get_freeze_count() == 0
         if freeze:
             gc.freeze()
+        if self.signals is not None:
+            if self.native_signals:
+                # From here until the report is written a signal is noted, never fatal:
+                # outside the run's own gate (which puts this handler back when the run
+                # ends) it would otherwise be Python's default (a traceback, or death by
+                # SIGTERM) while the summary and report are being written.
+                self.signals.hold()
+            else:
+                self.signals.restore()  # Ctrl+C is a KeyboardInterrupt, as before
+                self.signals = None
         try:
             try:
                 trio.run(self.execute)
@@ -299,7 +331,12 @@ class _RunCommand:
             logger.propagate = saved[1]
         code = self._finish()
         interrupted = isinstance(self.outcome.error, KeyboardInterrupt)
-        if self.args.metrics_linger > 0 and self.metrics_address is not None and not interrupted:
+        signalled = self.signals is not None and self.signals.first is not None
+        if (
+            self.args.metrics_linger > 0
+            and self.metrics_address is not None
+            and not (interrupted or signalled)
+        ):
             trio.run(self._linger)
         return code
 
@@ -399,6 +436,13 @@ class _RunCommand:
         elif status == "interrupted":
             name = signal.Signals(signum).name if signum else "signal"
             print(f"pipeflow: stopped by {name}", file=sys.stderr)
+        late = self.signals.first if self.signals is not None else None
+        if status != "interrupted" and late is not None and code == EXIT_OK:
+            # A signal as the run ended on its own (its report says so): the command
+            # was still told to stop, and says it with its exit status.
+            name = signal.Signals(late).name
+            print(f"pipeflow: stopped by {name} as the run ended", file=sys.stderr)
+            code = 128 + late
         return code
 
 

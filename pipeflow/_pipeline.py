@@ -289,9 +289,18 @@ class Flow(Generic[In, Out]):
     async def _send(self, item: In) -> None:
         self._sends_started += 1
         self._check_open()
+        env = Env(item)
         try:
-            await self._edge.put([Env(item)])
+            await self._edge.put([env])
         except trio.BrokenResourceError:
+            # Refused, not taken: the caller keeps the item (it is told so), so the run
+            # does not count it or list it as unfinished, as it does an item that a
+            # stop cut on its way in.
+            stranded = self._edge.stranded
+            for i in range(len(stranded) - 1, -1, -1):
+                if stranded[i] is env:
+                    del stranded[i]
+                    break
             self._check_open()
             raise PipelineClosed(
                 f"pipeline {self._run.pipeline!r} takes no more items: it was cancelled"

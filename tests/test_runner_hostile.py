@@ -13,7 +13,7 @@ import threading
 import pytest
 import trio
 
-from pipeflow import Failed, Pipeline, PipelineFull, StageError, stage
+from pipeflow import Failed, Pipeline, PipelineClosed, PipelineFull, StageError, stage
 from pipeflow.testing import assert_nothing_left_running
 
 # -- helpers -------------------------------------------------------------------------------
@@ -925,3 +925,39 @@ async def test_a_hole_that_waits_for_a_slow_reader_is_blocked_time_not_busy(auto
     assert s.busy_seconds == pytest.approx(10 * 0.5)
     assert s.blocked_seconds > 0
     assert (10, 10) == (s.ok, s.failed)
+
+
+@pytest.mark.parametrize("buffer", [0, 1])
+async def test_a_send_refused_with_pipeline_closed_is_not_counted_as_taken(buffer, autojump_clock):
+    """Feeders blocked in `await flow.send(x)` when the block ends normally: each send
+    either returns (the item ran) or raises PipelineClosed (the caller keeps it). A
+    refused item is not counted in the stage or listed in result.unfinished (before the
+    fix it was both, so resuming unfinished and retrying the refused items ran it twice)."""
+
+    @stage(workers=1, buffer=buffer)
+    async def slow(x):
+        await trio.sleep(0.01)
+        return x
+
+    accepted, refused = [], []
+
+    async def feeder(flow, base):
+        for i in itertools.count(base):
+            try:
+                await flow.send(i)
+            except PipelineClosed:
+                refused.append(i)
+                return
+            accepted.append(i)
+
+    async with trio.open_nursery() as nursery, Pipeline(slow).open() as flow:
+        for f in range(3):
+            nursery.start_soon(feeder, flow, 1000 * f)
+        await trio.sleep(0.05)
+    result = flow.result
+    assert len(refused) == 3
+    assert result.unfinished == []
+    stats = result.stats["slow"]
+    assert (stats.items_in, stats.ok, stats.cancelled) == (len(accepted), len(accepted), 0)
+    assert_balanced(result)
+    assert_nothing_left_running()

@@ -961,3 +961,36 @@ async def test_a_send_refused_with_pipeline_closed_is_not_counted_as_taken(buffe
     assert (stats.items_in, stats.ok, stats.cancelled) == (len(accepted), len(accepted), 0)
     assert_balanced(result)
     assert_nothing_left_running()
+
+
+@pytest.mark.parametrize("errors", ["skip", "embed", "collect"])
+async def test_a_stop_during_a_dead_letter_call_loses_no_failed_item(errors, autojump_clock):
+    """An outer cancellation while an async dead-letter function is still working on a
+    failed item (it would have kept it after its await): the item is in
+    result.unfinished and counted cancelled, not failed (before the fix, under skip and
+    embed it was counted failed and was nowhere else)."""
+    kept = []
+
+    async def keep(failed):
+        await trio.sleep(10)
+        kept.append(failed.item)
+
+    @stage(workers=1, errors=errors, dead_letter=keep)
+    async def bad(x):
+        await trio.sleep(0.1)
+        raise ValueError(x)
+
+    outputs = None
+    with trio.move_on_after(1):
+        async with Pipeline(bad).stream(range(5)) as outputs:
+            async for _ in outputs:
+                pass
+    result = outputs.result
+    assert kept == []
+    # 0 was in the dead-letter call; 1 and 2 queued (the source is pulled only as far as
+    # the stage has room).
+    assert sorted(x for _, x in result.unfinished) == [0, 1, 2]
+    stats = result.stats["bad"]
+    assert (stats.failed, stats.cancelled, len(result.errors)) == (0, 3, 0)
+    assert_balanced(result)
+    assert_nothing_left_running()

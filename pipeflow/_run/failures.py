@@ -56,6 +56,12 @@ class FailurePolicy:
     def __init__(self, sr: StageRun) -> None:
         self.sr = sr
         self.dead_letter = make_dead_letter(sr)
+        # A dead-letter stage takes an item whose hand-over a stop cut into its queue
+        # (then listed as its unfinished); a callable cut in the middle of its call
+        # leaves the item with this stage.
+        self.cut_stays_here = self.dead_letter is not None and not isinstance(
+            dead_letter_sink(sr), Stage
+        )
         self.log_failure = sr.run.log.warning
 
     async def fail(self, env: Env, error: Exception, attempts: int, weight: int) -> list[Env]:
@@ -84,9 +90,18 @@ class FailurePolicy:
                 sr.run.fail(err)
                 raise err from sink_error
             except BaseException:
-                # A stop cut the hand-over: the item still failed here.
-                c.inflight -= weight
-                self.record(failed)
+                if self.cut_stays_here:
+                    # A stop cut the dead-letter call: the sink may not have kept it, so
+                    # the item counts as one the stop took from this worker (cancelled,
+                    # listed in RunResult.unfinished, not acked), for the caller to
+                    # resume, not as a failure whose only trace would be a log line.
+                    c.failed -= weight
+                    sr.run.unfinish(sr, [env])
+                else:
+                    # Cut on its way to a dead-letter stage: it is in that stage's queue,
+                    # listed as unfinished there; the failure happened here.
+                    c.inflight -= weight
+                    self.record(failed)
                 raise
         c.inflight -= weight
         return self.finish(env, failed, ack_taken, weight)
@@ -158,6 +173,11 @@ class Collect(Skip):
 POLICIES: dict[str, type[FailurePolicy]] = {p.name: p for p in (FailFast, Collect, Skip, Embed)}
 
 
+def dead_letter_sink(sr: StageRun) -> Any:
+    """The stage's ``dead_letter=``, else the pipeline's (None if neither is set)."""
+    return sr.opts.dead_letter if sr.opts.dead_letter is not None else sr.run.dead_letter
+
+
 def make_dead_letter(
     sr: StageRun,
 ) -> Callable[[Failed[Any], Ack | None], Awaitable[bool]] | None:
@@ -170,7 +190,7 @@ def make_dead_letter(
     if sr.is_dead_letter:
         return None  # a dead-letter stage's own failures follow its errors= policy
     run = sr.run
-    sink = sr.opts.dead_letter if sr.opts.dead_letter is not None else run.dead_letter
+    sink = dead_letter_sink(sr)
     if sink is None:
         return None
     if isinstance(sink, Stage):

@@ -44,7 +44,11 @@ class RunResult(Generic[Out]):
     ``bottleneck``: the stage that limited throughput (the busiest), or None;
     ``unfinished``: ``(stage, item)`` for every item a stop (a failure, a signal past its
     grace period, a cancellation, leaving ``stream()``/``open()`` early) took from a
-    worker or from the queue in front of a stage, so that a caller can resume them.
+    worker or from the queue in front of a stage, so that a caller can resume them;
+    ``unread``: the outputs the last stage made that the reader of ``stream()`` had not
+    taken when its block ended (left early, cancelled, a failure), in order (empty
+    after ``run()``/``arun()``, which keep every output, and ``open()``, whose outputs
+    stay readable after the block); an acking source never acks their items.
     """
 
     pipeline: str
@@ -54,6 +58,7 @@ class RunResult(Generic[Out]):
     elapsed: float
     bottleneck: str | None
     unfinished: list[tuple[str, Any]] = attrs.field(factory=list)
+    unread: list[Out] = attrs.field(factory=list)
 
     def raise_for_errors(self) -> None:
         """Raise the collected errors together as one ``ExceptionGroup``, if any."""
@@ -85,6 +90,7 @@ def _result(run: Run) -> RunResult[Any]:
         elapsed=run.elapsed(),
         bottleneck=find_bottleneck(stats),
         unfinished=list(run.unfinished),
+        unread=list(run.unread),
     )
 
 
@@ -678,10 +684,13 @@ class Pipeline(Generic[In, Out]):
                     if not outputs.ended:
                         run.cancel()  # the main stages and any dead-letter stage
         except StageError as failure:
+            if outputs is not None:
+                run.collect_unread(outputs._taken)
             failure.result = _result(run)
             raise
         finally:
             if outputs is not None:
+                run.collect_unread(outputs._taken)
                 outputs.result = _result(run)
 
     def open(

@@ -145,6 +145,9 @@ class Run:
         self.errors: list[StageError] = []
         #: ``(stage, item)`` for every item a stop took from a worker or a queue.
         self.unfinished: list[tuple[str, Any]] = []
+        # Outputs made that the reader of stream() never took (see collect_unread).
+        self.unread: list[Any] = []
+        self._unread_collected = False
         self.first_failure: BaseException | None = None
         #: What the caller's code in the ``async with`` block raised, if anything.
         self.body_error: BaseException | None = None
@@ -505,8 +508,8 @@ class Run:
 
     def strand(self, sr: StageRun, outs: list[Env], results: list[tuple[int, list[Env]]]) -> None:
         """Outputs ``sr`` made but could not hand on before a stop: they count as
-        queued in front of the next stage."""
-        if isinstance(sr.out, Edge) and sr.out is not self.outlet_edge:
+        queued in front of the next stage (or, for the last, as unread outputs)."""
+        if isinstance(sr.out, Edge):
             sr.out.stranded.extend(outs)
             for _, envs in results:
                 sr.out.stranded.extend(envs)
@@ -516,13 +519,24 @@ class Run:
         ``items_in == ok + filtered + failed + dropped + cancelled`` for every stage."""
         for sr in (*self.stages, *self.dead_letter_runs):
             out = sr.out
-            if sr.reorder is not None and isinstance(out, Edge) and out is not self.outlet_edge:
+            if sr.reorder is not None and isinstance(out, Edge):
                 out.stranded.extend(sr.reorder.leftovers())
             self.unfinish(sr, sr.inbox.leftovers(), counted=False)
             for edge in self._inner_edges.get(id(sr), ()):
                 # Behind a batcher or a key router: workers count items as they take
                 # them, so these were never counted either.
                 self.unfinish(sr, edge.leftovers(), counted=False)
+
+    def collect_unread(self, taken: Iterable[Env]) -> None:
+        """Once the reader of ``stream()`` is gone: the outputs it never returned (those
+        it had ``taken`` from the outlet, then the outlet's own), made and counted by
+        the last stage but never read (nor acked), listed so that they are not lost.
+        (The reader of ``open(outputs=True)`` is another task, which may read on after
+        the block: there, what is left stays in ``flow.outputs``.)"""
+        if self._unread_collected or self.outlet_edge is None:
+            return
+        self._unread_collected = True
+        self.unread = [env.item for env in (*taken, *self.outlet_edge.leftovers())]
 
     # -- reading -----------------------------------------------------------------------------
 

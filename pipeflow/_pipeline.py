@@ -139,7 +139,7 @@ class Opening(contextlib.AbstractAsyncContextManager[T]):
     with`` (``flow.send``, ``async for`` over it) raises an error that says how to write
     it, instead of an ``AttributeError`` about a private class."""
 
-    __slots__ = ("_call", "_manager", "_name")
+    __slots__ = ("_call", "_entered", "_manager", "_name")
 
     def __init__(
         self, manager: contextlib.AbstractAsyncContextManager[T], call: str, name: str
@@ -147,8 +147,18 @@ class Opening(contextlib.AbstractAsyncContextManager[T]):
         self._manager = manager
         self._call = call  # "pipeline.open()"
         self._name = name  # "flow"
+        self._entered = False
 
     async def __aenter__(self) -> T:
+        if self._entered:
+            # A run is entered once (its generator-based manager would fail with an
+            # AttributeError from contextlib, nested or after the first block).
+            msg = (
+                f"this {self._call} was already entered: each `async with` runs the "
+                f"pipeline once, so call {self._call} again for another run"
+            )
+            raise RuntimeError(msg)
+        self._entered = True
         return await self._manager.__aenter__()
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:

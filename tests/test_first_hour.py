@@ -201,6 +201,33 @@ async def test_open_without_async_with_says_how():
         await flow
 
 
+@pytest.mark.parametrize("nested", [False, True])
+async def test_entering_an_open_or_a_stream_twice_says_how(nested):
+    """The object open()/stream() returned, entered a second time (a retry loop that
+    keeps it, or nested): an error that says to call it again, where contextlib said
+    "'_AsyncGeneratorContextManager' object has no attribute 'args'"."""
+    for opening, call in (
+        (Pipeline(double).open(), "pipeline.open()"),
+        (Pipeline(double).stream([1, 2]), "pipeline.stream(source)"),
+    ):
+        message = re.escape(
+            f"this {call} was already entered: each `async with` runs the pipeline once, "
+            f"so call {call} again for another run"
+        )
+        if nested:
+            async with opening:
+                with pytest.raises(RuntimeError, match=message):
+                    async with opening:
+                        pass
+        else:
+            async with opening as it:
+                if call == "pipeline.stream(source)":
+                    assert [2, 4] == [x async for x in it]
+            with pytest.raises(RuntimeError, match=message):
+                async with opening:
+                    pass
+
+
 async def test_stream_without_async_with_says_how():
     """async for over p.stream(src) itself says to use `async with ... as outputs:`."""
     outputs: Any = Pipeline(double).stream([1, 2])

@@ -130,6 +130,19 @@ def _refuse_inside_trio(pipeline: str) -> None:
     raise RuntimeError(msg)
 
 
+def _require_trio(call: str) -> None:
+    """``call`` (arun, stream, open) runs on Trio: awaited elsewhere (asyncio), say so
+    rather than let Trio fail on a missing attribute."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        msg = (
+            f"{call} must run inside Trio (trio.run), and this code is not (asyncio?); "
+            f"from code that is not Trio's, call pipeline.run(...), which starts Trio"
+        )
+        raise RuntimeError(msg) from None
+
+
 T = TypeVar("T")
 
 
@@ -150,6 +163,7 @@ class Opening(contextlib.AbstractAsyncContextManager[T]):
         self._entered = False
 
     async def __aenter__(self) -> T:
+        _require_trio(f"async with {self._call}")
         if self._entered:
             # A run is entered once (its generator-based manager would fail with an
             # AttributeError from contextlib, nested or after the first block).
@@ -595,6 +609,7 @@ class Pipeline(Generic[In, Out]):
         ``handle_signals=True`` handles SIGINT / SIGTERM as :meth:`run` does (main
         thread only).
         """
+        _require_trio("pipeline.arun(...)")
         gate = SignalGate() if handle_signals else contextlib.nullcontext()
         with gate as signals:
             return await self._arun(

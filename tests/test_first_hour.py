@@ -421,3 +421,31 @@ def test_a_process_stage_in_a_guarded_script_runs(tmp_path):
     body = "if __name__ == '__main__':\n    print(sorted(Pipeline(cubes).run(range(3)).outputs))"
     proc = run_script(tmp_path, body)
     assert "[0, 1, 8]\n" == proc.stdout, proc.stderr
+
+
+def test_awaiting_a_pipeline_under_asyncio_says_it_needs_trio():
+    """``await pipeline.arun()`` or ``async with pipeline.stream()`` in asyncio code (a
+    FastAPI handler) says that it runs on Trio and what to call instead, where Trio
+    failed with "'RunContext' object has no attribute 'runner'"."""
+    import asyncio
+
+    pipeline = Pipeline(double)
+
+    async def arun() -> None:
+        await pipeline.arun([1])
+
+    async def stream() -> None:
+        async with pipeline.stream([1]):
+            pass
+
+    for body, call in (
+        (arun, "pipeline.arun(...)"),
+        (stream, "async with pipeline.stream(source)"),
+    ):
+        with pytest.raises(RuntimeError) as info:
+            asyncio.run(body())
+        assert str(info.value) == (
+            f"{call} must run inside Trio (trio.run), and this code is not (asyncio?); "
+            f"from code that is not Trio's, call pipeline.run(...), which starts Trio"
+        )
+    assert pipeline.run([1]).outputs == [2]

@@ -68,6 +68,13 @@ def _checking_keywords(init: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
+def _check_name_given(name: object, owner: str) -> None:
+    """A ``name=`` that cannot name the stage: the error names what it was given to
+    (the function or class), as the stage has no name to be named by."""
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"stage {owner!r}: option name= must be a non-empty str, got {name!r}")
+
+
 def _snake(name: str) -> str:
     """``RedisStreamSink`` -> ``redis_stream_sink``; a run of capitals is one word
     (``SQLiteSink`` -> ``sqlite_sink``, ``HTTPFetch`` -> ``http_fetch``)."""
@@ -114,6 +121,8 @@ class Stage(Generic[In, Out]):
         kw: dict[str, Any] = dict(options)
         if kw.get("name") is None:
             kw["name"] = _snake(cls.__name__)
+        else:
+            _check_name_given(kw["name"], cls.__name__)
         self.options = make_options(kind=self._detect_kind(), **kw)
 
     # -- what subclasses implement ------------------------------------------------------
@@ -153,6 +162,8 @@ class Stage(Generic[In, Out]):
 
             clean_again = clean.with_options(name="clean_again", workers=2)
         """
+        if "name" in changes:
+            _check_name_given(changes["name"], self.options.name)
         clone = copy.copy(self)
         clone.options = self.options.evolve(**changes)
         return clone
@@ -182,8 +193,11 @@ class FunctionStage(Stage[In, Out]):
             raise TypeError(f"@stage needs a function, got {fn!r}")
         self.fn = fn
         functools.update_wrapper(self, fn)
+        own = getattr(fn, "__name__", None) or type(fn).__name__
         if options.get("name") is None:
-            options["name"] = getattr(fn, "__name__", None) or type(fn).__name__
+            options["name"] = own
+        else:
+            _check_name_given(options["name"], own)
         super().__init__(**options)
         if self.options.resource is not None:
             _check_takes_resource(fn, self.options.name)

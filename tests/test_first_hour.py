@@ -449,3 +449,19 @@ def test_awaiting_a_pipeline_under_asyncio_says_it_needs_trio():
             f"from code that is not Trio's, call pipeline.run(...), which starts Trio"
         )
     assert pipeline.run([1]).outputs == [2]
+
+
+def test_an_empty_name_names_the_function_or_class_it_was_given_to():
+    """@stage(name=""), MyStage(name=" ") and with_options(name="") name what they were
+    given to, as every other option error names the stage."""
+    with pytest.raises(TypeError) as info:
+
+        @stage(name="")
+        async def fetch_page(url: str) -> str:
+            return url
+
+    assert "stage 'fetch_page': option name= must be a non-empty str, got ''" == str(info.value)
+    with pytest.raises(TypeError, match=re.escape("stage 'Upper': option name= must be a")):
+        Upper(name=" ")
+    with pytest.raises(TypeError, match=re.escape("stage 'fetch': option name= must be a")):
+        fetch.with_options(name="")

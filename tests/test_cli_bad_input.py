@@ -479,3 +479,18 @@ async def test_graph_of_an_endpoint_serving_two_pipelines_shows_both(capsys):
     assert {"busy", "idle"} == set(views)
     assert 2 == views["busy"]["stages"][0]["workers_now"]
     assert 7 == views["idle"]["stages"][0]["items_in"]
+
+
+def test_the_bad_latency_examples_of_the_docs_are_what_size_prints(capsys):
+    """docs/cli.md's examples of `pipeflow size` refusing a --latency, as printed."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    lines = text.splitlines()
+    examples = [
+        (line.removeprefix("$ pipeflow ").split(), lines[i + 1])
+        for i, line in enumerate(lines)
+        if line.startswith("$ pipeflow size") and "--latency" in line and "error" in lines[i + 1]
+    ]
+    assert len(examples) >= 2
+    for argv, printed in examples:
+        assert 2 == main(argv)
+        assert printed + "\n" == capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import math
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
@@ -70,14 +71,30 @@ class RunResult(Generic[Out]):
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The run report as plain data (JSON-ready), without the outputs."""
+        """The run report as plain data (JSON-ready), without the outputs: with what a
+        stop left (``unfinished`` as ``{"stage", "item"}``, and the ``unread`` outputs),
+        each item as it is if JSON takes it (a line of ``pipeflow run --input``), else
+        its ``repr``, so that a stopped run's report says what to run again."""
         return {
             "pipeline": self.pipeline,
             "elapsed": self.elapsed,
             "bottleneck": self.bottleneck,
             "errors": [str(e) for e in self.errors],
             "stages": [s.to_dict() for s in self.stats.values()],
+            "unfinished": [
+                {"stage": stage, "item": _plain(item)} for stage, item in self.unfinished
+            ],
+            "unread": [_plain(out) for out in self.unread],
         }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if JSON can hold it as it is, else its ``repr``."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
 
 
 def _result(run: Run) -> RunResult[Any]:

@@ -404,3 +404,32 @@ async def test_run_and_a_normal_end_leave_nothing_unread(autojump_clock):
     async with Pipeline(work).stream(range(10)) as outputs:
         assert sorted([x async for x in outputs]) == list(range(10))
     assert outputs.result.unread == []
+
+
+async def test_the_report_of_a_stopped_run_says_what_to_run_again(autojump_clock):
+    """RunResult.to_dict() (the report of `pipeflow run --report`) lists the unfinished
+    items and the unread outputs: as they are when JSON can hold them, else as their
+    repr; the whole report is JSON."""
+    import json
+
+    class Opaque:
+        def __repr__(self):
+            return "Opaque()"
+
+    @stage(workers=1)
+    async def slow(x):
+        await trio.sleep(1)
+        return x
+
+    with trio.move_on_after(0.5):
+        async with Pipeline(slow).stream([{"url": "a"}, Opaque(), "c"]) as outputs:
+            async for _ in outputs:
+                pass
+    report = outputs.result.to_dict()
+    assert report["unfinished"] == [
+        {"stage": "slow", "item": {"url": "a"}},
+        {"stage": "slow", "item": "Opaque()"},
+        {"stage": "slow", "item": "c"},
+    ]
+    assert report["unread"] == []
+    assert json.loads(json.dumps(report, allow_nan=False))["unfinished"] == report["unfinished"]

@@ -526,6 +526,24 @@ async def test_a_source_that_raises_midway_stops_the_run_with_its_error(
 # -- found by trying to break the runner, fixed ----------------------------------------------------------------------------------
 
 
+async def failing_stream_cut_at_1s(errors, dead_letter):
+    """A stage ``bad`` whose every item fails after 0.1 s (under ``errors``, with
+    ``dead_letter``), read through stream() over range(5) and cancelled at 1 s: its
+    result."""
+
+    @stage(workers=1, errors=errors, dead_letter=dead_letter)
+    async def bad(x):
+        await trio.sleep(0.1)
+        raise ValueError(x)
+
+    outputs = None
+    with trio.move_on_after(1):
+        async with Pipeline(bad).stream(range(5)) as outputs:
+            async for _ in outputs:
+                pass
+    return outputs.result
+
+
 @pytest.mark.parametrize("errors", ["collect", "embed", "skip"])
 async def test_a_stop_during_a_dead_letter_hand_over_leaves_nothing_in_flight(
     errors, autojump_clock
@@ -542,17 +560,7 @@ async def test_a_stop_during_a_dead_letter_hand_over_leaves_nothing_in_flight(
         letters.append(failed.item)
         await trio.sleep(10)
 
-    @stage(workers=1, errors=errors, dead_letter=keep_letter)
-    async def bad(x):
-        await trio.sleep(0.1)
-        raise ValueError(x)
-
-    outputs = None
-    with trio.move_on_after(1):
-        async with Pipeline(bad).stream(range(5)) as outputs:
-            async for _ in outputs:
-                pass
-    result = outputs.result
+    result = await failing_stream_cut_at_1s(errors, keep_letter)
     assert_balanced(result)
     if errors == "collect":
         assert len(result.errors) == result.stats["bad"].failed
@@ -975,17 +983,7 @@ async def test_a_stop_during_a_dead_letter_call_loses_no_failed_item(errors, aut
         await trio.sleep(10)
         kept.append(failed.item)
 
-    @stage(workers=1, errors=errors, dead_letter=keep)
-    async def bad(x):
-        await trio.sleep(0.1)
-        raise ValueError(x)
-
-    outputs = None
-    with trio.move_on_after(1):
-        async with Pipeline(bad).stream(range(5)) as outputs:
-            async for _ in outputs:
-                pass
-    result = outputs.result
+    result = await failing_stream_cut_at_1s(errors, keep)
     assert kept == []
     # 0 was in the dead-letter call; 1 and 2 queued (the source is pulled only as far as
     # the stage has room).

@@ -129,34 +129,30 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
 
     acked: list[str] = []
 
-    class EntryAck:
-        __slots__ = ("id", "left")
-
-        def __init__(self, entry_id: str) -> None:
-            self.id, self.left = entry_id, 1
-
-        def add(self, n: int) -> None:
-            self.left += n
-
-        def done(self) -> None:
-            self.left -= 1
-            if self.left == 0:
-                acked.append(self.id)
-
     class Pages:
+        """The pages, handed over as RedisStreamSource hands its entries to the run:
+        a chunk of entries with their ids, acked by id (``finished_many``)."""
+
         def __init__(self) -> None:
             self.pages = iter(pages)
             self.buffer: list[Any] = []
+            self.split = False  # (no stage here splits an entry)
 
-        async def __pipeflow_take__(self, limit: int) -> list[tuple[Entry, EntryAck]]:
+        async def _pipeflow_take_keyed(self, limit: int) -> tuple[list[Entry], list[str]]:
             await trio.lowlevel.checkpoint()
             if not self.buffer:
                 self.buffer = list(next(self.pages, []))
-            pairs = []
-            for entry_id, fields in self.buffer[:limit]:
-                pairs.append((Entry(entry_id, _fields_dict(fields)), EntryAck(entry_id)))
+            entries = [
+                Entry(entry_id, _fields_dict(fields)) for entry_id, fields in self.buffer[:limit]
+            ]
             del self.buffer[:limit]
-            return pairs
+            return entries, [entry.id for entry in entries]
+
+        def finished(self, entry_id: str) -> None:
+            acked.append(entry_id)
+
+        def finished_many(self, ids: list[str]) -> None:
+            acked.extend(ids)
 
         def __aiter__(self) -> Pages:
             return self

@@ -47,9 +47,10 @@ class RunResult(Generic[Out]):
     grace period, a cancellation, leaving ``stream()``/``open()`` early) took from a
     worker or from the queue in front of a stage, so that a caller can resume them;
     ``unread``: the outputs the last stage made that the reader of ``stream()`` had not
-    taken when its block ended (left early, cancelled, a failure), in order (empty
-    after ``run()``/``arun()``, which keep every output, and ``open()``, whose outputs
-    stay readable after the block); an acking source never acks their items.
+    taken when its block ended (left early, cancelled, a failure), in order; for
+    ``open(outputs=True)``, those a stop kept from reaching ``flow.outputs`` (the rest
+    stay readable there after the block); empty after ``run()``/``arun()``, which keep
+    every output. An acking source never acks their items.
     """
 
     pipeline: str
@@ -781,10 +782,12 @@ class Pipeline(Generic[In, Out]):
                 finally:
                     flow.close()
         except StageError as failure:
+            run.collect_unread(queued=False)
             failure.result = _result(run)
             raise
         finally:
             if flow is not None:
+                run.collect_unread(queued=False)
                 flow.result = _result(run)
         # Reached only when the block ended normally (an error in it propagates above).
         if flow is not None and flow._sends_started != flow._sends_created:

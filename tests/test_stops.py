@@ -433,3 +433,30 @@ async def test_the_report_of_a_stopped_run_says_what_to_run_again(autojump_clock
     ]
     assert report["unread"] == []
     assert json.loads(json.dumps(report, allow_nan=False))["unfinished"] == report["unfinished"]
+
+
+@pytest.mark.parametrize("output_buffer", [0, 32])
+async def test_open_lists_the_outputs_a_stop_kept_from_its_reader(output_buffer, autojump_clock):
+    """open(outputs=True) cancelled from outside while a plain-function last stage is in
+    its calls, nobody reading: the outputs its threads make after the stop either wait
+    in flow.outputs, readable after the block (room for them), or, with no room, are in
+    ``result.unread`` (before, dropped)."""
+    import time
+
+    @stage(workers=2)
+    def slow(x):
+        time.sleep(0.2)
+        return x * 10
+
+    with trio.move_on_after(0.1):
+        async with Pipeline(slow).open(outputs=True, output_buffer=output_buffer) as flow:
+            await flow.send(1)
+            await flow.send(2)
+            await trio.sleep(1)
+    result = flow.result
+    readable = [x async for x in flow.outputs]
+    assert sorted(readable + result.unread) == [10, 20]
+    assert (readable == []) == (output_buffer == 0)
+    assert result.stats["slow"].ok == 2
+    assert_conserved(result)
+    assert_nothing_left_running()

@@ -527,16 +527,22 @@ class Run:
                 # them, so these were never counted either.
                 self.unfinish(sr, edge.leftovers(), counted=False)
 
-    def collect_unread(self, taken: Iterable[Env]) -> None:
-        """Once the reader of ``stream()`` is gone: the outputs it never returned (those
-        it had ``taken`` from the outlet, then the outlet's own), made and counted by
-        the last stage but never read (nor acked), listed so that they are not lost.
-        (The reader of ``open(outputs=True)`` is another task, which may read on after
-        the block: there, what is left stays in ``flow.outputs``.)"""
-        if self._unread_collected or self.outlet_edge is None:
+    def collect_unread(self, taken: Iterable[Env] = (), *, queued: bool = True) -> None:
+        """Once the run is over: the outputs made and counted by the last stage but
+        never read (nor acked), listed so that they are not lost. For ``stream()``,
+        whose reader is gone with its block: those it had ``taken`` from the outlet but
+        not returned, then the outlet's own. For ``open(outputs=True)``, whose reader is
+        another task that may read on after the block (``queued=False``): only those a
+        stop kept from reaching the outlet; what is queued there stays readable."""
+        edge = self.outlet_edge
+        if self._unread_collected or edge is None:
             return
         self._unread_collected = True
-        self.unread = [env.item for env in (*taken, *self.outlet_edge.leftovers())]
+        if queued:
+            envs = [*taken, *edge.leftovers()]
+        else:
+            envs, edge.stranded = edge.stranded, []
+        self.unread = [env.item for env in envs]
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -182,3 +182,38 @@ def test_two_signals_in_a_row_stop_a_process_stage_with_interrupted(tmp_path):
         assert result["in"] == result["ok"] + result["failed"] + result["cancelled"]
         assert 0 == result["failed"]
         assert result["cancelled"] == result["unfinished"]
+
+
+IGNORING = textwrap.dedent(
+    """
+    import signal, sys, trio
+    from pipeflow import Pipeline, stage
+
+    signum = getattr(signal, sys.argv[1])
+    signal.signal(signum, signal.SIG_IGN)  # as nohup, or a shell's background job
+
+    @stage(workers=2)
+    async def work(x):
+        if x == 3:
+            signal.raise_signal(signum)
+        await trio.sleep(0.001)
+        return x
+
+    result = Pipeline(work).run(range(200))
+    assert signal.getsignal(signum) is signal.SIG_IGN
+    print(len(result.outputs))
+    """
+)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_the_process_ignores_does_not_stop_a_run(tmp_path, signum):
+    """A process started with the signal ignored (nohup, a background job of a shell
+    script): a Ctrl+C at the terminal is not for it, and run() keeps it ignored (before,
+    it installed its own handler and the run stopped)."""
+    script = tmp_path / "ignoring.py"
+    script.write_text(IGNORING)
+    done = subprocess.run(
+        [sys.executable, str(script), signum], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "200"), done.stderr

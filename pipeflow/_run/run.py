@@ -627,6 +627,10 @@ class SignalGate:
 
     def __enter__(self) -> SignalGate:
         for signum in self.SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                # Ignored by whoever started the process (nohup, a job in the
+                # background of a shell script): a Ctrl+C at the terminal is not for it.
+                continue
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

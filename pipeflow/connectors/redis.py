@@ -921,12 +921,7 @@ class _Consumer:
         one ``__anext__`` each."""
         if not await self._ready():
             return []
-        buffer = self.buffer
-        if limit >= len(buffer):
-            self.buffer = []
-        else:
-            self.buffer = buffer[limit:]
-            del buffer[limit:]
+        buffer = self._page(limit)
         # The pairs made in C-level passes (no Python loop per entry).
         return list(zip(buffer, map(_EntryAck, repeat(self), map(_id_of, buffer)), strict=True))
 
@@ -936,13 +931,18 @@ class _Consumer:
         end. pipeflow's runner takes them this way (see ``KeyedAckEnv``)."""
         if not await self._ready():
             return [], []
+        buffer = self._page(limit)
+        return buffer, list(map(_id_of, buffer))
+
+    def _page(self, limit: int) -> list[Entry]:
+        """Up to ``limit`` of the entries read, taken off the front of the buffer."""
         buffer = self.buffer
         if limit >= len(buffer):
             self.buffer = []
         else:
             self.buffer = buffer[limit:]
             del buffer[limit:]
-        return buffer, list(map(_id_of, buffer))
+        return buffer
 
     async def _ready(self) -> bool:
         """Until an entry waits in ``buffer`` (True), or the source has ended (False)."""

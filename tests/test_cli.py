@@ -136,9 +136,10 @@ def test_size_gives_the_seeds_worked_example(capsys):
     assert "note: W must be your P99 latency, not P50" in out
 
 
-@pytest.mark.parametrize("latency", ["80ms", "0.08s", "80000us", " 80 ms "])
+@pytest.mark.parametrize("latency", ["80ms", "0.08s", "80000us", " 80 ms ", "0.08"])
 def test_size_reads_latency_in_any_unit(capsys, latency):
-    """80ms, 0.08s and 80000us are the same latency and give the same answer."""
+    """80ms, 0.08s, 80000us and a bare 0.08 (seconds, as the design says) are the same
+    latency and give the same answer."""
     argv = ["size", "--rate", "5,000", "--latency", latency, "--instances", "4"]
     assert 0 == main([*argv, "--headroom", "0.2", "--format", "json"])
     data = json.loads(capsys.readouterr().out)

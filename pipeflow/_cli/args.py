@@ -23,13 +23,16 @@ def _fits_float(value: Fraction, text: str) -> Fraction:
 
 
 def parse_latency(text: str) -> Fraction:
-    """``80ms``, ``0.08s`` or ``80000us`` → seconds, exactly. A bare number is refused:
-    ``80`` meant as milliseconds would size for 80 seconds, a thousand times too many
-    workers."""
+    """``80ms``, ``0.08s``, ``80000us`` or ``0.08`` → seconds, exactly. A bare number
+    of 1 or more is refused: ``80`` meant as milliseconds would size for 80 seconds, a
+    thousand times too many workers (a bare number below 1 is seconds: a latency of
+    ``0.08`` ms would be written with its unit)."""
     m = re.fullmatch(rf"\s*({_NUMBER})\s*(s|ms|us|µs)?\s*", text)
     if m is None or Fraction(m[1]) <= 0:
         msg = f"expected a duration > 0 like 80ms or 0.08s, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
+    if m[2] is None and Fraction(m[1]) < 1:
+        return Fraction(m[1])
     if m[2] is None:
         msg = (
             f"{text.strip()!r} has no unit: write {m[1]}ms or {m[1]}s "

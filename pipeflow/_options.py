@@ -68,9 +68,17 @@ def _check_positive_number(stage: str, option: str, value: object, *, allow_none
 # the later one, so the order of the messages is the order of the fields.
 
 
-def _check_name(opts: StageOptions, a: attrs.Attribute[Any], name: object) -> None:
+def check_name(name: object, owner: str | None = None) -> None:
+    """Refuse a ``name=`` that cannot name a stage. The error names ``owner`` (the
+    function or class it was given to) when known, as the stage has no name to be
+    named by."""
     if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"stage option name= must be a non-empty str, got {name!r}")
+        who = f"stage {owner!r}: option" if owner is not None else "stage option"
+        raise TypeError(f"{who} name= must be a non-empty str, got {name!r}")
+
+
+def _check_name(opts: StageOptions, a: attrs.Attribute[Any], name: object) -> None:
+    check_name(name)
 
 
 def _check_workers(opts: StageOptions, a: attrs.Attribute[Any], workers: object) -> None:

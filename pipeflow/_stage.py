@@ -14,7 +14,14 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Unpack, overload
 
-from ._options import Kind, StageKeywords, StageOptions, make_options, unknown_options_message
+from ._options import (
+    Kind,
+    StageKeywords,
+    StageOptions,
+    check_name,
+    make_options,
+    unknown_options_message,
+)
 
 if TYPE_CHECKING:
     from ._chain import Chain
@@ -68,13 +75,6 @@ def _checking_keywords(init: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
-def _check_name_given(name: object, owner: str) -> None:
-    """A ``name=`` that cannot name the stage: the error names what it was given to
-    (the function or class), as the stage has no name to be named by."""
-    if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"stage {owner!r}: option name= must be a non-empty str, got {name!r}")
-
-
 def _snake(name: str) -> str:
     """``RedisStreamSink`` -> ``redis_stream_sink``; a run of capitals is one word
     (``SQLiteSink`` -> ``sqlite_sink``, ``HTTPFetch`` -> ``http_fetch``)."""
@@ -120,9 +120,9 @@ class Stage(Generic[In, Out]):
             raise TypeError(msg)
         kw: dict[str, Any] = dict(options)
         if kw.get("name") is None:
-            kw["name"] = _snake(cls.__name__)
+            kw["name"] = self._default_name()
         else:
-            _check_name_given(kw["name"], cls.__name__)
+            check_name(kw["name"], self._owner())
         self.options = make_options(kind=self._detect_kind(), **kw)
 
     # -- what subclasses implement ------------------------------------------------------
@@ -137,6 +137,13 @@ class Stage(Generic[In, Out]):
 
     async def close_worker(self, resource: Any) -> None:
         """Release what :meth:`open_worker` returned; called on every exit path."""
+
+    def _owner(self) -> str:
+        """What the stage is made from, as its errors name it before it has a name."""
+        return type(self).__name__
+
+    def _default_name(self) -> str:
+        return _snake(type(self).__name__)
 
     # -- introspection used by the runner ----------------------------------------------
 
@@ -163,7 +170,7 @@ class Stage(Generic[In, Out]):
             clean_again = clean.with_options(name="clean_again", workers=2)
         """
         if "name" in changes:
-            _check_name_given(changes["name"], self.options.name)
+            check_name(changes["name"], self.options.name)
         clone = copy.copy(self)
         clone.options = self.options.evolve(**changes)
         return clone
@@ -193,14 +200,15 @@ class FunctionStage(Stage[In, Out]):
             raise TypeError(f"@stage needs a function, got {fn!r}")
         self.fn = fn
         functools.update_wrapper(self, fn)
-        own = getattr(fn, "__name__", None) or type(fn).__name__
-        if options.get("name") is None:
-            options["name"] = own
-        else:
-            _check_name_given(options["name"], own)
         super().__init__(**options)
         if self.options.resource is not None:
             _check_takes_resource(fn, self.options.name)
+
+    def _owner(self) -> str:
+        return getattr(self.fn, "__name__", None) or type(self.fn).__name__
+
+    def _default_name(self) -> str:
+        return self._owner()
 
     def _detect_kind(self) -> Kind:
         return _kind_of(self.fn)

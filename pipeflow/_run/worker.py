@@ -628,12 +628,12 @@ class StageRun:
                         shown_busy = False
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     self._record(
-                        ws, t0, queued_at, chunk, calls, task, in_thread, end, busy=shown_busy
+                        ws, t0, queued_at, chunk, calls, task, in_thread, end=end, busy=shown_busy
                     )
                     inbox.wake_all = not self.chunked
                     idle_since = end
                     continue
-                self._record(ws, t0, queued_at, chunk, calls, task, in_thread, end)
+                self._record(ws, t0, queued_at, chunk, calls, task, in_thread, end=end)
                 inbox.wake_all = not self.chunked
                 handed_over = True
                 if not outs and reorder is None:
@@ -759,8 +759,8 @@ class StageRun:
         calls: int,
         task: trio.lowlevel.Task,
         in_thread: float = -1.0,
-        end: float = 0.0,
         *,
+        end: float,
         busy: bool = True,
         stopped: bool = False,
     ) -> None:

@@ -45,7 +45,7 @@ def is_acking(source: object) -> bool:
 
 
 def has_statistics(source: object) -> bool:
-    return hasattr(source, "__pipeflow_open__") and callable(getattr(source, "statistics", None))
+    return is_acking(source) and callable(getattr(source, "statistics", None))
 
 
 class SourceLedger:

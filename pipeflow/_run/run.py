@@ -25,6 +25,7 @@ import trio
 from .._errors import StageError
 from .._log import get_logger
 from .._policies import BreakerRuntime, BreakerState, CircuitBreaker
+from .._sources import is_acking
 from .._stage import Stage
 from .._stats import StageStats
 from .edge import CHUNK, CHUNK_BELOW, Edge
@@ -348,7 +349,7 @@ class Run:
 
     async def pump(self, source: Iterable[Any] | Any) -> None:
         """Feed the source into the first stage, then leave it (starting the cascade)."""
-        if hasattr(source, "__pipeflow_open__"):
+        if hasattr(source, "__pipeflow_open__"):  # is_acking(source), as mypy narrows it
             # An acking source (Redis Streams): items come with an Ack each, and the
             # source never holds more un-acked items than the run can hold. It stays open
             # after its input ends (or is stopped by a signal) until every item in flight
@@ -381,7 +382,7 @@ class Run:
         """Start the task that feeds ``source`` in. An acking source's task lives beside
         the dead-letter stages, not the main ones, so that a fail-fast stop does not
         close the source before the items the dead-letter stages took are acked."""
-        if hasattr(source, "__pipeflow_open__"):
+        if is_acking(source):
             first = self.stages[0]
             first.inbox.capacity = first.opts.input_buffer(after_acking_source=True)
             if self.dead_letter_nursery is not None:

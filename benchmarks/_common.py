@@ -3,7 +3,8 @@ rows, the table and the JSON report.
 
 Machines that run benchmarks are shared and noisy, so no figure here is an absolute
 claim: each benchmark times pipeflow and its hand-written twin in alternating rounds of
-the same process and reports the median of each and their ratio.
+the same process and reports the median of each and their ratio (or, where the two ran
+next to each other in every round, the median of the rounds' own ratios).
 """
 
 from __future__ import annotations
@@ -173,6 +174,18 @@ class Row:
         return data
 
 
+def paired_ratio(pipeflow: Sequence[float], baseline: Sequence[float]) -> float:
+    """The median of the rounds' own ratios ``baseline[i] / pipeflow[i]`` (for times:
+    pipeflow's speed relative to the baseline's in round ``i``).
+
+    The machine's speed drifts by a third or more over seconds; two runs next to each
+    other in one round see nearly the same machine, so their ratio keeps little of the
+    drift, where the ratio of each side's median compares runs seconds apart."""
+    if len(pipeflow) != len(baseline) or not pipeflow:
+        raise ValueError("paired rounds need as many times on each side")
+    return median([b / p for p, b in zip(pipeflow, baseline, strict=True)])
+
+
 def rate_row(
     benchmark: str,
     workload: str,
@@ -183,8 +196,12 @@ def rate_row(
     target: tuple[str, float] | None,
     baseline_label: str = "hand-written",
     detail: dict[str, Any] | None = None,
+    paired: bool = False,
 ) -> Row:
-    """A throughput comparison from the rounds' wall times (median of each side)."""
+    """A throughput comparison from the rounds' times: each side's rate is the median of
+    its rounds; the ratio is the ratio of those, or with ``paired`` (the two sides ran
+    next to each other in every round) the median of the rounds' own ratios
+    (:func:`paired_ratio`)."""
     pf = items / median(pipeflow_times)
     base = items / median(baseline_times)
     info = {
@@ -192,6 +209,9 @@ def rate_row(
         "pipeflow_seconds": list(pipeflow_times),
         "baseline_seconds": list(baseline_times),
     }
+    if paired:
+        info["ratio_of_medians"] = pf / base
+        info["paired_ratios"] = [b / p for p, b in zip(pipeflow_times, baseline_times, strict=True)]
     info.update(detail or {})
     return Row(
         benchmark=benchmark,
@@ -199,7 +219,7 @@ def rate_row(
         unit="items/s",
         pipeflow=pf,
         baseline=base,
-        ratio=pf / base,
+        ratio=paired_ratio(pipeflow_times, baseline_times) if paired else pf / base,
         target=target,
         baseline_label=baseline_label,
         detail=info,

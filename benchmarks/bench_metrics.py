@@ -103,6 +103,7 @@ def measure(n: int = 200_000, rounds: int = 5) -> list[Row]:
                 "scrape_ms_median": median(scrapes) * 1000,
                 "scrape_bytes": len(body),
             },
+            paired=True,
         )
     ]
 

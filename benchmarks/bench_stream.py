@@ -9,7 +9,11 @@ default ``stream()`` arguments (the shape a user gets), plus an info row with
 ``stream(..., buffer=16)``.
 
 Workloads (ratios are pipeflow / baseline; single-threaded ones on CPU time,
-``time.process_time()``, median of interleaved rounds):
+``time.process_time()``). Each round runs every case once, the order flipped every
+round, with each target's two sides next to each other; a ratio is the median of the
+rounds' own ratios (the JSON also keeps the ratio of each side's median,
+``ratio_of_medians``): on a shared machine whose speed drifts over seconds, runs next
+to each other compare like with like.
 
 - W1: 3 stages x 4 workers, ``async def f(x): return x``, buffer 16 on every stage,
   200,000 items; vs asyncio (target >= 1.0) and Trio.
@@ -51,6 +55,7 @@ from benchmarks._common import (
     bench_main,
     interleaved_clocks,
     median,
+    paired_ratio,
     percentile,
     progress,
     rate_row,
@@ -373,6 +378,7 @@ def _cpu_rows(
                     target=(">=", target) if target is not None and is_default else None,
                     baseline_label=base_label,
                     detail={**info, "reader": label, "wall_seconds": wall},
+                    paired=True,
                 )
             )
     return rows
@@ -388,7 +394,16 @@ def measure_identity(key: str, n: int, rounds: int, *, ordered: bool) -> list[Ro
 
     def cases(m: int) -> dict[str, Callable[[], None]]:
         return {
+            # The target's two sides next to each other in every round (paired ratios).
             "pipeflow": _checked(m, lambda: trio.run(pipeflow_stream, pipeline, range(m))),
+            "asyncio": _checked(
+                m,
+                lambda: asyncio.run(
+                    asyncio_stream(
+                        range(m), identity, workers=workers, buffer=BUFFER, window=window
+                    )
+                ),
+            ),
             "pipeflow_buf16": _checked(
                 m,
                 lambda: trio.run(
@@ -407,14 +422,6 @@ def measure_identity(key: str, n: int, rounds: int, *, ordered: bool) -> list[Ro
                         workers=workers,
                         buffer=BUFFER,
                         window=window,
-                    )
-                ),
-            ),
-            "asyncio": _checked(
-                m,
-                lambda: asyncio.run(
-                    asyncio_stream(
-                        range(m), identity, workers=workers, buffer=BUFFER, window=window
                     )
                 ),
             ),
@@ -448,21 +455,23 @@ def measure_io(n: int, rounds: int) -> list[Row]:
     workers = 50
     pipeline = make_pipeline(trio_io, workers=workers, name="stream_w2")
     buffer = pipeline.stages[0].options.buffer_size  # the default: one slot per worker
+    # pipeflow next to the target's baseline (Trio) and to Trio's ceiling in every round
+    # (paired ratios).
     cases = {
-        "pipeflow": _checked(n, lambda: trio.run(pipeflow_stream, pipeline, range(n))),
         "trio": _checked(
             n,
             lambda: trio.run(
                 functools.partial(trio_stream, range(n), trio_io, workers=workers, buffer=buffer)
             ),
         ),
+        "pipeflow": _checked(n, lambda: trio.run(pipeflow_stream, pipeline, range(n))),
+        "ceiling": _checked(n, lambda: trio.run(trio_sleepers, n, STAGES * workers)),
         "asyncio": _checked(
             n,
             lambda: asyncio.run(
                 asyncio_stream(range(n), asyncio_io, workers=workers, buffer=buffer)
             ),
         ),
-        "ceiling": _checked(n, lambda: trio.run(trio_sleepers, n, STAGES * workers)),
     }
     progress(f"stream w2: {rounds} rounds x {n:,} items, 4 cases interleaved")
     times = interleaved_clocks(cases, rounds)
@@ -489,6 +498,7 @@ def measure_io(n: int, rounds: int) -> list[Row]:
             target=(">=", 1.0),
             baseline_label="hand-written Trio",
             detail=detail,
+            paired=True,
         ),
         Row(
             benchmark="stream_w2_bound",
@@ -529,6 +539,7 @@ def measure_io(n: int, rounds: int) -> list[Row]:
             target=None,
             baseline_label="bare Trio sleepers",
             detail=detail,
+            paired=True,
         ),
         rate_row(
             "stream_w2_cpu",
@@ -542,6 +553,7 @@ def measure_io(n: int, rounds: int) -> list[Row]:
             target=None,
             baseline_label="hand-written Trio",
             detail={**detail, "clock": "cpu (time.process_time)"},
+            paired=True,
         ),
         rate_row(
             "stream_w2_asyncio",
@@ -552,6 +564,7 @@ def measure_io(n: int, rounds: int) -> list[Row]:
             target=None,
             baseline_label="hand-written asyncio",
             detail=detail,
+            paired=True,
         ),
     ]
 
@@ -593,6 +606,7 @@ def measure_threads(n: int, rounds: int) -> list[Row]:
             target=(">=", 2.0),
             baseline_label=base_label,
             detail={**detail, "clock": "wall"},
+            paired=True,
         ),
         rate_row(
             "stream_threads_cpu",
@@ -603,6 +617,7 @@ def measure_threads(n: int, rounds: int) -> list[Row]:
             target=None,
             baseline_label=base_label,
             detail={**detail, "clock": "cpu (time.process_time, all threads)"},
+            paired=True,
         ),
     ]
 
@@ -647,6 +662,7 @@ def measure_wide(n: int, rounds: int, workers: int = 1_000) -> list[Row]:
                 "clock": "cpu (time.process_time)",
                 "wall_seconds": {name: t["wall"] for name, t in times.items()},
             },
+            paired=True,
         )
     ]
 
@@ -711,6 +727,9 @@ def measure_latency(n: int, rounds: int, rate: float = 2_000.0) -> list[Row]:
         "clock": "wall (perf_counter per item)",
         "p50_ms_per_round": {k: [v * 1000 for v in vs] for k, vs in p50.items()},
         "p99_ms_per_round": {k: [v * 1000 for v in vs] for k, vs in p99.items()},
+        "ratio_of_medians": {
+            q: median(d["pipeflow"]) / median(d["trio"]) for q, d in (("p50", p50), ("p99", p99))
+        },
         "max_ms_last_round": {k: max(v) * 1000 for k, v in samples.items()},
         "wall_seconds": {name: t["wall"] for name, t in times.items()},
         "cpu_seconds": {name: t["cpu"] for name, t in times.items()},
@@ -725,7 +744,9 @@ def measure_latency(n: int, rounds: int, rate: float = 2_000.0) -> list[Row]:
                 unit="ms",
                 pipeflow=pf,
                 baseline=base,
-                ratio=pf / base,
+                # The two sides run next to each other in every round: the median of
+                # the rounds' own ratios (a latency: pipeflow's over Trio's).
+                ratio=paired_ratio(per_round["trio"], per_round["pipeflow"]),
                 target=("<=", 1.0),
                 baseline_label="hand-written Trio",
                 detail=detail,

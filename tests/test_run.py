@@ -379,3 +379,57 @@ def test_a_thread_stage_whose_items_turn_slow_spreads_them_over_its_workers():
     elapsed, result = trio.run(main)
     assert 308 == result.stats["work"].ok
     assert elapsed < 1.2, elapsed
+
+
+async def test_a_source_that_waited_for_an_item_lets_the_woken_worker_start_first(autojump_clock):
+    """At low load each item comes after the source waited for it (a timer, I/O) and a
+    worker waits for it. The source's task steps aside after handing such an item over,
+    so that the worker can start on it before the source is asked for the next (which
+    may keep the loop busy as long again): also when two items come close together
+    (here 0.1 ms apart, as a paced source's do when a timer fires late). The two tasks
+    then run in the scheduler's (random) order: over 20 such items the worker started
+    first for some; a source task that went straight on would never let it."""
+    events: list[tuple[str, int]] = []
+
+    async def source():
+        for i in range(40):
+            events.append(("asked", i))
+            await trio.sleep(0.001 if i % 2 == 0 else 0.0001)
+            yield i
+
+    @stage(workers=2)
+    async def work(x):
+        events.append(("start", x))
+        return x
+
+    async with Pipeline(work).stream(source()) as outputs:
+        got = [x async for x in outputs]
+    assert got == list(range(40))
+    close_ones = range(1, 39, 2)  # each 0.1 ms after the one before it
+    first = [i for i in close_ones if events.index(("start", i)) < events.index(("asked", i + 1))]
+    assert first, events
+
+
+def test_a_source_with_its_items_at_hand_is_not_stepped_aside_per_item():
+    """An async source that has its items at hand (no waiting) hands them over without a
+    scheduler round each: its task takes far fewer steps than there are items (on the
+    real clock: what "at hand" means is measured)."""
+    steps = 0
+
+    class CountSourceSteps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal steps
+            if task.name.endswith(":source"):
+                steps += 1
+
+    async def source():
+        for i in range(5_000):
+            yield i
+
+    async def main() -> list[int]:
+        trio.lowlevel.add_instrument(CountSourceSteps())
+        async with Pipeline(double).stream(source()) as outputs:
+            return [x async for x in outputs]
+
+    assert trio.run(main) == [2 * i for i in range(5_000)]
+    assert steps < 5_000 // 4, steps

@@ -28,12 +28,17 @@ from .._policies import BreakerRuntime, BreakerState, CircuitBreaker
 from .._sources import is_acking
 from .._stage import Stage
 from .._stats import StageStats
-from .edge import CHUNK, CHUNK_BELOW, Edge
+from .edge import CHUNK, Edge
 from .envelope import Ack, Env, KeyedAckEnv, KeyedSource, KeyFailed
 from .failures import TEARDOWN_LIMIT, finish_budget
 from .forensics import watch_stalls
 from .shapers import batcher, order_once, router, supervise
 from .worker import CollectSink, DropSink, Outbox, StageRun, teardown_scope
+
+#: An async source that took longer than this to give its next item made the source's
+#: task wait for it (a sleep, I/O: at least one scheduler round); one that has its items
+#: at hand gives each in a few microseconds.
+SOURCE_WAITED = 20e-6
 
 Outlet = Literal["collect", "drop", "channel"]
 
@@ -418,20 +423,24 @@ class Run:
                 aiter_ = source.__aiter__()
                 owns = hasattr(aiter_, "aclose") and not isinstance(source, trio.abc.ReceiveChannel)
                 async with contextlib.aclosing(aiter_) if owns else contextlib.nullcontext():
-                    previous = -math.inf  # when the item before was handed over
+                    asked = -math.inf  # when this task asked the source for the item
                     async for item in aiter_:
                         envs = [Env(item)]
-                        if not inbox.put_now(envs):
-                            await inbox.put(envs)
-                        now = envs[0].t  # stamped by the hand-over
-                        if inbox.woke and now - previous > CHUNK_BELOW:
-                            # A worker was waiting for this item: let it start before
-                            # this task goes on to fetch the next (latency at low load).
-                            # Not when the items come quicker than that (the source has
-                            # them at hand): a round per item would be the cost, and
-                            # the items would go one by one instead of in chunks.
-                            await trio.lowlevel.checkpoint()
-                        previous = now
+                        if inbox.put_now(envs):
+                            now = envs[0].t  # stamped by the hand-over
+                            if inbox.woke and now - asked > SOURCE_WAITED:
+                                # The source made this task wait for the item, and a
+                                # worker waits for it: let the worker start before this
+                                # task goes on to ask for the next (latency at low
+                                # load: the next may take as long). Not when the source
+                                # has its items at hand (a round per item would be the
+                                # cost, and they would go one by one, not in chunks).
+                                await trio.lowlevel.checkpoint()
+                                now = self.now()
+                        else:
+                            await inbox.put(envs)  # the workers are busy: nothing to let go
+                            now = self.now()
+                        asked = now
             else:
                 # A plain iterable is pulled only as far as the first stage has room,
                 # so an endless source streams in bounded memory.

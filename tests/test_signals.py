@@ -217,3 +217,80 @@ def test_a_signal_the_process_ignores_does_not_stop_a_run(tmp_path, signum):
         [sys.executable, str(script), signum], capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stdout.strip()) == (0, "200"), done.stderr
+
+
+OVERLAPPING = textwrap.dedent(
+    """
+    import json, os, signal, sys, time, trio
+    from pipeflow import Interrupted, Pipeline, stage
+
+    CASE = sys.argv[1]
+    original = signal.getsignal(signal.SIGINT)
+
+    @stage(workers=2)
+    async def slow(x):
+        await trio.sleep(0.02)
+        return x
+
+    async def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    async def main():
+        outcome = {}
+
+        async def one(name, source, delay):
+            await trio.sleep(delay)
+            try:
+                await Pipeline(slow, name=name).arun(source, handle_signals=True, grace=5)
+                outcome[name] = "returned"
+            except Interrupted as stop:
+                outcome[name] = f"Interrupted:{stop.result.stats['slow'].items_in}"
+
+        async with trio.open_nursery() as nursery:
+            if CASE == "both":  # one Ctrl+C while two runs are under way
+                nursery.start_soon(one, "first", endless(), 0)
+                nursery.start_soon(one, "second", endless(), 0.05)
+                await trio.sleep(0.3)
+            else:  # the first run ends, then a Ctrl+C while the second runs alone
+                nursery.start_soon(one, "first", range(10), 0)  # about 0.1 s
+                nursery.start_soon(one, "second", endless(), 0.02)
+                await trio.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+        return outcome
+
+    outcome = trio.run(main)
+    restored = signal.getsignal(signal.SIGINT) is original
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        after = "swallowed"
+    except KeyboardInterrupt:
+        after = "KeyboardInterrupt"
+    print(json.dumps({"outcome": outcome, "restored": restored, "after": after}))
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["both", "second_alone"])
+def test_overlapping_runs_each_take_a_ctrl_c_and_give_the_handler_back(tmp_path, case):
+    """Two ``arun(handle_signals=True)`` under way at once in one program: a Ctrl+C stops
+    every run under way (each drains and raises Interrupted), whichever started first or
+    ends first; and when the last has ended, Ctrl+C is the program's own again."""
+    script = tmp_path / "overlap.py"
+    script.write_text(OVERLAPPING)
+    done = subprocess.run(
+        [sys.executable, str(script), case], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    outcome = report["outcome"]
+    if case == "both":
+        assert outcome["first"].startswith("Interrupted:"), report
+    else:
+        assert outcome["first"] == "returned", report
+    assert outcome["second"].startswith("Interrupted:"), report
+    assert report["restored"] is True, report
+    assert report["after"] == "KeyboardInterrupt", report

@@ -18,7 +18,7 @@ import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice, repeat, starmap
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import trio
 
@@ -620,44 +620,78 @@ class SignalGate:
     :class:`Interrupted` carrying the result. A signal after the run has ended without
     being interrupted is raised again when the gate closes, as if it were never held.
 
-    Installed with ``signal.signal`` (main thread only) and handed to Trio with
-    ``TrioToken.run_sync_soon``, the one Trio call that is safe in a signal handler.
+    The handler is the process's, and several runs may be under way at once (two
+    ``arun(handle_signals=True)`` in one program): while any gate is open, one handler
+    (:meth:`_dispatch`) hands each signal to every open gate, so a Ctrl+C stops every
+    run; the handlers found when the first gate opened are put back when the last one
+    closes, in whatever order the runs end. Installed with ``signal.signal`` (main
+    thread only) and handed to Trio with ``TrioToken.run_sync_soon``, the one Trio call
+    that is safe in a signal handler.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    #: The gates open now, oldest first.
+    _open: ClassVar[list[SignalGate]] = []
+    #: The handlers :meth:`_dispatch` replaced, put back when the last gate closes.
+    _replaced: ClassVar[dict[int, Any]] = {}
+    #: Signals no open run took (each had ended): raised again when the last gate closes.
+    _unclaimed: ClassVar[list[int]] = []
+
     def __init__(self) -> None:
-        self._previous: dict[int, Any] = {}
         self._token: trio.lowlevel.TrioToken | None = None
         self._run: Run | None = None
         self._grace = 0.0
         self._early: list[int] = []
-        self._late: list[int] = []
         self._stopped = False
 
     def __enter__(self) -> SignalGate:
+        gates = SignalGate._open
         for signum in self.SIGNALS:
-            if signal.getsignal(signum) is signal.SIG_IGN:
-                # Ignored by whoever started the process (nohup, a job in the
-                # background of a shell script): a Ctrl+C at the terminal is not for it.
+            handler = signal.getsignal(signum)
+            if handler is signal.SIG_IGN or handler is SignalGate._dispatch:
+                # Ignored by whoever started the process (nohup, a job in the background
+                # of a shell script): a Ctrl+C at the terminal is not for it. Or already
+                # routed to every open gate.
                 continue
-            self._previous[signum] = signal.signal(signum, self._handle)
+            SignalGate._replaced[signum] = signal.signal(signum, SignalGate._dispatch)
+        gates.append(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        if self._late and not self._stopped:
-            signal.raise_signal(self._late[0])
+        gates = SignalGate._open
+        gates.remove(self)
+        if gates:
+            return
+        for signum, handler in SignalGate._replaced.items():
+            if signal.getsignal(signum) is SignalGate._dispatch:  # not replaced since
+                signal.signal(signum, handler)
+        SignalGate._replaced.clear()
+        unclaimed = SignalGate._unclaimed
+        if unclaimed:
+            signum = unclaimed[0]
+            unclaimed.clear()
+            signal.raise_signal(signum)
 
-    def _handle(self, signum: int, frame: object) -> None:
+    @staticmethod
+    def _dispatch(signum: int, frame: object) -> None:
         # Runs in the main thread between two bytecodes, wherever it happens to be.
+        taken = False
+        for gate in list(SignalGate._open):
+            taken = gate._handle(signum) or taken
+        if not taken:
+            SignalGate._unclaimed.append(signum)
+
+    def _handle(self, signum: int) -> bool:
+        """Take ``signum`` for this gate's run; False if its run has ended (and it did
+        not ask for a stop): the signal is not for it."""
         if self._token is not None:
             self._token.run_sync_soon(self._deliver, signum)
-        elif self._run is None and not self._stopped:
+            return True
+        if self._run is None and not self._stopped:
             self._early.append(signum)
-        else:
-            self._late.append(signum)
+            return True
+        return self._stopped  # a second signal after the stop it asked for has finished
 
     @contextlib.contextmanager
     def connected(self, run: Run, grace: float) -> Iterator[None]:
@@ -675,9 +709,9 @@ class SignalGate:
     def _deliver(self, signum: int) -> None:
         run = self._run
         if self._token is None or run is None:
-            if self._stopped:
-                return  # a second signal after the stop it asked for has finished
-            self._late.append(signum)
+            if not self._stopped:
+                # The run ended between the signal and now: not for it after all.
+                SignalGate._unclaimed.append(signum)
             return
         name = signal.Signals(signum).name
         self._stopped = True

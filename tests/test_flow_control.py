@@ -319,6 +319,50 @@ async def test_autoscaling_grows_under_load_and_shrinks_when_idle(autojump_clock
     assert min(e["new"] for e in scaled) == 2
 
 
+async def test_autoscaling_retires_idle_workers_when_it_says_so(autojump_clock):
+    """Every shrink the autoscaler logs is carried out at once by an idle worker (not
+    when that worker's next item or idle spell comes), so the pool the figures show is
+    the one the log says; and no decision is left pending to shrink a later burst."""
+    busy = trio.Event()
+
+    @stage(workers=(1, 8), buffer=8)
+    async def work(x):
+        await busy.wait()
+        return x
+
+    async def burst(flow, n):
+        for i in range(n):
+            await flow.send(i)
+
+    with capture_logs() as logs:
+        async with Pipeline(work).open() as flow:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(burst, flow, 100)
+                await trio.sleep(10)
+                assert flow.stats()["work"].workers == 8
+                busy.set()
+            start = len(logs)
+            await trio.sleep(0.5)  # look between the autoscaler's decisions (every 1 s)
+            for _ in range(25):  # idle: one fewer every cool-down (5 s)
+                await trio.sleep(1)
+                said = [e for e in logs[start:] if e["event"] == "workers_scaled"]
+                if said:
+                    assert flow.stats()["work"].workers == said[-1]["new"], said
+            assert flow.stats()["work"].workers == 3
+            busy = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(burst, flow, 100)
+                sizes = []
+                for _ in range(8):  # a second burst: the pool only grows
+                    await trio.sleep(1)
+                    sizes.append(flow.stats()["work"].workers)
+                busy.set()
+    assert sizes == sorted(sizes), sizes
+    assert sizes[-1] == 8, sizes
+    shrinks = [e for e in logs if e["event"] == "workers_scaled" and e["new"] < e["old"]]
+    assert [(e["old"], e["new"]) for e in shrinks] == [(8, 7), (7, 6), (6, 5), (5, 4), (4, 3)]
+
+
 def test_key_with_autoscaling_is_refused():
     """key= needs a fixed pool."""
     with pytest.raises(ValueError, match="key= needs a fixed number of workers"):

@@ -344,11 +344,24 @@ async def router(sr: StageRun, inbox: Edge, outs: list[Edge]) -> None:
 
 
 async def take_or_retire(sr: StageRun, inbox: Edge, limit: int) -> list[Env] | None:
-    """Autoscaled stages: wait for items; after a long idle spell, retire (None)."""
+    """Autoscaled stages: wait for items; retire (None) when the supervisor asks for one
+    worker fewer (it wakes an idle one for that: :func:`supervise`), or after a long
+    idle spell."""
     c = sr.c
     while True:
-        with trio.move_on_after(IDLE_RETIRE):
-            return await inbox.take(limit)
+        with trio.move_on_after(IDLE_RETIRE) as waiting:
+            sr.idle.append(waiting)
+            try:
+                return await inbox.take(limit)
+            finally:
+                if waiting in sr.idle:
+                    sr.idle.remove(waiting)
+        if sr.retire:
+            # The supervisor's decision, already logged: this idle worker carries it out.
+            sr.retire -= 1
+            return None
+        if trio.current_time() < waiting.deadline:
+            continue  # woken for a retirement another worker has carried out already
         if c.workers > sr.opts.min_workers:
             sr.run.log.info(
                 "workers_scaled",
@@ -386,7 +399,10 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
             n = c.workers - sr.retire
             if fill >= GROW_AT and n < opts.max_workers:
                 add = min(opts.max_workers - n, max(1, n // 2))
-                for _ in range(add):
+                # Workers asked to retire and not gone yet (all were busy) stay instead.
+                stay = min(sr.retire, add)
+                sr.retire -= stay
+                for _ in range(add - stay):
                     sr.start_worker(nursery, inbox)
                 log.info(
                     "workers_scaled",
@@ -403,6 +419,10 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
                 and c.busy_workers < n
             ):
                 sr.retire += 1
+                if sr.idle:
+                    # An idle worker retires now: one waiting for items would not see
+                    # the request before its next item (or its idle spell's end).
+                    sr.idle.pop().cancel()
                 log.info(
                     "workers_scaled",
                     stage=sr.name,

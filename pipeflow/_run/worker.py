@@ -190,6 +190,9 @@ class StageRun:
         self.window = self.reorder if opts.ordered and not self.keyed else None
         self.holes: Reorder | None = None
         self.retire = 0  # workers asked to retire by the autoscaler
+        #: The waits of autoscaled workers idle now (shapers.take_or_retire), for the
+        #: autoscaler to end one when it retires a worker.
+        self.idle: list[trio.CancelScope] = []
         self.workers_gone = trio.Event()
         self.nursery: trio.Nursery | None = None  # where the workers run
         # Items in a chunk run one after another: only while they are quick (see

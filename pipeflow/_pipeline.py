@@ -659,7 +659,7 @@ class Pipeline(Generic[In, Out]):
             metrics_linger = check_metrics_linger(self, metrics_linger, metrics_port)
         run = self._new_run("collect" if collect else "drop")
         address: tuple[str, int] | None = None
-        failed: StageError | None = None
+        failed: Exception | None = None
         with signals.connected(run, grace) if signals else contextlib.nullcontext():
             try:
                 async with self._running(
@@ -670,6 +670,11 @@ class Pipeline(Generic[In, Out]):
             except StageError as failure:
                 # The statistics of a failed run are worth having (the CLI's report).
                 failure.result = _result(run)
+                failed = failure
+            except Exception as failure:
+                # Failed otherwise (the source raised): lingers all the same, then raises.
+                if not metrics_linger or address is None:
+                    raise
                 failed = failure
             result = _result(run)
         if metrics_linger and address is not None and run.interrupted_by is None:

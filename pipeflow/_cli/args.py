@@ -124,6 +124,13 @@ def _interval(text: str) -> float:
     return value
 
 
+def _host(text: str) -> str:
+    if not text.strip() or text != text.strip():
+        msg = f"expected an address to listen on, such as 127.0.0.1, 0.0.0.0 or ::1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)

@@ -22,6 +22,7 @@ from .signals import CommandSignals, Stopped
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from .args import (
+        _host,
         _interval,
         _port,
         _positive_int,
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-host",
         metavar="HOST",
-        default="127.0.0.1",
+        type=_host,
         help="the address the metrics listen on (default 127.0.0.1; 0.0.0.0: every interface)",
     )
     run.add_argument(

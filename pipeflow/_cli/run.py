@@ -127,6 +127,28 @@ def _stdin_input() -> Opener:
     return open_input
 
 
+class _AddressSeen(trio.abc.Instrument):
+    """Notes ``pipeline.metrics_address`` the moment the run's endpoint sets it, then
+    stops looking. Polling for it would miss the endpoint of a run that ends within a
+    poll (a few milliseconds): it is unset again when the run ends."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.address: tuple[str, int] | None = None
+        self._installed = True
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        address = getattr(self.pipeline, "metrics_address", None)
+        if address:
+            self.address = (str(address[0]), int(address[1]))
+            self.remove()
+
+    def remove(self) -> None:
+        if self._installed:
+            self._installed = False
+            trio.lowlevel.remove_instrument(self)
+
+
 @attrs.define
 class _Outcome:
     result: Any = None
@@ -155,10 +177,12 @@ class _RunCommand:
             self.kwargs |= {"handle_signals": True, "grace": args.grace}
         if args.metrics_port is not None:
             self.kwargs["metrics_port"] = args.metrics_port
-            if args.metrics_host != "127.0.0.1":
+            if args.metrics_host not in (None, "127.0.0.1"):
                 self.kwargs["metrics_host"] = args.metrics_host
         elif args.metrics_linger:
             raise CliError("--metrics-linger needs --metrics-port: there is no endpoint to keep")
+        elif args.metrics_host is not None:
+            raise CliError("--metrics-host needs --metrics-port: there is no endpoint to listen")
         if args.report:
             _check_report_path(args.report)
         # Last: the source may print a notice, which must not precede an error line.
@@ -238,31 +262,44 @@ class _RunCommand:
             signals.disconnect()
 
     async def _execute(self) -> None:
+        seen = _AddressSeen(self.pipeline) if "metrics_port" in self.kwargs else None
+        if seen is not None:
+            trio.lowlevel.add_instrument(seen)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch)
+            nursery.start_soon(self._watch, seen)
             try:
                 self.outcome.result = await self.pipeline.arun(self.source, **self.kwargs)
-            except (Exception, KeyboardInterrupt) as exc:
+            except BaseException as exc:
                 # A KeyboardInterrupt here is pipeflow.Interrupted: the run drained after
-                # a signal and carries its partial result.
+                # a signal and carries its partial result. Anything else the run raised
+                # (a stage's sys.exit() too) is its failure, reported like any other.
+                if _contains(exc, trio.Cancelled):
+                    raise
+                if not isinstance(exc, KeyboardInterrupt) and _contains(exc, KeyboardInterrupt):
+                    # Ctrl+C without graceful shutdown in the core, inside a group.
+                    exc, self.outcome.signal = KeyboardInterrupt(), signal.SIGINT
                 self.outcome.error = exc
             finally:
                 self.outcome.elapsed = trio.current_time() - self.t0
                 nursery.cancel_scope.cancel()
+                if seen is not None:
+                    seen.remove()
+                    # A run shorter than a poll of _watch: its endpoint came and went.
+                    self._announce_metrics(seen.address)
 
-    async def _watch(self) -> None:
+    async def _watch(self, seen: _AddressSeen | None) -> None:
         tick = self.TICK_LIVE if self.progress.mode == "live" else 1.0
-        if "metrics_port" in self.kwargs:
-            # Say where the metrics are as soon as the endpoint listens.
-            while self.metrics_url is None:
+        if seen is not None:
+            # Say where the metrics are as soon as the endpoint listens (an instrument
+            # notes it: an instrument's hook may not wake a task, so it is polled).
+            while seen.address is None:  # noqa: ASYNC110
                 await trio.sleep(0.01)
-                self._announce_metrics()
+            self._announce_metrics(seen.address)
         next_sample = 1.0
         k = 0
         while True:
             k += 1
             await trio.sleep_until(self.t0 + k * tick)
-            self._announce_metrics()
             stats = self.pipeline.current_stats()
             if stats is None:
                 continue
@@ -273,19 +310,15 @@ class _RunCommand:
                 next_sample += 1.0
             self.progress.update(t, stats, self.series, self.pipeline.current_workers())
 
-    def _announce_metrics(self) -> None:
-        if "metrics_port" not in self.kwargs or self.metrics_url is not None:
+    def _announce_metrics(self, address: tuple[str, int] | None) -> None:
+        if address is None or self.metrics_url is not None:
             return
-        # The metrics service sets this once it listens (the port is known then, even
-        # for --metrics-port 0).
-        address = getattr(self.pipeline, "metrics_address", None)
-        if address:
-            host, port = address
-            self.metrics_address = (host, port)
-            self.metrics_url = f"http://{host}:{port}/metrics"
-            self.progress.clear()
-            print(f"pipeflow: serving metrics at {self.metrics_url}", file=sys.stderr, flush=True)
-            self.progress.redraw()
+        host, port = address
+        self.metrics_address = (host, port)
+        self.metrics_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+        self.progress.clear()
+        print(f"pipeflow: serving metrics at {self.metrics_url}", file=sys.stderr, flush=True)
+        self.progress.redraw()
 
     # -- after --
 
@@ -377,12 +410,12 @@ class _RunCommand:
         elif isinstance(err, InputError):
             raise CliError(str(err))
         elif isinstance(err, StageError):
-            status, failure, code = "failed", str(err), EXIT_FAILED
+            status, failure, code = "failed", _describe(err), EXIT_FAILED
             # The core attaches the stopped run's result (its final statistics) to a
             # fail-fast error; without it, the last sample is all there is.
             result = err.result
         elif err is not None:
-            status, failure, code = "failed", f"{type(err).__name__}: {err}", EXIT_FAILED
+            status, failure, code = "failed", _describe(err), EXIT_FAILED
         stats_at: float | None = None
         if result is not None:
             data = result.to_dict()
@@ -444,6 +477,30 @@ class _RunCommand:
             print(f"pipeflow: stopped by {name} as the run ended", file=sys.stderr)
             code = 128 + late
         return code
+
+
+def _describe(err: BaseException) -> str:
+    """A run's failure on one line: the exception (the first, if several were raised
+    together) and its notes, which say where it happened (``stage 'store': its resource
+    ... failed to open``)."""
+    leaves = _leaves(err)
+    first = leaves[0]
+    if isinstance(first, StageError):
+        text = str(first)
+    else:
+        text = f"{type(first).__name__}: {first}" if str(first) else type(first).__name__
+    notes = [str(n) for n in getattr(first, "__notes__", None) or () if str(n).strip()]
+    if notes:
+        text += f" ({'; '.join(notes)})"
+    if len(leaves) > 1:
+        text += f" (and {len(leaves) - 1} more)"
+    return text
+
+
+def _leaves(err: BaseException) -> list[BaseException]:
+    if isinstance(err, BaseExceptionGroup):
+        return [leaf for e in err.exceptions for leaf in _leaves(e)] or [err]
+    return [err]
 
 
 def _check_report_path(report: str) -> None:

@@ -1,0 +1,186 @@
+"""What ``pipeflow run`` says when a run fails in an unusual way, or is asked for its
+metrics oddly: one line on stderr, the right exit status, the report still written, and
+``--metrics-linger`` kept however short or however failed the run."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from pipeflow import Pipeline, stage
+
+APP = textwrap.dedent(
+    """
+    import contextlib
+    import sys
+    from pipeflow import Pipeline, stage
+
+    @stage
+    async def fast(x):
+        return x
+
+    quick = Pipeline(fast, name="quick")
+
+    @stage(workers=2, errors="collect")
+    def bye(line):
+        if line == "3":
+            sys.exit(3)
+        return line
+
+    exiting = Pipeline(bye, name="exiting")
+
+    @contextlib.asynccontextmanager
+    async def db():
+        raise ConnectionRefusedError("connect to db:5432 refused")
+        yield
+
+    @stage(workers=2, resource=db)
+    async def store(line, conn):
+        return line
+
+    unreachable = Pipeline(store, name="unreachable")
+    """
+)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    """A module ``failapp`` in a fresh directory, with an input of ten lines."""
+    (tmp_path / "failapp.py").write_text(APP)
+    (tmp_path / "ten.txt").write_text("".join(f"{i}\n" for i in range(1, 11)))
+    return tmp_path
+
+
+def cli(app: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeflow ARGS`` in a real subprocess, in the app's directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeflow", *args],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_stage_calling_sys_exit_fails_the_run_in_one_line_with_its_report(app):
+    """A stage that calls sys.exit(3) fails the run: exit 1, one line naming the
+    SystemExit, no traceback, and the report (documented: also when the run fails) is
+    written and says failed."""
+    proc = cli(app, "run", "failapp:exiting", "--input", "ten.txt", "-q", "--report", "r.json")
+    assert (1, "pipeflow: run failed: SystemExit: 3\n") == (proc.returncode, proc.stderr)
+    report = json.loads((app / "r.json").read_text())
+    assert ("failed", "SystemExit: 3") == (report["status"], report["failure"])
+
+
+def test_the_failure_line_and_report_keep_the_exceptions_notes(app):
+    """A resource= that fails to open: the failure says which stage's resource it was
+    (the note the run adds), on stderr and in the report."""
+    proc = cli(app, "run", "failapp:unreachable", "--input", "ten.txt", "-q", "--report", "r.json")
+    assert 1 == proc.returncode
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(
+        "pipeflow: run failed: ConnectionRefusedError: connect to db:5432 refused "
+        "(stage 'store': its resource resource=db() failed to open"
+    )
+    report = json.loads((app / "r.json").read_text())
+    assert "stage 'store': its resource resource=db() failed to open" in report["failure"]
+
+
+def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
+    """A run of two items (a few milliseconds) with --metrics-port 0 --metrics-linger:
+    the address is printed, and the endpoint serves the final figures for the linger."""
+    (app / "two.txt").write_text("a\nb\n")
+    argv = ["run", "failapp:quick", "--input", "two.txt"]
+    argv += ["--metrics-port", "0", "--metrics-linger", "30"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeflow", *argv],
+        cwd=app,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        second = proc.stderr.readline()
+        url = re.fullmatch(r"pipeflow: serving metrics at (\S+)\n", first)
+        assert url is not None, first
+        assert f"pipeflow: still serving metrics at {url[1]} for 30s (Ctrl+C to stop)\n" == second
+        with urllib.request.urlopen(url[1], timeout=10) as response:
+            text = response.read().decode()
+        assert 'pipeflow_stage_items_total{outcome="ok",pipeline="quick",stage="fast"} 2.0' in text
+        proc.terminate()  # ends the linger at once
+        assert 0 == proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--metrics-port", "0", "--metrics-host", ""],
+            "pipeflow: error: run: argument --metrics-host: expected an address to listen on, "
+            "such as 127.0.0.1, 0.0.0.0 or ::1, got '' (see pipeflow run --help)",
+        ),
+        (
+            ["--metrics-host", "0.0.0.0"],
+            "pipeflow: error: --metrics-host needs --metrics-port: there is no endpoint to listen",
+        ),
+    ],
+)
+def test_a_bad_metrics_host_is_one_line_and_exit_2(app, extra, message):
+    """An empty --metrics-host, or one without --metrics-port (which would be ignored),
+    is bad input: exit 2 and one line, before the run."""
+    proc = cli(app, "run", "failapp:quick", "--input", "ten.txt", "-q", *extra)
+    assert (2, message + "\n") == (proc.returncode, proc.stderr)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_metrics_url_has_brackets(app):
+    """--metrics-host ::1: the printed URL is one a browser or curl can open."""
+    argv = ["run", "failapp:quick", "--input", "ten.txt", "-q", "--metrics-port", "0"]
+    proc = cli(app, *argv, "--metrics-host", "::1")
+    assert 0 == proc.returncode
+    assert re.fullmatch(r"pipeflow: serving metrics at http://\[::1\]:\d+/metrics\n", proc.stderr)
+
+
+async def test_metrics_linger_also_follows_a_run_whose_source_raised(autojump_clock):
+    """`arun(..., metrics_port=0, metrics_linger=5)` whose source raises at 1 s: the
+    endpoint lingers its 5 s (documented: completed or failed), then the source's error
+    is raised."""
+
+    @stage
+    async def same(x: int) -> int:
+        return x
+
+    async def source():
+        yield 1
+        await trio.sleep(1)
+        raise OSError("source broke")
+
+    pipeline = Pipeline(same, name="lf")
+    with pytest.raises(OSError, match="source broke"):
+        await pipeline.arun(source(), metrics_port=0, metrics_linger=5)
+    assert 6.0 == pytest.approx(trio.current_time())
+    assert pipeline.metrics_address is None

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +24,7 @@ APP = textwrap.dedent(
     """
     import contextlib
     import sys
+    import trio
     from pipeflow import Pipeline, stage
 
     @stage
@@ -48,6 +51,15 @@ APP = textwrap.dedent(
         return line
 
     unreachable = Pipeline(store, name="unreachable")
+
+    @stage(workers=1)
+    async def first_fails(line):
+        if line == "1":
+            await trio.sleep(0.05)  # the others wait in the stage's queue meanwhile
+            raise ValueError("bad first line")
+        return line
+
+    stopped_early = Pipeline(first_fails, name="stopped_early")
     """
 )
 
@@ -115,8 +127,7 @@ def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
         url = re.fullmatch(r"pipeflow: serving metrics at (\S+)\n", first)
         assert url is not None, first
         assert f"pipeflow: still serving metrics at {url[1]} for 30s (Ctrl+C to stop)\n" == second
-        with urllib.request.urlopen(url[1], timeout=10) as response:
-            text = response.read().decode()
+        text = _get(url[1])
         assert 'pipeflow_stage_items_total{outcome="ok",pipeline="quick",stage="fast"} 2.0' in text
         proc.terminate()  # ends the linger at once
         assert 0 == proc.wait(timeout=30)
@@ -124,6 +135,19 @@ def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _get(url: str) -> str:
+    """GET url; the lingering endpoint listens again a moment after the line saying so."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return str(response.read().decode())
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -184,3 +208,59 @@ async def test_metrics_linger_also_follows_a_run_whose_source_raised(autojump_cl
         await pipeline.arun(source(), metrics_port=0, metrics_linger=5)
     assert 6.0 == pytest.approx(trio.current_time())
     assert pipeline.metrics_address is None
+
+
+def _table(stdout: str) -> list[dict[str, str]]:
+    """The summary table's rows, by column name."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "workers"])
+    cols = lines[start].split()
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        rows.append(dict(zip(cols, line.split(), strict=False)))  # (p99 has a space)
+    return rows
+
+
+def test_items_a_failure_cut_off_are_a_cancelled_column_that_adds_up(app):
+    """A fail-fast failure while items wait in the stage's queue: they are counted
+    cancelled (DESIGN's accounting), and the summary says so, in its first line and in a
+    cancelled column, so that in = done + cancelled."""
+    proc = cli(app, "run", "failapp:stopped_early", "--input", "ten.txt")
+    assert 1 == proc.returncode
+    head = proc.stdout.splitlines()[0]
+    [row] = _table(proc.stdout)
+    assert int(row["cancelled"]) >= 1
+    assert int(row["in"]) == int(row["done"]) + int(row["cancelled"])
+    assert ", 0 through, 1 failed, " + row["cancelled"] + " cancelled; " in head
+    assert "verdict" not in proc.stdout  # a failed run's story is its failure
+
+
+def test_the_when_it_fails_example_of_the_page_is_what_the_run_prints(tmp_path):
+    """docs/cli.md "When it fails": checks.py over mixed.txt prints the page's totals and
+    table (c.example cancelled), or, when a worker finished it first, the variant the
+    page describes; never a verdict."""
+    page = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    section = page[page.index("### When it fails") : page.index("### Stopping it")]
+    code = section[section.index("```python\n") + 10 :]
+    (tmp_path / "checks.py").write_text(code[: code.index("```")])
+    (tmp_path / "mixed.txt").write_text("https://a.example\nftp://b.example\nhttps://c.example\n")
+    shown = section[section.index("$ pipeflow run checks:pipeline") :]
+    shown = shown[: shown.index("```")]
+    assert "failed in 1.71 ms: 3 items in, 1 through, 1 failed, 1 cancelled; " in shown
+    assert "verdict" not in shown
+    assert "`3 items in, 2 through, 1\nfailed` with `done` 3 and no cancelled column" in section
+    proc = cli(tmp_path, "run", "checks:pipeline", "--input", "mixed.txt")
+    assert 1 == proc.returncode
+    head = proc.stdout.splitlines()[0]
+    [row] = _table(proc.stdout)
+    if "cancelled" in row:
+        assert ": 3 items in, 1 through, 1 failed, 1 cancelled; " in head
+        assert ("3", "2", "1", "1") == (row["in"], row["done"], row["failed"], row["cancelled"])
+    else:
+        assert ": 3 items in, 2 through, 1 failed; " in head
+        assert ("3", "3", "1") == (row["in"], row["done"], row["failed"])
+    assert "verdict" not in proc.stdout
+    last = proc.stderr.splitlines()[-1]
+    assert shown.splitlines()[-3] == last

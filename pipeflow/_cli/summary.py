@@ -43,6 +43,9 @@ def summary_table(view: GraphView, status: str) -> tuple[str, list[str]]:
     stages = view.stages
     first, last = stages[0], stages[-1]
     failed = sum(s.failed or 0 for s in stages)
+    # Items a stop took from a worker or a queue (DESIGN's accounting): shown when there
+    # are any, so that a stage's in = done + cancelled (+ dropped) adds up.
+    cancelled = sum(s.cancelled or 0 for s in stages)
     elapsed = view.elapsed or 0.0
     done = (last.done or 0) - (last.failed or 0)
     head = (
@@ -50,10 +53,13 @@ def summary_table(view: GraphView, status: str) -> tuple[str, list[str]]:
         f"{fmt_count(first.items_in or 0)} items in, {fmt_count(done)} through, "
         f"{fmt_count(failed)} failed"
     )
+    if cancelled:
+        head += f", {fmt_count(cancelled)} cancelled"
     if elapsed > 0:
         head += f"; {fmt_rate(last.throughput or 0.0).removesuffix('/s')} items/s"
-    cols = ["stage", "workers", "in", "done", "failed", "items/s", "util", "p99", "blocked"]
-    cols += ["throttled"]
+    cols = ["stage", "workers", "in", "done", "failed"]
+    cols += ["cancelled"] if cancelled else []
+    cols += ["items/s", "util", "p99", "blocked", "throttled"]
     rows = [cols]
     for s in stages:
         rows.append(
@@ -63,6 +69,7 @@ def summary_table(view: GraphView, status: str) -> tuple[str, list[str]]:
                 fmt_count(s.items_in or 0),
                 fmt_count(s.done or 0),
                 fmt_count(s.failed or 0),
+                *([fmt_count(s.cancelled or 0)] if cancelled else []),
                 fmt_rate(s.throughput or 0.0).removesuffix("/s"),
                 fmt_pct(s.utilisation or 0.0),
                 fmt_duration(s.duration_p99 or 0.0),

@@ -45,6 +45,7 @@ class StageView:
     items_in: int | None = None
     items_out: int | None = None
     failed: int | None = None
+    cancelled: int | None = None  # taken in, then cut off by a stop (a report's own)
     rate_in: float | None = None
     throughput: float | None = None
     rate_out: float | None = None
@@ -309,6 +310,7 @@ def view_from_report(report: Mapping[str, Any], target: str) -> GraphView:
                 items_in=items_in,
                 items_out=items_out,
                 failed=_int(d, "failed", where, context),
+                cancelled=_int(d, "cancelled", where, context),
                 rate_in=items_in / elapsed if elapsed > 0 and items_in is not None else None,
                 throughput=_num(d, "throughput", where, context),
                 rate_out=items_out / elapsed if elapsed > 0 and items_out is not None else None,

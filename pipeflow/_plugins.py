@@ -17,7 +17,7 @@ import sys
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["GROUP", "discover_stages", "load_stage", "summary"]
+__all__ = ["GROUP", "check_value", "discover_stages", "every_stage", "load_stage", "summary"]
 
 #: The entry-point group that stage plugins are published under.
 GROUP = "pipeflow.stages"
@@ -35,12 +35,42 @@ def discover_stages() -> dict[str, EntryPoint]:
     return dict(sorted(found.items()))
 
 
+def every_stage() -> list[EntryPoint]:
+    """Every published stage plugin, sorted by name, those sharing a name in the order
+    found (the first is the one :func:`discover_stages` and :func:`load_stage` use);
+    the same entry point of the same distribution found twice on ``sys.path`` once."""
+    seen: set[tuple[str, str, str]] = set()
+    out: list[EntryPoint] = []
+    for ep in entry_points(group=GROUP):
+        dist = ep.dist
+        key = (ep.name, ep.value, f"{dist.name} {dist.version}" if dist is not None else "")
+        if key not in seen:
+            seen.add(key)
+            out.append(ep)
+    return sorted(out, key=lambda ep: ep.name)
+
+
+def check_value(ep: EntryPoint) -> None:
+    """Raise ``ValueError`` saying what is wrong when ``ep``'s value is not
+    ``module:attribute`` (loading it would fail with an ``AttributeError`` about
+    ``None``)."""
+    if EntryPoint.pattern.match(ep.value) is None:
+        dist = ep.dist
+        where = f" of {dist.name} {dist.version}" if dist is not None else ""
+        msg = (
+            f"stage plugin {ep.name!r}{where}: malformed entry point {ep.value!r} "
+            f"(expected 'module:attribute', such as 'my_package.stages:Upper')"
+        )
+        raise ValueError(msg)
+
+
 def load_stage(name: str) -> Any:
     """Import the plugin published as ``name`` and return its object (a stage, a
     :class:`~pipeflow.Stage` subclass, or a factory, as its package documents).
 
-    Raises ``LookupError`` naming the installed plugins when there is no such name;
-    import errors of the plugin itself propagate unchanged.
+    Raises ``LookupError`` naming the installed plugins when there is no such name,
+    ``ValueError`` when its entry point is not ``module:attribute``; import errors of
+    the plugin itself propagate unchanged.
     """
     stages = discover_stages()
     if name not in stages:
@@ -50,6 +80,7 @@ def load_stage(name: str) -> Any:
             f"(installed: {installed})"
         )
         raise LookupError(msg)
+    check_value(stages[name])
     return stages[name].load()
 
 
@@ -64,7 +95,8 @@ def summary(obj: object) -> str:
     else:
         doc = getattr(obj, "__doc__", None)
         owner = type(obj).__module__.partition(".")[0]
-        if doc is type(obj).__doc__ and (owner == "pipeflow" or owner in sys.stdlib_module_names):
+        # (==: a built-in type's __doc__ is a new string at each access.)
+        if doc == type(obj).__doc__ and (owner == "pipeflow" or owner in sys.stdlib_module_names):
             # An instance of pipeflow's own classes (a Chain) or of a standard type (a
             # functools.partial): that docstring describes the type, not the plugin.
             doc = None

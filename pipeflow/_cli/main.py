@@ -225,6 +225,10 @@ def _main(argv: Sequence[str] | None, signals: CommandSignals) -> int:
             )
         if args.command == "run":
             args.signals = signals  # the run command takes them over (see run.py)
+        elif args.command == "plugins":
+            # A Ctrl+C is then a Stopped, told apart from a plugin that raises
+            # KeyboardInterrupt on import (see plugins.py).
+            args.signals = signals
         else:
             # The other commands end on Ctrl+C as Python does (a KeyboardInterrupt).
             signals.restore()

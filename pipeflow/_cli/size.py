@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import textwrap
 from fractions import Fraction
 
@@ -14,7 +15,30 @@ from .errors import EXIT_OK, CliError
 
 def _num(x: Fraction) -> str:
     f = float(x)
-    return fmt_count(f) if f == round(f) else f"{f:,.2f}".rstrip("0").rstrip(".")
+    if f == round(f):
+        return fmt_count(f)
+    # A number given as a short decimal (--target-utilisation 0.001, --headroom 0.0001):
+    # all its digits, not 2 that round it to 0 (which "400 / 0 = 400,000" showed).
+    digits = _decimals(x)
+    places = digits if digits is not None and digits <= 6 else 2
+    if digits is None and abs(f) < 1:
+        places = max(2, 2 - math.floor(math.log10(abs(f))))  # 3 significant digits
+    return f"{f:,.{places}f}".rstrip("0").rstrip(".")
+
+
+def _decimals(x: Fraction) -> int | None:
+    """The decimal places of ``x`` written out exactly, or None when it does not end."""
+    d, twos, fives = x.denominator, 0, 0
+    while d % 2 == 0:
+        d, twos = d // 2, twos + 1
+    while d % 5 == 0:
+        d, fives = d // 5, fives + 1
+    return max(twos, fives) if d == 1 else None
+
+
+def _pct(x: Fraction) -> str:
+    """A share as a percentage with all its digits (0.001 is 0.1%, not 0%)."""
+    return f"{_num(x * 100)}%"
 
 
 def advice(s: Sizing) -> tuple[list[str], list[str]]:
@@ -87,20 +111,22 @@ def cmd_size(args: argparse.Namespace) -> int:
     if s.headroom:
         new = step * (1 + s.headroom)
         lines.append(
-            f"with {float(s.headroom):.0%} headroom: "
+            f"with {_pct(s.headroom)} headroom: "
             f"{_num(step)} {TIMES} {_num(1 + s.headroom)} = {_num(new)}"
         )
         step = new
     if s.target_utilisation is not None:
         new = step / s.target_utilisation
         lines.append(
-            f"at {float(s.target_utilisation):.0%} target utilisation: {_num(step)} / "
+            f"at {_pct(s.target_utilisation)} target utilisation: {_num(step)} / "
             f"{_num(s.target_utilisation)} = {_num(new)}"
         )
     lines.append("")
     total = f" ({fmt_count(s.total)} in total)" if s.instances > 1 else ""
     lines.append(f"workers per instance: {s.per_instance}{total}")
-    lines.append(f"at {fmt_rate(float(s.rate))} they are {float(s.utilisation):.0%} busy")
+    busy = float(s.utilisation)
+    busy_text = f"{busy * 100:.2g}%" if 0 < busy < 0.01 else f"{busy:.0%}"
+    lines.append(f"at {fmt_rate(float(s.rate))} they are {busy_text} busy")
     lines.append("")
     for prefix, texts in (("warning", warnings), ("note", notes)):
         for text in texts:

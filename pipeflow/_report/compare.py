@@ -103,15 +103,25 @@ def render_comparison(before: GraphView, after: GraphView) -> str:
         if c["gain"] is not None:
             head += f" ({c['gain']:.2f}x)"
     out = [head, "", *table, ""]
+    if before.pipeline != after.pipeline:
+        out += textwrap.wrap(
+            f"note: these are two different pipelines, {before.pipeline!r} and "
+            f"{after.pipeline!r}: stages are compared by name.",
+            96,
+            subsequent_indent="  ",
+        )
     a = c["advice"]
     if a is not None:
         sizes = ", ".join(f"{n} workers for {name}" for name, n in a["sizes"].items())
         if not a["followed"]:
-            have = ", ".join(
-                f"{name} has {n if n is not None else 'no stage'}" for name, n in a["after"].items()
+            have = "; ".join(
+                f"{name} has {n} worker{'s' if n != 1 else ''}"
+                if n is not None
+                else f"it has no stage {name}"
+                for name, n in a["after"].items()
             )
             out += textwrap.wrap(
-                f"advice not followed: the first run advised {sizes}; the second {have}.",
+                f"advice not followed: the first run advised {sizes}; in the second, {have}.",
                 96,
                 subsequent_indent="  ",
             )

@@ -19,7 +19,8 @@ or let it run a demo against itself (a free port, a client that posts until it i
 
 ``POST /jobs`` answers 202 with a job id at once, or 429 when the pipeline's entry is
 full (``flow.send_nowait`` raises ``PipelineFull``: the reject strategy, right for an
-HTTP API). The resize is CPU-bound, so it runs in worker processes
+HTTP API); ``size=`` (the thumbnail's longest side, 128 by default) must be a whole
+number from 1 to 4096, else 400. The resize is CPU-bound, so it runs in worker processes
 (``run_in="process"``, one per CPU) with a per-job timeout; a job that takes longer is
 killed with its worker process, and its status says so. With Pillow installed any image
 format is accepted and the thumbnail is a PNG; without it, the service takes binary PPM
@@ -42,6 +43,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import attrs
 import trio
@@ -239,6 +241,11 @@ class App:
             await respond(send, 404, {"error": f"no route for {method} {path}"})
 
     async def post_job(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        size = parse_size(query.get("size"))
+        if isinstance(size, str):  # a bad size= is refused before the body is read
+            await respond(send, 400, {"error": size})
+            return
         body = bytearray()
         while True:
             message = await receive()
@@ -248,11 +255,7 @@ class App:
                 return
             if not message.get("more_body", False):
                 break
-        query = dict(
-            part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
-        )
-        size = int(query["size"]) if query.get("size", "").isdigit() else 128
-        job = Job(uuid.uuid4().hex, bytes(body), max(1, min(size, 4096)))
+        job = Job(uuid.uuid4().hex, bytes(body), size)
         self.jobs.add(job.id)
         try:
             self.flow.send_nowait(job)
@@ -263,6 +266,19 @@ class App:
             return
         status_url = f"/status/{job.id}"
         await respond(send, 202, {**self.jobs.status[job.id], "status_url": status_url})
+
+
+#: The largest thumbnail side ``size=`` may ask for, in pixels.
+MAX_SIZE = 4096
+
+
+def parse_size(text: str | None) -> int | str:
+    """``size=`` as pixels (128 when absent), or the error to answer with 400."""
+    if text is None:
+        return 128
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= MAX_SIZE):
+        return f"size must be a whole number of pixels from 1 to {MAX_SIZE}, got {text!r}"
+    return int(text)
 
 
 async def respond(send: Send, status: int, payload: Any, *, retry: int | None = None) -> None:

@@ -41,6 +41,14 @@ APP = textwrap.dedent(
 
     exiting = Pipeline(bye, name="exiting")
 
+    @stage(workers=2, errors="collect")
+    async def interrupts(line):
+        if line == "3":
+            raise KeyboardInterrupt
+        return line
+
+    interrupting = Pipeline(interrupts, name="interrupting")
+
     @contextlib.asynccontextmanager
     async def db():
         raise ConnectionRefusedError("connect to db:5432 refused")
@@ -91,6 +99,15 @@ def test_a_stage_calling_sys_exit_fails_the_run_in_one_line_with_its_report(app)
     assert (1, "pipeflow: run failed: SystemExit: 3\n") == (proc.returncode, proc.stderr)
     report = json.loads((app / "r.json").read_text())
     assert ("failed", "SystemExit: 3") == (report["status"], report["failure"])
+
+
+def test_a_stage_raising_keyboardinterrupt_is_a_failure_not_a_signal(app):
+    """A stage that raises KeyboardInterrupt itself (no signal came): the run failed,
+    exit 1, not "stopped by SIGINT" and 130."""
+    proc = cli(app, "run", "failapp:interrupting", "--input", "ten.txt", "-q", "--report", "r.json")
+    assert (1, "pipeflow: run failed: KeyboardInterrupt\n") == (proc.returncode, proc.stderr)
+    report = json.loads((app / "r.json").read_text())
+    assert ("failed", None) == (report["status"], report["signal"])
 
 
 def test_the_failure_line_and_report_keep_the_exceptions_notes(app):

@@ -275,8 +275,14 @@ class _RunCommand:
                 # (a stage's sys.exit() too) is its failure, reported like any other.
                 if _contains(exc, trio.Cancelled):
                     raise
-                if not isinstance(exc, KeyboardInterrupt) and _contains(exc, KeyboardInterrupt):
-                    # Ctrl+C without graceful shutdown in the core, inside a group.
+                if (
+                    not isinstance(exc, KeyboardInterrupt)
+                    and _contains(exc, KeyboardInterrupt)
+                    and not self._own_signals()
+                ):
+                    # Ctrl+C without graceful shutdown in the core, inside a group. (With
+                    # it, the user's signal is pipeflow.Interrupted: a KeyboardInterrupt
+                    # in a group is one a stage raised, a failure like any other.)
                     exc, self.outcome.signal = KeyboardInterrupt(), signal.SIGINT
                 self.outcome.error = exc
             finally:
@@ -286,6 +292,11 @@ class _RunCommand:
                     seen.remove()
                     # A run shorter than a poll of _watch: its endpoint came and went.
                     self._announce_metrics(seen.address)
+
+    def _own_signals(self) -> bool:
+        """Whether the run's gate takes SIGINT and SIGTERM (and no signal came before)."""
+        received = self.signals is not None and self.signals.first is not None
+        return bool(self.kwargs.get("handle_signals")) and not received
 
     async def _watch(self, seen: _AddressSeen | None) -> None:
         tick = self.TICK_LIVE if self.progress.mode == "live" else 1.0

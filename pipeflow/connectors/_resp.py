@@ -285,13 +285,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {inner}"
 
 
-async def connect(params: Params) -> Connection:
+async def connect(params: Params, within: float | None = None) -> Connection:
     """A new connection, authenticated, on its database, named; or
     :class:`RedisConnectionError` (and :class:`RedisError` if Redis refused the
-    password, the database or the name)."""
+    password, the database or the name). All of it takes at most
+    ``params.connect_timeout`` seconds, or ``within`` if that is shorter (what the
+    caller's retrying has left)."""
+    timeout = params.connect_timeout if within is None else min(params.connect_timeout, within)
+    deadline = trio.current_time() + timeout
     stream: trio.abc.Stream | None = None
+    step = "connect"  # what was under way, for the message if it fails or takes too long
     try:
-        with trio.move_on_after(params.connect_timeout) as scope:
+        with trio.move_on_at(deadline) as scope:
             try:
                 if params.path is not None:
                     stream = await trio.open_unix_socket(params.path)
@@ -301,17 +306,26 @@ async def connect(params: Params) -> Connection:
                     if params.keepalive:
                         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                     if params.tls:
+                        step = "tls"
                         tls = trio.SSLStream(tcp, params.ssl_context(), server_hostname=params.host)
                         stream = tls
                         await tls.do_handshake()
             except (OSError, trio.BrokenResourceError) as exc:
+                what = "the TLS handshake failed: " if step == "tls" else ""
                 raise RedisConnectionError(
-                    f"cannot connect to Redis at {params.where}: {_describe(exc)}"
+                    f"cannot connect to Redis at {params.where}: {what}{_describe(exc)}"
                 ) from exc
         if scope.cancelled_caught or stream is None:
+            if step == "tls":
+                # A Redis without TLS takes the ClientHello for the start of a command
+                # and waits for the rest: it never answers.
+                raise RedisConnectionError(
+                    f"cannot connect to Redis at {params.where}: the TLS handshake got no "
+                    f"answer within {timeout:g}s (does the server speak TLS on that port? "
+                    f"a Redis without TLS never answers one: use redis://)"
+                )
             raise RedisConnectionError(
-                f"cannot connect to Redis at {params.where}: no answer within "
-                f"{params.connect_timeout:g}s"
+                f"cannot connect to Redis at {params.where}: no answer within {timeout:g}s"
             )
         conn = Connection(stream, params)
         hello: list[tuple[Any, ...]] = []
@@ -326,7 +340,8 @@ async def connect(params: Params) -> Connection:
             hello.append(("CLIENT", "SETNAME", params.client_name))
         if hello:
             payload = b"".join(_pack(c) for c in hello)
-            replies = await conn.request(payload, len(hello), params.connect_timeout)
+            left = max(deadline - trio.current_time(), 0.0)
+            replies = await conn.request(payload, len(hello), left)
             for command, reply in zip(hello, replies, strict=True):
                 if isinstance(reply, RedisError):
                     raise RedisError(f"Redis at {params.where} refused {command[0]}: {reply}")
@@ -395,37 +410,49 @@ class Client:
         now = trio.current_time()
         return any(due < now for due in server.pending.values())
 
-    async def execute(self, *args: Any, blocks_for: float = 0.0) -> Any:
+    async def execute(
+        self, *args: Any, blocks_for: float = 0.0, connect_within: float | None = None
+    ) -> Any:
         """Run one command; its reply (decoded str, int, list, None), or raise
         :class:`RedisError` for an error reply. ``blocks_for``: how long the command
-        may wait in Redis by design (``BLOCK``), on top of the socket timeout."""
-        (reply,) = await self._request(_pack(args), 1, blocks_for)
+        may wait in Redis by design (``BLOCK``), on top of the socket timeout;
+        ``connect_within``: the most a new connection may take, if shorter than the
+        URL's connect timeout."""
+        (reply,) = await self._request(_pack(args), 1, blocks_for, connect_within)
         if isinstance(reply, RedisError):
             raise reply
         return reply
 
     async def execute_many(
-        self, commands: Sequence[Sequence[Any]], *, blocks_for: float = 0.0
+        self,
+        commands: Sequence[Sequence[Any]],
+        *,
+        blocks_for: float = 0.0,
+        connect_within: float | None = None,
     ) -> list[Any]:
         """Run several commands in one round trip (a pipeline, not a transaction); their
         replies, error replies as :class:`RedisError` values in the list."""
-        return await self._request(_pack_many(commands), len(commands), blocks_for)
+        return await self._request(_pack_many(commands), len(commands), blocks_for, connect_within)
 
-    async def _request(self, payload: bytes, replies: int, blocks_for: float) -> list[Any]:
+    async def _request(
+        self, payload: bytes, replies: int, blocks_for: float, connect_within: float | None
+    ) -> list[Any]:
         if self._closed:
             raise RedisConnectionError(f"the client of Redis at {self.params.where} is closed")
         if self._limit is not None:
             async with self._limit:
-                return await self._on_a_connection(payload, replies, blocks_for)
-        return await self._on_a_connection(payload, replies, blocks_for)
+                return await self._on_a_connection(payload, replies, blocks_for, connect_within)
+        return await self._on_a_connection(payload, replies, blocks_for, connect_within)
 
-    async def _on_a_connection(self, payload: bytes, replies: int, blocks_for: float) -> list[Any]:
+    async def _on_a_connection(
+        self, payload: bytes, replies: int, blocks_for: float, connect_within: float | None
+    ) -> list[Any]:
         started = trio.current_time()
         server = self._server
         token = object()
         server.pending[token] = started + blocks_for + _OVERDUE
         try:
-            conn = self._idle.pop() if self._idle else await connect(self.params)
+            conn = self._idle.pop() if self._idle else await connect(self.params, connect_within)
             try:
                 out = await conn.request(payload, replies, self.params.socket_timeout + blocks_for)
             except BaseException as exc:

@@ -23,8 +23,8 @@ The connector talks to Redis over native Trio I/O (a small client with the ``hir
 reply parser), so cancelling a run takes effect at once, even while Redis does not
 answer: a command cancelled half-way drops its connection. Reads block for at most
 ``block`` seconds at a time. Connection errors (a Redis restart) are retried with
-exponential backoff for up to ``retry_for`` seconds, logged (``redis_unavailable``,
-``redis_reconnected``), then raised as :class:`RedisUnavailable`.
+exponential backoff until Redis has been unreachable for ``retry_for`` seconds, logged
+(``redis_unavailable``, ``redis_reconnected``), then raised as :class:`RedisUnavailable`.
 
 Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
 ``redis_consumer_removed``, ``redis_unavailable``, ``redis_reconnected``,
@@ -94,6 +94,9 @@ _FORGET_AFTER = 5
 #: Backoff between reconnection attempts: first delay and cap, in seconds.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
+#: Once Redis has been unreachable for ``retry_for``, a command still gets one attempt
+#: whose connecting may take this long (seconds).
+_LAST_ATTEMPT = 0.1
 _SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -242,6 +245,28 @@ def _check_url(url: object, who: str, *, whole: bool = True) -> str:
 #: Commands whose second word says what they do.
 _CONTAINERS = frozenset({"XGROUP", "XINFO", "CLIENT"})
 
+#: Per server (host:port, or a socket's path), set when one of this run's connections
+#: to it finds it unreachable (and replaced by a fresh one).
+_OUTAGES: trio.lowlevel.RunVar[dict[str, trio.Event]] = trio.lowlevel.RunVar("pipeflow_outages")
+
+
+def _outages() -> dict[str, trio.Event]:
+    try:
+        return _OUTAGES.get()
+    except LookupError:
+        outages: dict[str, trio.Event] = {}
+        _OUTAGES.set(outages)
+        return outages
+
+
+def _outage(server: str) -> trio.Event:
+    """The event set when a connection of this run next finds ``server`` unreachable."""
+    outages = _outages()
+    event = outages.get(server)
+    if event is None:
+        event = outages[server] = trio.Event()
+    return event
+
 
 def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
     """``[k1, v1, k2, v2, ...]`` (a RESP2 map) as a dict."""
@@ -250,9 +275,14 @@ def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
 
 class _Conn:
     """Commands to one Redis from Trio, retried while Redis is unreachable: connection
-    errors are retried with exponential backoff for up to ``retry_for`` seconds before
-    :class:`RedisUnavailable` is raised. Several tasks may run commands at once (each on
-    a connection of its own); a cancelled command drops its connection at once."""
+    errors are retried with exponential backoff until Redis has been unreachable for
+    ``retry_for`` seconds, then :class:`RedisUnavailable` is raised. Several tasks may
+    run commands at once (each on a connection of its own); a cancelled command drops
+    its connection at once.
+
+    An outage is counted once, however many tasks were retrying through it: it begins
+    with the first command that fails (when that attempt began), and ends with the
+    first that succeeds after it (one ``reconnects``)."""
 
     def __init__(
         self,
@@ -270,10 +300,18 @@ class _Conn:
         #: How many times Redis came back after being unreachable.
         self.reconnects = 0
         self.counts: _Counts | None = None  # the source's, where there is one
+        #: When the outage under way began (the start of the first attempt that
+        #: failed), or None while Redis answers.
+        self.down_since: float | None = None
+        #: When the last outage ended: an attempt begun before that and failing after
+        #: it belongs to that outage, not to a new one.
+        self._up_at = -math.inf
         params = parse_url(url)
         if client_name is not None and params.client_name is None:
             params = attrs.evolve(params, client_name=client_name)
         self.client = Client(params)
+        #: The server, whatever the database: what an outage is shared by.
+        self.server = params.path or f"{params.host}:{params.port}"
 
     async def call(
         self,
@@ -282,9 +320,10 @@ class _Conn:
         blocks_for: float = 0.0,
         what: str | None = None,
     ) -> Any:
-        """The reply to ``command``, retried while Redis is unreachable (for
-        ``retry_for`` seconds, or ``patience`` if given). ``what`` names it in messages
-        (by default its first word, two for a container command like ``XGROUP CREATE``)."""
+        """The reply to ``command``, retried while Redis is unreachable (until it has
+        been for ``retry_for`` seconds, or for ``patience`` seconds of this call's own
+        attempts if given). ``what`` names it in messages (by default its first word,
+        two for a container command like ``XGROUP CREATE``)."""
         if what is None:
             what = command[0] if command[0] not in _CONTAINERS else " ".join(command[:2])
         return await self._retrying(
@@ -311,23 +350,37 @@ class _Conn:
     async def _retrying(
         self, what: str, patience: float | None, fn: Callable[..., Any], *args: Any, **kw: Any
     ) -> Any:
-        retry_for = self.retry_for if patience is None else patience
-        deadline: float | None = None
+        limit = self.retry_for if patience is None else patience
+        first_failure: float | None = None  # when this call's first failed attempt began
         attempt = 0
         delay = _BACKOFF_FIRST
         while True:
+            started = trio.current_time()
+            since = self._since(first_failure, patience)
+            # A new connection may take what is left of the time Redis may be
+            # unreachable (at least one short attempt), not a whole connect timeout.
+            within = max(limit if since is None else since + limit - started, _LAST_ATTEMPT)
             try:
-                result = await fn(*args, **kw)
+                result = await fn(*args, connect_within=within, **kw)
             except RedisConnectionError as exc:
                 attempt += 1
+                if first_failure is None:
+                    first_failure = started
+                if self.down_since is None and started >= self._up_at:
+                    self.down_since = started  # an outage begins
+                    _outage(self.server).set()  # (a source waiting for room should know)
+                    _outages()[self.server] = trio.Event()
                 now = trio.current_time()
-                if deadline is None:
-                    deadline = now + retry_for
-                if now >= deadline:
+                since = self._since(first_failure, patience)
+                assert since is not None
+                if now >= since + limit:
+                    spent = f" for {now - since:.1f}s" if now - since >= 0.05 else ""
+                    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+                    if patience is None:
+                        tries += f", retry_for={limit:g}"
                     msg = (
-                        f"Redis at {_redact(self.url)} did not answer for "
-                        f"{retry_for:g}s ({attempt} attempts) during {what} on stream "
-                        f"{self.stream!r}: {exc}"
+                        f"Redis at {_redact(self.url)} did not answer{spent} ({tries}) "
+                        f"during {what} on stream {self.stream!r}: {exc}"
                     )
                     raise RedisUnavailable(msg) from exc
                 self.log.warning(
@@ -337,17 +390,40 @@ class _Conn:
                     retry_in=round(delay, 3),
                     error=str(exc),
                 )
-                await trio.sleep(min(delay, deadline - now))
+                await trio.sleep(min(delay, since + limit - now))
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
             except RedisError as exc:
                 raise self._translate(exc) from None
-            if attempt:
+            if self.down_since is not None:
+                # The first answer since the outage began: one reconnection, however
+                # many tasks were retrying.
+                self.down_since = None
+                self._up_at = trio.current_time()
                 self.reconnects += 1
                 if self.counts is not None:
                     self.counts.reconnects += 1
                 self.log.info("redis_reconnected", command=what, attempts=attempt + 1)
             return result
+
+    def _since(self, first_failure: float | None, patience: float | None) -> float | None:
+        """Since when Redis has been unreachable, as far as a call's deadline goes: the
+        outage's start (a call with its own patience: its own first failure)."""
+        if patience is not None or self.down_since is None:
+            return first_failure
+        if first_failure is None:
+            return self.down_since
+        return min(first_failure, self.down_since)
+
+    async def watch(self) -> None:
+        """Background task: when another client of this process finds this Redis
+        unreachable (a sink's ``XADD``) while this connection has nothing to send (a
+        source waiting for room), ask it ourselves: so ``retry_for`` runs from then,
+        and a Redis gone for good fails the run in time."""
+        while True:
+            await _outage(self.server).wait()
+            if self.down_since is None:
+                await self.call("PING")
 
     def _translate(self, exc: RedisError) -> Exception:
         if str(exc).startswith("NOGROUP"):
@@ -486,7 +562,8 @@ class SourceStatistics:
     acked: int
     #: Entries taken over from other consumers that left them idle (``XAUTOCLAIM``).
     reclaimed: int
-    #: Times Redis came back after being unreachable.
+    #: Times Redis came back after being unreachable: one per outage the source saw,
+    #: however many of its tasks were retrying through it.
     reconnects: int
     #: Entries read and not yet acknowledged, now (in the pipeline, or waiting for it).
     pending: int
@@ -683,6 +760,7 @@ class RedisStreamSource:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(consumer.acker, name=f"{task}:ack")
                     nursery.start_soon(consumer.heartbeat, name=f"{task}:heartbeat")
+                    nursery.start_soon(conn.watch, name=f"{task}:watch")
                     try:
                         yield consumer
                         # The run ended well: wait for the acks of its last items (a
@@ -694,7 +772,9 @@ class RedisStreamSource:
                 # One failure (or the run's cancellation) is what the caller should see,
                 # not a group wrapping it.
                 leaves = list(_leaves(group))
-                if len(leaves) == 1:
+                # (Several tasks that gave up on an unreachable Redis together: the
+                # first says it.)
+                if len(leaves) == 1 or all(type(e) is RedisUnavailable for e in leaves):
                     raise leaves[0] from None
                 raise
         finally:
@@ -1215,23 +1295,26 @@ class _Consumer:
     async def close(self) -> None:
         """On the way out: ack what did finish, and leave the group if nothing of ours is
         pending (so restarts under new names do not pile up consumers in the group)."""
+        # Redis unreachable now (the run is likely failing for it): one attempt each,
+        # not another round of retries.
+        patience = _CLOSE_PATIENCE if self.conn.down_since is None else 0.0
         try:
             if self.to_ack:
-                await self.flush(patience=_CLOSE_PATIENCE)
+                await self.flush(patience=patience)
             if self.source.maxlen is not None and not self._trimmed:
                 # The last trim was cut short (the run ended meanwhile), or acks came
                 # after it: trim once more, so a batch job leaves its stream trimmed.
-                await self.trim(_CLOSE_PATIENCE)
+                await self.trim(patience)
             if self.held and self.joined:
-                await self._release(sorted(self.held))
+                await self._release(sorted(self.held), patience)
             if self.joined and not self.held:
                 s = self.source
-                await _leave_group(self.conn, s.stream, s.group, s.consumer, _CLOSE_PATIENCE)
+                await _leave_group(self.conn, s.stream, s.group, s.consumer, patience)
         except (RedisUnavailable, RedisError) as exc:
             # Unacked entries stay pending and will be delivered again: at-least-once.
             self.log.warning("redis_ack_failed", entries=len(self.to_ack), error=repr(exc))
 
-    async def _release(self, ids: list[str]) -> None:
+    async def _release(self, ids: list[str], patience: float) -> None:
         """Entries this consumer got but will not finish (the run stopped): make them
         look idle for ``claim_idle`` already, so that another consumer reclaims them at
         once instead of ``claim_idle`` seconds from now."""
@@ -1247,7 +1330,7 @@ class _Consumer:
                 "IDLE",
                 self._claim_idle_ms,
                 "JUSTID",
-                patience=_CLOSE_PATIENCE,
+                patience=patience,
             )
         self.log.info("redis_entries_released", count=len(ids), first=ids[0])
 

@@ -44,7 +44,9 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 async def eventually(check: Callable[[], bool]) -> None:
     """Wait until ``check()`` holds; it talks to Redis, so it runs in a thread."""
-    while not await trio.to_thread.run_sync(check):
+    while True:
+        if await trio.to_thread.run_sync(check):
+            return
         await trio.sleep(0.01)
 
 
@@ -103,8 +105,7 @@ async def test_a_member_whose_redis_is_gone_stops_within_retry_for_while_its_sou
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(member)
-            while source.statistics().pending == 0:
-                await trio.sleep(0.01)
+            await eventually(lambda: source.statistics().pending > 0)
             await trio.sleep(0.3)  # the source has filled the pipeline, and waits
             await trio.to_thread.run_sync(server.crash)
             gate.set()

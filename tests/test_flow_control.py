@@ -4,6 +4,7 @@ keyed routing, autoscaling, process workers and per-worker resources."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import random
 
@@ -430,6 +431,36 @@ async def test_each_worker_opens_its_resource_once(autojump_clock):
     with trio.move_on_after(1.5):
         await Pipeline(call).arun(range(100))
     assert ["open"] * 3 + ["close"] * 3 == events
+
+
+async def test_a_resource_that_never_opens_does_not_keep_a_finished_run_alive(autojump_clock):
+    """One worker's resource never opens (a connect without a timeout); the other
+    workers do every item. Once the input has ended and nothing is left for it, the
+    worker still opening is ended (its open cancelled) and the run finishes."""
+    opened = itertools.count()
+    ended = []
+
+    @contextlib.asynccontextmanager
+    async def connection():
+        k = next(opened)
+        try:
+            if k == 1:
+                await trio.sleep_forever()
+            yield k
+        finally:
+            ended.append(k)
+
+    @stage(workers=3, resource=connection)
+    async def call(x, conn):
+        await trio.sleep(0.01)
+        return x
+
+    with trio.fail_after(60):
+        result = await Pipeline(call).arun(range(30))
+    assert sorted(result.outputs) == list(range(30))
+    assert result.stats["call"].ok == 30
+    assert sorted(ended) == [0, 1, 2]  # the hung open was ended too
+    assert trio.current_time() < 1
 
 
 def test_fail_fast_timeout_in_thread_stage_reports_timeout():

@@ -358,6 +358,10 @@ class Edge:
 
     # -- reading the state ---------------------------------------------------------------------
 
+    def drained(self) -> bool:
+        """Every sender has left and no item is left or held: none will ever come."""
+        return self._closed and not self._holders and not self._buf
+
     def room(self) -> int:
         """How many items a sender could hand over now without waiting."""
         if self._send_lot:

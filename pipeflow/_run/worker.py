@@ -190,6 +190,8 @@ class StageRun:
         self.window = self.reorder if opts.ordered and not self.keyed else None
         self.holes: Reorder | None = None
         self.retire = 0  # workers asked to retire by the autoscaler
+        #: Workers opening their resource now (their cancel scopes; see worker()).
+        self.opening: set[trio.CancelScope] = set()
         #: The waits of autoscaled workers idle now (shapers.take_or_retire), for the
         #: autoscaler to end one when it retires a worker.
         self.idle: list[trio.CancelScope] = []
@@ -280,10 +282,21 @@ class StageRun:
         self.workers_started += 1
         try:
             if self.takes_resource:
-                async with self._resource() as res:
-                    await self._work(inbox, res)
+                with trio.CancelScope() as opening:
+                    # While its resource opens (a connect that may never return), the
+                    # worker is ended if the stage's input ends meanwhile: its items
+                    # are done without it (see below).
+                    self.opening.add(opening)
+                    async with self._resource() as res:
+                        self.opening.discard(opening)
+                        await self._work(inbox, res)
+                self.opening.discard(opening)
             else:
                 await self._work(inbox, None)
+            if self.opening and inbox.drained():
+                # No item is left for a worker still opening its resource.
+                for scope in self.opening:
+                    scope.cancel()
         finally:
             inbox.receiver_done()
             self.sender_done()

@@ -293,9 +293,9 @@ class Edge:
             if self.wake_all:
                 n = len(envs)
             elif self._receivers > len(lot) + self._waking + self.away:
-                # A receiver of quick items is at work (its bookkeeping, or stepping
-                # aside) and will take these when it comes back: waking another would
-                # only cost a scheduler round.
+                # A receiver of quick items is at work (its bookkeeping) and will take
+                # these when it comes back: waking another would only cost a scheduler
+                # round. (One stepping aside after a hand-on counts as away.)
                 return
             else:
                 n = -(-len(envs) // CHUNK)

@@ -642,7 +642,16 @@ class StageRun:
                         ws.state = SENDING
                         ws.since = end
                         shown_busy = False
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        # And away for its inbox (Edge.away): an item that comes now
+                        # wakes a waiting worker, in the next scheduler round, instead
+                        # of waiting for this one's bookkeeping in this round, behind
+                        # whatever else the round runs (the item before it, going on
+                        # through the next stages).
+                        inbox.away += 1
+                        try:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                        finally:
+                            inbox.away -= 1
                     self._record(
                         ws, t0, queued_at, chunk, calls, task, in_thread, end=end, busy=shown_busy
                     )

@@ -124,7 +124,6 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
     import trio
 
     from pipeflow import Pipeline, stage
-    from pipeflow.connectors._resp import _pack_many
     from pipeflow.connectors.redis import Entry, RedisStreamSink, _fields_dict
 
     acked: list[str] = []
@@ -173,7 +172,7 @@ async def _pipeflow_no_io(pages: list[list[Any]]) -> int:
             pass
 
         async def process(self, item: Any, resource: Any = None) -> Any:
-            return len(_pack_many(self._commands(item)))
+            return len(self._payload(item))  # what the sink sends, not sent
 
     @stage(workers=8)
     async def work(entry: Entry) -> Entry:

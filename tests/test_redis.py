@@ -668,6 +668,32 @@ async def test_a_batched_sink_appends_a_batch_per_round_trip(r, url):
     assert set() == pending_ids(r)
 
 
+async def test_a_batched_sink_writes_every_kind_of_field_exactly(r, url):
+    """The entries of a batch reach the stream as they are, whatever their fields: short
+    ASCII (packed by the sink itself), long, non-ASCII, int and bytes values (packed by
+    hiredis), mixed in one batch with mappings and an entry that has a source_id."""
+    batches = [
+        [Entry("1-0", {"n": "1", "square": "1"}), Entry("2-0", {"n": "2", "": ""})],
+        [Entry("3-0", {"long": "x" * 5000}), Entry("4-0", {"n": "4"})],
+        [Entry("5-0", {"é": "ünïcode ✓"}), Entry("6-0", {"n": 6, "b": b"bytes"})],
+        [{"plain": 7}, Entry("8-0", {"n": "8", "source_id": "8-1"})],
+    ]
+    sink = RedisStreamSink(url, "results", batch=2, batch_timeout=0.05, ordered=True)
+    with trio.fail_after(10):
+        result = await Pipeline(sink).arun(item for batch in batches for item in batch)
+    assert [i for batch in result.outputs for i in batch] == [e for e, _ in r.xrange("results")]
+    assert [
+        {"n": "1", "square": "1", "source_id": "1-0"},
+        {"n": "2", "": "", "source_id": "2-0"},
+        {"long": "x" * 5000, "source_id": "3-0"},
+        {"n": "4", "source_id": "4-0"},
+        {"é": "ünïcode ✓", "source_id": "5-0"},
+        {"n": "6", "b": "bytes", "source_id": "6-0"},
+        {"plain": "7"},
+        {"n": "8", "source_id": "8-0"},  # (the entry's own id wins)
+    ] == [f for _, f in r.xrange("results")]
+
+
 def test_a_batched_sink_has_room_for_a_batch_in_front_of_it(url):
     """With batch=N and no buffer=, the sink's input buffer holds a whole batch (so the
     batcher takes its items in chunks); an explicit buffer= wins."""

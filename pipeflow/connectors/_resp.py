@@ -434,6 +434,18 @@ class Client:
         replies, error replies as :class:`RedisError` values in the list."""
         return await self._request(_pack_many(commands), len(commands), blocks_for, connect_within)
 
+    async def execute_packed(
+        self,
+        payload: bytes,
+        replies: int,
+        *,
+        blocks_for: float = 0.0,
+        connect_within: float | None = None,
+    ) -> list[Any]:
+        """As :meth:`execute_many`, for ``replies`` commands already packed (RESP) into
+        ``payload`` by the caller."""
+        return await self._request(payload, replies, blocks_for, connect_within)
+
     async def _request(
         self, payload: bytes, replies: int, blocks_for: float, connect_within: float | None
     ) -> list[Any]:

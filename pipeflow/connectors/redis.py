@@ -101,9 +101,10 @@ _FORGET_AFTER = 5
 #: Backoff between reconnection attempts: first delay and cap, in seconds.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
-#: Once Redis has been unreachable for ``retry_for``, a command still gets one attempt
-#: whose connecting may take this long (seconds).
-_LAST_ATTEMPT = 0.1
+#: A connect attempt may take at least this long (seconds; at most the URL's connect
+#: timeout), however little is left of ``retry_for``: a shorter one would fail a TLS
+#: handshake on a busy machine, and hide why the earlier attempts failed.
+_LAST_ATTEMPT = 1.0
 _SCHEMES = ("redis", "rediss", "unix")
 
 

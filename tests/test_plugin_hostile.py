@@ -47,6 +47,23 @@ PLUGINS = {
         '''
     ),
     "hp_slow.py": "import time\nprint('importing', flush=True)\ntime.sleep(60)\n",
+    "hp_print.py": textwrap.dedent(
+        '''
+        print("hello from the import")
+
+        def factory(**options):
+            """A factory that prints as its module imports."""
+        '''
+    ),
+    "hp_badstr.py": textwrap.dedent(
+        """
+        class Unprintable(Exception):
+            def __str__(self):
+                raise RuntimeError("no message")
+
+        raise Unprintable()
+        """
+    ),
 }
 
 ENTRY_POINTS = {
@@ -57,6 +74,8 @@ ENTRY_POINTS = {
     "escapes": "hp_ok:Escapes",
     "badvalue": "this is not: a target",
     "http_fetch": "hp_ok:Shadow",
+    "printer": "hp_print:factory",
+    "badstr": "hp_badstr:X",
 }
 
 
@@ -106,6 +125,20 @@ def test_a_plugin_raising_keyboardinterrupt_on_import_is_listed_as_broken(listed
     assert "jsonl_sink" in rows
 
 
+def test_what_a_plugin_prints_on_import_goes_to_stderr(listed):
+    """A plugin that prints as it imports does not break --format json (the fixture
+    parsed it): its text is on stderr."""
+    rows, stderr = listed
+    assert ["A factory that prints as its module imports."] == rows["printer"]
+    assert "hello from the import\n" in stderr
+
+
+def test_an_exception_that_cannot_be_shown_is_still_one_line(listed):
+    """A plugin raising an exception whose str() raises too is listed, not a crash."""
+    rows, _ = listed
+    assert ["(cannot load: Unprintable: <its message cannot be shown>)"] == rows["badstr"]
+
+
 def test_a_malformed_entry_point_is_one_clear_line(listed):
     """An entry point that is not module:attribute says so, not an AttributeError about
     None."""
@@ -135,8 +168,9 @@ def test_a_name_two_packages_publish_is_shown_twice_with_a_warning(listed):
     [first, second] = rows["http_fetch"]
     hidden = [s for s in (first, second) if s.startswith("(hidden: ")]
     assert 1 == len(hidden)
-    assert "pipeflow: warning: stage plugin 'http_fetch' is published by " in stderr
-    assert 1 == stderr.count("\n")
+    warnings = [x for x in stderr.splitlines() if x.startswith("pipeflow: warning: ")]
+    assert 1 == len(warnings)
+    assert warnings[0].startswith("pipeflow: warning: stage plugin 'http_fetch' is published by ")
 
 
 def test_control_characters_of_a_summary_are_not_printed(tmp_path):
@@ -182,8 +216,8 @@ def test_ctrl_c_while_a_plugin_imports_stops_the_command(tmp_path):
         text=True,
     )
     try:
-        assert proc.stdout is not None
-        assert "importing\n" == proc.stdout.readline()
+        assert proc.stderr is not None
+        assert "importing\n" == proc.stderr.readline()  # (a plugin's prints go to stderr)
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -77,18 +78,32 @@ def _describe(ep: EntryPoint, signals_handled: bool) -> str:
     except ValueError:
         return f"(cannot load: malformed entry point {ep.value!r}: expected module:attribute)"
     try:
-        obj = ep.load()
+        # What a plugin prints as it imports goes to stderr: stdout is the listing
+        # (--format json must stay JSON).
+        with contextlib.redirect_stdout(sys.stderr):
+            obj = ep.load()
     except BaseException as exc:
         # One broken plugin must not hide the others, whatever it raises on import
         # (sys.exit(), even KeyboardInterrupt); only the user's own Ctrl+C stops the
         # command.
         if isinstance(exc, Stopped) or (isinstance(exc, KeyboardInterrupt) and not signals_handled):
             raise
-        message = one_line(str(exc))
+        message = _text(exc)
         return f"(cannot load: {type(exc).__name__}{': ' + message if message else ''})"
-    if not (isinstance(obj, Stage | Chain) or callable(obj)):
-        return f"(not a stage: {ep.value} is {_a(type(obj).__name__)})"
-    return summary(obj)
+    try:
+        if not (isinstance(obj, Stage | Chain) or callable(obj)):
+            return f"(not a stage: {ep.value} is {_a(type(obj).__name__)})"
+        return summary(obj)
+    except Exception as exc:  # an object whose __doc__ or class lookup raises
+        return f"(cannot describe: {type(exc).__name__}: {_text(exc)})"
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)`` on one line, or a placeholder if even that raises."""
+    try:
+        return one_line(str(exc))
+    except Exception:
+        return "<its message cannot be shown>"
 
 
 def _a(noun: str) -> str:

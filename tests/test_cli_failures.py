@@ -188,6 +188,20 @@ def test_a_bad_metrics_host_is_one_line_and_exit_2(app, extra, message):
     assert (2, message + "\n") == (proc.returncode, proc.stderr)
 
 
+def test_a_metrics_host_that_is_not_this_machines_is_one_line(app):
+    """--metrics-host an address of no interface here (TEST-NET-1): exit 2, one line
+    naming both options and the address, no errno."""
+    argv = ["run", "failapp:quick", "--input", "ten.txt", "-q", "--metrics-port", "0"]
+    proc = cli(app, *argv, "--metrics-host", "192.0.2.1")
+    assert 2 == proc.returncode
+    assert proc.stderr.startswith(
+        "pipeflow: error: --metrics-port 0 --metrics-host 192.0.2.1: pipeline 'quick': "
+        "cannot serve metrics on 192.0.2.1:0: "
+    )
+    assert 1 == proc.stderr.count("\n")
+    assert "Errno" not in proc.stderr
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

@@ -417,7 +417,10 @@ class _RunCommand:
             raise CliError(f"--metrics-port: {err}")
         elif isinstance(err, OSError) and "metrics_port" in self.kwargs and not self.metrics_url:
             # The endpoint could not listen (the port is taken): nothing ran.
-            raise CliError(f"--metrics-port {self.args.metrics_port}: {err}")
+            # (Its message names the address; the errno adds nothing for a reader.)
+            host = self.kwargs.get("metrics_host")
+            given = f" --metrics-host {host}" if host else ""
+            raise CliError(f"--metrics-port {self.args.metrics_port}{given}: {err.strerror or err}")
         elif isinstance(err, InputError):
             raise CliError(str(err))
         elif isinstance(err, StageError):

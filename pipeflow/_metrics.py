@@ -551,14 +551,21 @@ def check_metrics_linger(pipeline: Pipeline[Any, Any], seconds: object, port: ob
 
 
 async def linger_metrics(
-    pipeline: Pipeline[Any, Any], host: str, port: int, seconds: float, *, signals: bool
+    pipeline: Pipeline[Any, Any],
+    host: str,
+    port: int,
+    seconds: float,
+    *,
+    signals: bool,
+    listening: Callable[[], None] | None = None,
 ) -> OSError | None:
     """Serve ``pipeline``'s metrics on ``host``:``port`` for ``seconds`` more, after its
     run has ended (``metrics_linger=``, ``--metrics-linger``): its final figures stay up
     long enough for Prometheus's next scrape, rather than the target going down with
     a batch job. With ``signals`` (main thread only), SIGINT or SIGTERM ends it at once;
     so does a cancellation. If the port was taken meanwhile, logs
-    ``metrics_linger_failed`` and returns the error (the run's result stands)."""
+    ``metrics_linger_failed`` and returns the error (the run's result stands).
+    ``listening`` is called once the endpoint listens again (the CLI says so then)."""
     serve = metrics_service(pipeline, port, host=host)
     with contextlib.ExitStack() as stack:
         received = (
@@ -573,6 +580,8 @@ async def linger_metrics(
                 await nursery.start(serve)
             except OSError as exc:
                 taken = exc  # raised below, not wrapped in the nursery's group
+            if listening is not None and taken is None:
+                listening()
             if received is not None and taken is None:
 
                 async def stop_on_signal() -> None:

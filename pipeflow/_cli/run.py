@@ -393,14 +393,20 @@ class _RunCommand:
         assert self.metrics_address is not None
         host, port = self.metrics_address
         seconds = self.args.metrics_linger
-        if not self.args.quiet:
-            print(
-                f"pipeflow: still serving metrics at {self.metrics_url} for {seconds:g}s "
-                f"(Ctrl+C to stop)",
-                file=sys.stderr,
-                flush=True,
-            )
-        taken = await linger_metrics(self.pipeline, host, port, seconds, signals=_in_main_thread())
+
+        def listening() -> None:
+            # Said once it listens again, so that a scrape prompted by it gets an answer.
+            if not self.args.quiet:
+                print(
+                    f"pipeflow: still serving metrics at {self.metrics_url} for {seconds:g}s "
+                    f"(Ctrl+C to stop)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        taken = await linger_metrics(
+            self.pipeline, host, port, seconds, signals=_in_main_thread(), listening=listening
+        )
         if taken is not None:  # the port was taken meanwhile
             print(f"pipeflow: --metrics-linger: {taken}", file=sys.stderr, flush=True)
 

@@ -20,6 +20,7 @@ redis = pytest.importorskip("redis", reason="the redis client is not installed")
 
 from pipeflow.connectors.redis import (  # noqa: E402 - after the importorskip
     Entry,
+    RedisError,
     RedisStreamSink,
     RedisStreamSource,
     RedisUnavailable,
@@ -144,3 +145,96 @@ async def test_one_redis_restart_counts_one_reconnection(server):
     assert 1 == source.statistics().reconnects
     source_logs: list[dict[str, Any]] = [e for e in logs if e.get("consumer") == "a"]
     assert 1 == sum(e["event"] == "redis_reconnected" for e in source_logs)
+
+
+# -- a Redis with commands disabled (rename-command X "", as managed services do) -------
+
+
+@pytest.fixture
+def cut_down(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start a server with the given commands renamed (to "" they are gone)."""
+    servers: list[RedisServer] = []
+
+    def start(**renamed: str) -> RedisServer:
+        extra: list[str] = []
+        for command, name in renamed.items():
+            extra += ["--rename-command", command, name]
+        server = RedisServer(tmp_path / str(len(servers)), extra=tuple(extra))
+        servers.append(server)
+        return server
+
+    for n in range(3):
+        (tmp_path / str(n)).mkdir()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def unavailable(logs: list[dict[str, Any]]) -> list[str]:
+    return [e["command"] for e in logs if e["event"] == "redis_command_unavailable"]
+
+
+async def test_without_client_and_xinfo_a_run_delivers_and_says_once_what_goes(cut_down):
+    """CLIENT and XINFO disabled: the connector needs them only to name its connections,
+    remove dead consumers and trim (maxlen=): every entry is still delivered and acked,
+    and a warning says once per command what goes without it (here, the stream is not
+    trimmed)."""
+    server = cut_down(CLIENT="", XINFO="")
+    with server.client() as client:
+        ids = add_jobs(client, 30)
+    source = RedisStreamSource(
+        server.url, "jobs", group="workers", consumer="a", drain=True, maxlen=10
+    )
+    with capture_logs() as logs, trio.fail_after(20):
+        result = await Pipeline(slowish | RedisStreamSink(server.url, "results")).arun(source)
+    assert 30 == len(result.outputs)
+    with server.client() as client:
+        assert set(ids) == {fields["source_id"] for _, fields in client.xrange("results")}
+        assert set() == pending_ids(client)
+        assert 30 == client.xlen("jobs")  # not trimmed: that needs XINFO GROUPS
+    assert ["CLIENT SETNAME", "XINFO CONSUMERS", "XINFO GROUPS"] == sorted(unavailable(logs))
+    trim = next(e for e in logs if e.get("command") == "XINFO GROUPS")
+    assert "the stream is not trimmed (maxlen=10)" == trim["consequence"]
+    assert "unknown command 'XINFO'" in trim["error"]
+
+
+async def test_a_command_needed_for_delivery_fails_the_run_naming_it(cut_down):
+    """XAUTOCLAIM disabled (a source reclaims dead members' entries with it): the run
+    fails at once with a RedisError that names the command and says why it may be
+    missing."""
+    server = cut_down(XAUTOCLAIM="")
+    with server.client() as client:
+        add_jobs(client, 5)
+    source = RedisStreamSource(server.url, "jobs", group="workers", drain=True)
+    with trio.fail_after(10), pytest.raises(RedisError) as info:
+        await Pipeline(slowish).arun(source)
+    message = str(info.value)
+    assert "refused XAUTOCLAIM, which pipeflow needs" in message
+    assert "disabled or renamed on this server" in message
+    assert "unknown command 'XAUTOCLAIM'" in message
+
+
+async def test_without_xgroup_a_group_made_beforehand_is_read(cut_down):
+    """XGROUP renamed (only the admin may make groups): a group made beforehand is read
+    as usual, with a warning that members cannot leave it; a group that does not exist
+    fails the run with a message saying how to make it."""
+    server = cut_down(XGROUP="xgroup-admin")
+    with server.client() as client:
+        ids = add_jobs(client, 20)
+        client.execute_command("xgroup-admin", "CREATE", "jobs", "workers", "0")
+    source = RedisStreamSource(server.url, "jobs", group="workers", consumer="a", drain=True)
+    with capture_logs() as logs, trio.fail_after(20):
+        result = await Pipeline(slowish).arun(source)
+    assert sorted(ids) == sorted(entry.id for entry in result.outputs)
+    with server.client() as client:
+        assert set() == pending_ids(client)
+    assert {"XGROUP CREATE", "XGROUP DELCONSUMER"} == set(unavailable(logs))
+
+    other = RedisStreamSource(server.url, "jobs", group="others", drain=True)
+    with trio.fail_after(10), pytest.raises(RedisError) as info:
+        await Pipeline(slowish).arun(other)
+    message = str(info.value)
+    assert "stream 'jobs' has no consumer group 'others'" in message
+    assert "XGROUP CREATE jobs others 0 MKSTREAM" in message

@@ -26,7 +26,7 @@ import attrs
 import hiredis
 import trio
 
-__all__ = ["Client", "Params", "RedisConnectionError", "RedisError", "parse_url"]
+__all__ = ["Client", "Params", "RedisConnectionError", "RedisError", "parse_url", "refused"]
 
 #: Bytes asked of the socket per read: a page of a big XREADGROUP reply at a time.
 _READ_SIZE = 65536
@@ -44,6 +44,14 @@ class RedisError(Exception):
 
 class RedisConnectionError(ConnectionError):
     """No connection to Redis, a lost one, or no answer in time: worth retrying."""
+
+
+def refused(error: BaseException) -> bool:
+    """Whether Redis refused a command as unknown (disabled or renamed, as managed Redis
+    services do: ``rename-command X ""``), or as not allowed to this user (an ACL);
+    also from a script (``EVAL``) calling one."""
+    text = str(error)
+    return "ERR unknown command" in text or "NOPERM" in text or "Unknown Redis command" in text
 
 
 _TRUE = {"1", "true", "yes", "on", "y"}
@@ -239,6 +247,8 @@ class Connection:
         self._reader = hiredis.Reader(
             replyError=RedisError, encoding="utf-8", errors="surrogateescape"
         )
+        #: Why Redis would not name this connection (CLIENT disabled), if it would not.
+        self.unnamed: str | None = None
 
     async def request(self, payload: bytes, replies: int, within: float) -> list[Any]:
         """Send ``payload`` (packed commands) and read ``replies`` replies, in at most
@@ -344,6 +354,10 @@ async def connect(params: Params, within: float | None = None) -> Connection:
             replies = await conn.request(payload, len(hello), left)
             for command, reply in zip(hello, replies, strict=True):
                 if isinstance(reply, RedisError):
+                    if command[0] == "CLIENT" and refused(reply):
+                        # Only a name for CLIENT LIST: not worth failing over.
+                        conn.unnamed = str(reply)
+                        continue
                     raise RedisError(f"Redis at {params.where} refused {command[0]}: {reply}")
     except BaseException:
         if stream is not None:
@@ -387,8 +401,11 @@ class Client:
             await client.aclose()
     """
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: Params, *, on_unnamed: Callable[[str], None] | None = None) -> None:
         self.params = params
+        #: Called (with Redis's error) when Redis would not name a connection (CLIENT
+        #: SETNAME disabled or not allowed): the next ones are not named.
+        self._on_unnamed = on_unnamed
         self._idle: deque[Connection] = deque()
         self._limit = (
             trio.CapacityLimiter(params.max_connections)
@@ -464,7 +481,14 @@ class Client:
         token = object()
         server.pending[token] = started + blocks_for + _OVERDUE
         try:
-            conn = self._idle.pop() if self._idle else await connect(self.params, connect_within)
+            if self._idle:
+                conn = self._idle.pop()
+            else:
+                conn = await connect(self.params, connect_within)
+                if conn.unnamed is not None:
+                    self.params = attrs.evolve(self.params, client_name=None)
+                    if self._on_unnamed is not None:
+                        self._on_unnamed(conn.unnamed)
             try:
                 out = await conn.request(payload, replies, self.params.socket_timeout + blocks_for)
             except BaseException as exc:

@@ -28,7 +28,8 @@ exponential backoff until Redis has been unreachable for ``retry_for`` seconds, 
 
 Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
 ``redis_consumer_removed``, ``redis_unavailable``, ``redis_reconnected``,
-``redis_ack_failed``, ``redis_heartbeat_failed``.
+``redis_ack_failed``, ``redis_heartbeat_failed``, ``redis_command_unavailable`` (a command
+disabled on the server that the connector can do without: said once).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ try:
         RedisError,
         _pack_many,
         parse_url,
+        refused,
     )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -98,6 +100,8 @@ _CLOSE_PATIENCE = 1.0
 #: periods (or ``block`` periods, if longer) is taken for dead (a killed member) and
 #: removed from the group.
 _FORGET_AFTER = 5
+#: What goes when Redis refuses the commands that find and remove dead consumers.
+_NO_SWEEP = "dead members' consumers are not removed from the group"
 #: Backoff between reconnection attempts: first delay and cap, in seconds.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
@@ -317,7 +321,9 @@ class _Conn:
         params = parse_url(url)
         if client_name is not None and params.client_name is None:
             params = attrs.evolve(params, client_name=client_name)
-        self.client = Client(params)
+        self.client = Client(params, on_unnamed=self._unnamed)
+        #: Commands Redis refused that the connector can do without (said once each).
+        self.degraded: set[str] = set()
         #: The server, whatever the database: what an outage is shared by.
         self.server = params.path or f"{params.host}:{params.port}"
 
@@ -366,7 +372,7 @@ class _Conn:
             what, patience, self.client.execute_packed, payload, count, blocks_for=blocks_for
         )
         if RedisError in map(type, replies):  # (the reader makes them of this very class)
-            raise self._translate(next(r for r in replies if isinstance(r, RedisError)))
+            raise self._translate(next(r for r in replies if isinstance(r, RedisError)), what)
         return replies
 
     async def _retrying(
@@ -416,7 +422,7 @@ class _Conn:
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
             except RedisError as exc:
-                raise self._translate(exc) from None
+                raise self._translate(exc, what) from None
             if self.down_since is not None:
                 # The first answer since the outage began: one reconnection, however
                 # many tasks were retrying.
@@ -447,7 +453,17 @@ class _Conn:
             if self.down_since is None:
                 await self.call("PING")
 
-    def _translate(self, exc: RedisError) -> Exception:
+    def _translate(self, exc: RedisError, what: str) -> Exception:
+        if refused(exc):
+            refusal = RedisError(
+                f"Redis at {_redact(self.url)} refused {what}, which pipeflow needs to "
+                f"deliver entries of stream {self.stream!r}: {exc}. Is {what.split()[0]} "
+                f"disabled or renamed on this server (managed Redis services do this), or "
+                f"not allowed to this user? See docs/distributed.md."
+            )
+            refusal.__cause__ = exc
+            refusal.reply = exc  # type: ignore[attr-defined]  # (what Redis said)
+            return refusal
         if str(exc).startswith("NOGROUP"):
             msg = (
                 f"stream {self.stream!r} or its consumer group is gone from Redis at "
@@ -459,9 +475,33 @@ class _Conn:
             return lost
         return exc
 
+    def degrade(self, command: str, error: BaseException, consequence: str) -> None:
+        """Redis refused ``command``, which the connector can do without: say so (once
+        per command), and what goes without it."""
+        if command not in self.degraded:
+            self.degraded.add(command)
+            self.log.warning(
+                "redis_command_unavailable",
+                command=command,
+                consequence=consequence,
+                error=_reply_of(error),
+            )
+
+    def _unnamed(self, error: str) -> None:
+        self.degrade(
+            "CLIENT SETNAME",
+            RedisError(error),
+            "the connections are not named (CLIENT LIST shows no client_name)",
+        )
+
     async def aclose(self) -> None:
         """Close the connections at once (fine when cancelled)."""
         await self.client.aclose()
+
+
+def _reply_of(error: BaseException) -> str:
+    """What Redis answered, for an error the connector made from its answer."""
+    return str(getattr(error, "reply", error))
 
 
 def _client_name(consumer: str) -> str:
@@ -1000,11 +1040,32 @@ class _Consumer:
         try:
             await self.conn.call("XGROUP", "CREATE", s.stream, s.group, s.start_id, "MKSTREAM")
         except RedisError as exc:
-            if not str(exc).startswith("BUSYGROUP"):
+            if refused(exc):
+                await self._group_exists(exc)
+            elif not str(exc).startswith("BUSYGROUP"):
                 raise
         else:
             self.log.info("redis_group_created", start_id=s.start_id)
         self.joined = True
+
+    async def _group_exists(self, refusal: RedisError) -> None:
+        """XGROUP is disabled: fine if whoever runs Redis made the group; else say so."""
+        s = self.source
+        try:
+            await self.conn.call("XPENDING", s.stream, s.group)
+        except ConsumerGroupLost:
+            msg = (
+                f"stream {s.stream!r} has no consumer group {s.group!r} in Redis at "
+                f"{_redact(s.url)}, and pipeflow cannot make it (XGROUP CREATE: "
+                f"{_reply_of(refusal)}). Make it where "
+                f"XGROUP is allowed (XGROUP CREATE {s.stream} {s.group} 0 MKSTREAM)."
+            )
+            raise RedisError(msg) from refusal
+        self.conn.degrade(
+            "XGROUP CREATE",
+            refusal,
+            "the group exists: reading it; members cannot leave it (XGROUP DELCONSUMER)",
+        )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -1214,13 +1275,28 @@ class _Consumer:
         # A live member's idle time stays under its block (a read) and claim_idle / 3
         # (the heartbeat over what it holds): both far below this.
         limit_ms = _FORGET_AFTER * max(s.claim_idle, s.block) * 1000
-        consumers: Any = await self.conn.call("XINFO", "CONSUMERS", s.stream, s.group)
+        try:
+            consumers: Any = await self.conn.call("XINFO", "CONSUMERS", s.stream, s.group)
+        except RedisError as exc:
+            if not refused(exc):
+                raise
+            self._next_sweep = math.inf  # not again
+            self.conn.degrade("XINFO CONSUMERS", exc, _NO_SWEEP)
+            return
         for flat in consumers:
             info = _pairs(flat)
             name, idle = info["name"], int(info["idle"])
             if name == s.consumer or int(info["pending"]) or idle < limit_ms:
                 continue
-            if await _leave_group(self.conn, s.stream, s.group, name, None):
+            try:
+                gone = await _leave_group(self.conn, s.stream, s.group, name, None)
+            except RedisError as exc:
+                if not refused(exc):
+                    raise
+                self._next_sweep = math.inf
+                self.conn.degrade("XGROUP DELCONSUMER", exc, _NO_SWEEP)
+                return
+            if gone:
                 self.removed += 1
                 self.log.info("redis_consumer_removed", removed=name, idle=round(idle / 1000, 1))
 
@@ -1311,7 +1387,15 @@ class _Consumer:
         assert s.maxlen is not None
         self._next_trim = trio.current_time() + _TRIM_EVERY
         self._trimmed = False
-        await _trim_finished(self.conn, s.stream, s.maxlen, patience)
+        try:
+            await _trim_finished(self.conn, s.stream, s.maxlen, patience)
+        except RedisError as exc:
+            if not refused(exc):
+                raise
+            self._next_trim = math.inf  # not again
+            command = str(exc).partition(" refused ")[2].partition(",")[0] or "XTRIM"
+            consequence = f"the stream is not trimmed (maxlen={s.maxlen})"
+            self.conn.degrade(command, exc, consequence)
         self._trimmed = True
 
     async def close(self) -> None:
@@ -1331,7 +1415,13 @@ class _Consumer:
                 await self._release(sorted(self.held), patience)
             if self.joined and not self.held:
                 s = self.source
-                await _leave_group(self.conn, s.stream, s.group, s.consumer, patience)
+                try:
+                    await _leave_group(self.conn, s.stream, s.group, s.consumer, patience)
+                except RedisError as exc:
+                    if not refused(exc):
+                        raise
+                    consequence = "this member's consumer stays in the group"
+                    self.conn.degrade("XGROUP DELCONSUMER", exc, consequence)
         except (RedisUnavailable, RedisError) as exc:
             # Unacked entries stay pending and will be delivered again: at-least-once.
             self.log.warning("redis_ack_failed", entries=len(self.to_ack), error=repr(exc))

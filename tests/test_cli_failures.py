@@ -235,8 +235,8 @@ def _table(stdout: str) -> list[dict[str, str]]:
     cols = lines[start].split()
     rows = []
     for line in lines[start + 1 :]:
-        if not line.strip():
-            break
+        if not line.startswith("  ") or not line.strip():
+            break  # a blank line, or "report: FILE"
         rows.append(dict(zip(cols, line.split(), strict=False)))  # (p99 has a space)
     return rows
 
@@ -282,3 +282,18 @@ def test_the_when_it_fails_example_of_the_page_is_what_the_run_prints(tmp_path):
     assert "verdict" not in proc.stdout
     last = proc.stderr.splitlines()[-1]
     assert shown.splitlines()[-3] == last
+
+
+def test_the_graph_of_a_stopped_runs_report_counts_the_same(app):
+    """`pipeflow graph report.json` of a run a failure stopped: its title counts items
+    through as the summary does (failed ones are not through), and the stage's box shows
+    the items cut off as cancelled."""
+    proc = cli(app, "run", "failapp:stopped_early", "--input", "ten.txt", "--report", "r.json")
+    assert 1 == proc.returncode
+    [row] = _table(proc.stdout)
+    graph = cli(app, "graph", "r.json")
+    assert 0 == graph.returncode
+    title = graph.stdout.splitlines()[0]
+    assert title.endswith(" · 0 items through")
+    counts = f"in {row['in']} · done 1 · 0 outputs · failed 1 · cancelled {row['cancelled']}"
+    assert f"│ {counts} " in graph.stdout

@@ -29,6 +29,8 @@ def _stage_lines(s: StageView) -> list[str]:
             counts.append(f"{fmt_count(s.items_out)} outputs")
         if s.failed:
             counts.append(f"failed {fmt_count(s.failed)}")
+        if s.cancelled:  # cut off by a stop: in = done + cancelled
+            counts.append(f"cancelled {fmt_count(s.cancelled)}")
         if counts:
             lines.append(" · ".join(counts))
         perf = []
@@ -71,13 +73,16 @@ def _title(view: GraphView) -> str:
         parts.append(f"structure of {view.target}")
     elif view.origin == "report":
         last = view.stages[-1] if view.stages else None
-        done = last.done if last is not None else None
+        # Through: what the last stage finished without failing (as the summary says).
+        done = (
+            last.done - (last.failed or 0) if last is not None and last.done is not None else None
+        )
         status = view.status or "finished"
         parts.append(f"report {view.target}")
         if view.elapsed is not None:
             parts.append(f"{status} in {fmt_duration(view.elapsed)}")
         if done is not None:
-            parts.append(f"{fmt_count(done)} items through")
+            parts.append(f"{fmt_count(done)} item{'s' if done != 1 else ''} through")
     else:
         parts.append(f"live from {view.target}")
         if view.elapsed is not None:

@@ -238,3 +238,37 @@ async def test_without_xgroup_a_group_made_beforehand_is_read(cut_down):
     message = str(info.value)
     assert "stream 'jobs' has no consumer group 'others'" in message
     assert "XGROUP CREATE jobs others 0 MKSTREAM" in message
+
+
+# -- two members under one consumer name ---------------------------------------------------
+
+
+async def test_a_second_member_under_the_same_consumer_name_is_warned_about(server):
+    """Two members given the same consumer= take each other's entries for their own (a
+    restart's pending entries): a member that starts and finds its name active a moment
+    ago says so (redis_consumer_in_use). One under a name of its own does not."""
+    with server.client() as client:
+        add_jobs(client, 300)
+
+    @stage(workers=2)
+    async def slow(entry: Entry) -> Entry:
+        await trio.sleep(0.05)
+        return entry
+
+    def member(consumer: str) -> RedisStreamSource:
+        return RedisStreamSource(server.url, "jobs", group="workers", consumer=consumer)
+
+    first, twin, other = member("twin"), member("twin"), member("other")
+    with capture_logs() as logs, trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Pipeline(slow).arun, first)
+            await eventually(lambda: first.statistics().pending > 0)
+            nursery.start_soon(Pipeline(slow).arun, other)
+            nursery.start_soon(Pipeline(slow).arun, twin)
+            await eventually(lambda: twin.statistics().pending > 0)
+            await eventually(lambda: other.statistics().pending > 0)
+            nursery.cancel_scope.cancel()
+    warnings = [e for e in logs if e["event"] == "redis_consumer_in_use"]
+    assert warnings, [e["event"] for e in logs]
+    assert {"twin"} == {e["consumer"] for e in warnings}
+    assert "Give each member its own consumer=" in warnings[0]["hint"]

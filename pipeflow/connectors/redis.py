@@ -29,7 +29,8 @@ exponential backoff until Redis has been unreachable for ``retry_for`` seconds, 
 Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
 ``redis_consumer_removed``, ``redis_unavailable``, ``redis_reconnected``,
 ``redis_ack_failed``, ``redis_heartbeat_failed``, ``redis_command_unavailable`` (a command
-disabled on the server that the connector can do without: said once).
+disabled on the server that the connector can do without: said once),
+``redis_consumer_in_use`` (another process seems to read as this consumer).
 """
 
 from __future__ import annotations
@@ -101,7 +102,14 @@ _CLOSE_PATIENCE = 1.0
 #: removed from the group.
 _FORGET_AFTER = 5
 #: What goes when Redis refuses the commands that find and remove dead consumers.
-_NO_SWEEP = "dead members' consumers are not removed from the group"
+_NO_SWEEP = (
+    "dead members' consumers are not removed from the group, and a consumer name used "
+    "by two members is not noticed"
+)
+#: A consumer of this source's name that Redis heard from less than this long ago
+#: (seconds, or 2 x block if longer) when the source starts is taken for another
+#: member under the same name (a member that is reading is heard from every block).
+_IN_USE_IDLE = 1.0
 #: Backoff between reconnection attempts: first delay and cap, in seconds.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
@@ -657,8 +665,8 @@ class RedisStreamSource:
     - An entry is acknowledged only once its item has left the pipeline (all of its
       children, for a flat-mapping stage): through the last stage, filtered, skipped,
       collected or dead-lettered. A fail-fast failure leaves it pending, to be retried.
-    - The consumer holds no more un-acknowledged entries than the pipeline can hold, so
-      a slow member of a fleet does not hoard work. While it works on an entry it keeps
+    - The consumer holds no more un-acknowledged entries than the pipeline can hold
+      (its first stage's buffer of 64 included, unless that stage sets ``buffer=``). While it works on an entry it keeps
       it fresh, so only the entries of a consumer that stopped are reclaimed.
     - ``drain=True`` ends the source once the stream has nothing new and the group
       nothing pending (batch jobs, tests); otherwise it waits for entries forever.
@@ -1034,6 +1042,7 @@ class _Consumer:
         self.split = False
         #: Dead consumers this one removed from the group.
         self.removed = 0
+        self._said_in_use = False
 
     async def create_group(self) -> None:
         s = self.source
@@ -1047,6 +1056,45 @@ class _Consumer:
         else:
             self.log.info("redis_group_created", start_id=s.start_id)
         self.joined = True
+        await self._check_name_in_use()
+
+    async def _check_name_in_use(self) -> None:
+        """Warn if a consumer of this name was active a moment ago: another member
+        started with the same ``consumer=``, most likely (see :meth:`_name_in_use`)."""
+        s = self.source
+        try:
+            consumers: Any = await self.conn.call("XINFO", "CONSUMERS", s.stream, s.group)
+        except RedisError as exc:
+            if not refused(exc):
+                raise
+            self._next_sweep = math.inf  # (the sweep needs it too)
+            self.conn.degrade("XINFO CONSUMERS", exc, _NO_SWEEP)
+            return
+        recent_ms = 1000 * max(_IN_USE_IDLE, 2 * s.block)
+        for flat in consumers:
+            info = _pairs(flat)
+            if info["name"] == s.consumer and int(info["idle"]) < recent_ms:
+                self._name_in_use(int(info["idle"]), int(info["pending"]))
+
+    def _name_in_use(self, idle_ms: int, pending: int) -> None:
+        """Two members given one ``consumer=`` each take the other's pending entries
+        for their own (a restarted member's, to be read again): duplicates, and a slow
+        one's entries done twice. Said once per run."""
+        if self._said_in_use:
+            return
+        self._said_in_use = True
+        s = self.source
+        self.log.warning(
+            "redis_consumer_in_use",
+            idle=round(idle_ms / 1000, 1),
+            pending=pending,
+            hint=(
+                f"another process seems to read group {s.group!r} as consumer "
+                f"{s.consumer!r} too: each takes the other's entries for its own (entries "
+                f"done twice). Give each member its own consumer=, or leave it out "
+                f"(host-pid). A member restarted in place at once may see this too."
+            ),
+        )
 
     async def _group_exists(self, refusal: RedisError) -> None:
         """XGROUP is disabled: fine if whoever runs Redis made the group; else say so."""
@@ -1194,7 +1242,7 @@ class _Consumer:
                 self._next_claim = now + self._claim_every
                 if now >= self._next_sweep:
                     self._next_sweep = now + s.claim_idle
-                    await self._remove_dead_consumers()
+                    await self._remove_dead_consumers(len(raw))
             claimed = self._accept(raw)
             s._counts.reclaimed += len(claimed)
             if claimed:
@@ -1264,13 +1312,16 @@ class _Consumer:
             entries.append(Entry(entry_id, _fields_dict(fields)))
         return entries
 
-    async def _remove_dead_consumers(self) -> None:
+    async def _remove_dead_consumers(self, claimed: int = 0) -> None:
         """Remove from the group every other consumer that holds nothing and has not
         been heard of for ``_FORGET_AFTER`` claim_idle periods: members that were
         killed, whose entries were reclaimed (a live member reads, or refreshes what it
         holds, far more often). Without this, every killed ``host-pid`` consumer would
         stay in ``XINFO CONSUMERS`` for ever. The check for nothing pending and the
-        removal are one step in Redis, so no entry can be lost to it."""
+        removal are one step in Redis, so no entry can be lost to it.
+
+        Our own consumer in the list holds no more than this run does (``claimed``: just
+        taken over, not yet counted), unless another process reads under our name."""
         s = self.source
         # A live member's idle time stays under its block (a read) and claim_idle / 3
         # (the heartbeat over what it holds): both far below this.
@@ -1286,7 +1337,13 @@ class _Consumer:
         for flat in consumers:
             info = _pairs(flat)
             name, idle = info["name"], int(info["idle"])
-            if name == s.consumer or int(info["pending"]) or idle < limit_ms:
+            if name == s.consumer:
+                pending = int(info["pending"])
+                # (A read whose reply was lost, on a reconnection, is ours but not held.)
+                if pending > len(self.held) + claimed and not self.conn.reconnects:
+                    self._name_in_use(idle, pending)
+                continue
+            if int(info["pending"]) or idle < limit_ms:
                 continue
             try:
                 gone = await _leave_group(self.conn, s.stream, s.group, name, None)

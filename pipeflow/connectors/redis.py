@@ -666,8 +666,9 @@ class RedisStreamSource:
       children, for a flat-mapping stage): through the last stage, filtered, skipped,
       collected or dead-lettered. A fail-fast failure leaves it pending, to be retried.
     - The consumer holds no more un-acknowledged entries than the pipeline can hold
-      (its first stage's buffer of 64 included, unless that stage sets ``buffer=``). While it works on an entry it keeps
-      it fresh, so only the entries of a consumer that stopped are reclaimed.
+      (its first stage's buffer of 64 included, unless that stage sets ``buffer=``).
+      While it works on an entry it keeps it fresh, so only the entries of a consumer
+      that stopped are reclaimed.
     - ``drain=True`` ends the source once the stream has nothing new and the group
       nothing pending (batch jobs, tests); otherwise it waits for entries forever.
     - ``maxlen`` trims the stream towards that many entries, deleting only entries

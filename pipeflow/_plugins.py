@@ -37,15 +37,14 @@ def discover_stages() -> dict[str, EntryPoint]:
 
 def every_stage() -> list[EntryPoint]:
     """Every published stage plugin, sorted by name, those sharing a name in the order
-    found (the first is the one :func:`discover_stages` and :func:`load_stage` use);
-    the same entry point of the same distribution found twice on ``sys.path`` once."""
-    seen: set[tuple[str, str, str]] = set()
+    found (the first is the one :func:`discover_stages` and :func:`load_stage` use).
+    A name published twice for the same object (``module:attribute``) is listed once:
+    the same package found twice on ``sys.path``, or stale metadata of a renamed one."""
+    seen: set[tuple[str, str]] = set()
     out: list[EntryPoint] = []
     for ep in entry_points(group=GROUP):
-        dist = ep.dist
-        key = (ep.name, ep.value, f"{dist.name} {dist.version}" if dist is not None else "")
-        if key not in seen:
-            seen.add(key)
+        if (ep.name, ep.value) not in seen:
+            seen.add((ep.name, ep.value))
             out.append(ep)
     return sorted(out, key=lambda ep: ep.name)
 

@@ -226,3 +226,19 @@ def test_ctrl_c_while_a_plugin_imports_stops_the_command(tmp_path):
             proc.kill()
             proc.wait()
     assert (130, "pipeflow: stopped by SIGINT\n", "") == (proc.returncode, err, out)
+
+
+def test_one_plugin_published_twice_for_the_same_object_is_listed_once(tmp_path):
+    """Stale metadata (a renamed package's old egg-info beside the new one) publishes a
+    built-in's name for the same module:attribute: one row, no warning."""
+    env = install(tmp_path, {"printer": "hp_print:factory"})
+    stale = tmp_path / "stalecopy-1.0.dist-info"
+    stale.mkdir()
+    (stale / "METADATA").write_text("Metadata-Version: 2.1\nName: stalecopy\nVersion: 1.0\n")
+    (stale / "entry_points.txt").write_text(
+        "[pipeflow.stages]\njsonl_sink = pipeflow.stages.jsonl:JsonLinesSink\n"
+    )
+    proc = plugins(env, "--format", "json")
+    assert 0 == proc.returncode
+    assert 1 == [row["name"] for row in json.loads(proc.stdout)].count("jsonl_sink")
+    assert "warning" not in proc.stderr

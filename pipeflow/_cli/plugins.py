@@ -47,7 +47,7 @@ def _rows(signals_handled: bool) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for ep in every_stage():
         first = chosen[ep.name]
-        if first is not ep and (first.value, _package(first)) != (ep.value, _package(ep)):
+        if first.value != ep.value:
             # Another package publishes the same name and is found first (a built-in
             # stage, say): shown, so that a clash is not silent, but not loaded.
             text = f"(hidden: {first.value} of {_package(first) or '?'} has this name too)"

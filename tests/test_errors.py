@@ -14,6 +14,7 @@ import traceback
 
 import pytest
 import structlog
+import structlog.testing
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -780,11 +781,19 @@ async def test_fraction_budget_checked_at_the_end_of_a_short_stream():
     assert 6 == len(result.outputs)
 
     over = stage(name="over", errors="skip", max_failures=0.25)(fails_on(1, 5, 6))
-    with pytest.raises(TooManyFailures) as info:
+    with structlog.testing.capture_logs() as logs, pytest.raises(TooManyFailures) as info:
         await Pipeline(over).arun(range(8))
     assert "over" == info.value.stage
+    assert info.value.item is None
     assert "3 of 8 items failed" in str(info.value)
-    assert ["stage 'over': over its error budget max_failures=0.25"] == info.value.__notes__
+    # The note says how many, as the one for a budget that runs out mid-run does.
+    assert [
+        "stage 'over': 3 of 8 items failed, over its error budget max_failures=0.25"
+    ] == info.value.__notes__
+    exceeded = [e for e in logs if e["event"] == "error_budget_exceeded"]
+    assert [(e["stage"], e["failed"], e["items_in"], e["scope"]) for e in exceeded] == [
+        ("over", 3, 8, "stage")
+    ]
 
 
 async def test_fraction_budget_stops_a_long_stream_early():

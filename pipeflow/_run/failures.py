@@ -290,6 +290,14 @@ def finish_budget(sr: StageRun) -> None:
             RuntimeError(summary),
             message=f"stage {sr.name!r}: {summary}, over its error budget max_failures={limit!r}",
         )
-        err.add_note(f"stage {sr.name!r}: over its error budget max_failures={limit!r}")
+        err.add_note(f"stage {sr.name!r}: {summary}, over its error budget max_failures={limit!r}")
+        sr.run.log.error(
+            "error_budget_exceeded",
+            stage=sr.name,
+            failed=c.failed,
+            items_in=c.items_in,
+            max_failures=limit,
+            scope="stage",
+        )
         sr.run.fail(err)
         raise err

@@ -160,6 +160,13 @@ def test_size_target_utilisation_applies_to_the_planned_rate(capsys):
     assert [] == data["warnings"]
 
 
+def test_size_writes_a_large_count_with_separators(capsys):
+    """Thousands are separated in the workers per instance, as in every other count."""
+    argv = ["size", "--rate", "5000", "--latency", "80ms", "--target-utilisation", "0.001"]
+    assert 0 == main(argv)
+    assert "workers per instance: 400,000\n" in capsys.readouterr().out
+
+
 def test_size_through_a_subprocess():
     """`python -m pipeflow size` prints the seed's 120 and exits 0."""
     proc = cli(

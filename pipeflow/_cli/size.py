@@ -123,7 +123,7 @@ def cmd_size(args: argparse.Namespace) -> int:
         )
     lines.append("")
     total = f" ({fmt_count(s.total)} in total)" if s.instances > 1 else ""
-    lines.append(f"workers per instance: {s.per_instance}{total}")
+    lines.append(f"workers per instance: {fmt_count(s.per_instance)}{total}")
     busy = float(s.utilisation)
     busy_text = f"{busy * 100:.2g}%" if 0 < busy < 0.01 else f"{busy:.0%}"
     lines.append(f"at {fmt_rate(float(s.rate))} they are {busy_text} busy")

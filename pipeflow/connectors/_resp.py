@@ -501,6 +501,9 @@ class Client:
                     # Redis went away (a restart): the idle connections went with it.
                     await self._close_idle()
                 raise
+        except RedisConnectionError as exc:
+            exc.started = started  # type: ignore[attr-defined]  # (for the caller's retrying)
+            raise
         finally:
             del server.pending[token]
         server.overdue = False

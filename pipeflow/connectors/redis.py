@@ -395,15 +395,21 @@ class _Conn:
         first_failure: float | None = None  # when this call's first failed attempt began
         attempt = 0
         delay = _BACKOFF_FIRST
+        within = max(limit, _LAST_ATTEMPT)
         while True:
-            started = trio.current_time()
-            since = self._since(first_failure, patience)
-            # A new connection may take what is left of the time Redis may be
-            # unreachable (at least one short attempt), not a whole connect timeout.
-            within = max(limit if since is None else since + limit - started, _LAST_ATTEMPT)
+            if first_failure is not None or (patience is None and self.down_since is not None):
+                # A new connection may take what is left of the time Redis may be
+                # unreachable (at least one short attempt), not a whole connect timeout.
+                since = self._since(first_failure, patience)
+                assert since is not None
+                within = max(since + limit - trio.current_time(), _LAST_ATTEMPT)
             try:
                 result = await fn(*args, connect_within=within, **kw)
             except RedisConnectionError as exc:
+                # (The client says when the attempt began: a connect may take seconds.)
+                started: float | None = getattr(exc, "started", None)
+                if started is None:
+                    started = trio.current_time()
                 attempt += 1
                 if first_failure is None:
                     first_failure = started

@@ -9,10 +9,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+import trio
 
 BINARY = shutil.which("redis-server")
 
@@ -116,3 +118,11 @@ class RedisServer:
     def crash(self) -> None:
         """Kill it as a crash would (SIGKILL to its PID): no shutdown, no final save."""
         self._signal(signal.SIGKILL)
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    """Wait until ``check()`` holds; it talks to Redis, so it runs in a thread."""
+    while True:
+        if await trio.to_thread.run_sync(check):
+            return
+        await trio.sleep(0.01)

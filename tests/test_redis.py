@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from tests.redis_server import (  # noqa: E402
     BINARY,
     RedisServer,
     add_jobs,
+    eventually,
     free_port,
     pending_ids,
 )
@@ -76,14 +77,6 @@ def url(redis_server: RedisServer) -> str:
 
 def source_ids(client: Any, stream: str = "results") -> list[str]:
     return [fields["source_id"] for _, fields in client.xrange(stream)]
-
-
-async def eventually(check: Callable[[], bool]) -> None:
-    """Wait until ``check()`` holds; it talks to Redis, so it runs in a thread."""
-    while True:
-        if await trio.to_thread.run_sync(check):
-            return
-        await trio.sleep(0.01)
 
 
 @stage(workers=4)

@@ -25,7 +25,7 @@ from pipeflow.connectors.redis import (  # noqa: E402 - after the importorskip
     RedisStreamSource,
     RedisUnavailable,
 )
-from tests.redis_server import BINARY, RedisServer, add_jobs, pending_ids  # noqa: E402
+from tests.redis_server import BINARY, RedisServer, add_jobs, eventually, pending_ids  # noqa: E402
 
 pytestmark = pytest.mark.skipif(BINARY is None, reason="redis-server is not installed")
 
@@ -41,14 +41,6 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
         if server.proc.poll() is None:
             os.kill(server.proc.pid, signal.SIGCONT)
         server.stop()
-
-
-async def eventually(check: Callable[[], bool]) -> None:
-    """Wait until ``check()`` holds; it talks to Redis, so it runs in a thread."""
-    while True:
-        if await trio.to_thread.run_sync(check):
-            return
-        await trio.sleep(0.01)
 
 
 @stage(workers=2)

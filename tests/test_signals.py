@@ -294,3 +294,77 @@ def test_overlapping_runs_each_take_a_ctrl_c_and_give_the_handler_back(tmp_path,
     assert outcome["second"].startswith("Interrupted:"), report
     assert report["restored"] is True, report
     assert report["after"] == "KeyboardInterrupt", report
+
+
+HANDLERS = textwrap.dedent(
+    """
+    import json, os, signal, sys, threading, time, trio
+    from pipeflow import Pipeline, stage
+
+    CASE = sys.argv[1]
+    original = signal.getsignal(signal.SIGINT)
+
+    @stage
+    async def watch(x):
+        with trio.open_signal_receiver(signal.SIGINT):  # a stage's own, for a while
+            await trio.sleep(0.3)
+        return x
+
+    @stage
+    async def nap(x):
+        await trio.sleep(0.3)
+        return x
+
+    @stage
+    async def step(x):
+        await trio.sleep(0.01)
+        return x
+
+    errors = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            first = watch if CASE == "receiver" else nap
+            nursery.start_soon(lambda: Pipeline(first, name="a").arun([1], handle_signals=True))
+            await trio.sleep(0.1)
+            if CASE == "receiver":  # a second run starts while the stage holds SIGINT
+                await Pipeline(step, name="b").arun(range(5), handle_signals=True)
+            else:  # a run in another thread asks for signals: it cannot have them
+                def other():
+                    try:
+                        pipeline = Pipeline(step, name="b")
+                        # (longer than the first run: its gate would close last)
+                        trio.run(lambda: pipeline.arun(range(60), handle_signals=True))
+                    except ValueError as exc:
+                        errors.append(str(exc))
+                await trio.to_thread.run_sync(other)
+
+    trio.run(main)
+    restored = signal.getsignal(signal.SIGINT) is original
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        after = "swallowed"
+    except KeyboardInterrupt:
+        after = "KeyboardInterrupt"
+    print(json.dumps({"restored": restored, "after": after, "errors": errors}))
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["receiver", "thread"])
+def test_the_programs_handler_comes_back_whatever_else_held_the_signal(tmp_path, case):
+    """A stage holding SIGINT with ``trio.open_signal_receiver`` while another run starts,
+    or a run in another thread asking for signals (refused, as signal.signal refuses):
+    when the runs have ended, Ctrl+C is the program's own again."""
+    script = tmp_path / "handlers.py"
+    script.write_text(HANDLERS)
+    done = subprocess.run(
+        [sys.executable, str(script), case], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["restored"] is True, report
+    assert report["after"] == "KeyboardInterrupt", report
+    if case == "thread":
+        assert report["errors"] == ["signal only works in main thread of the main interpreter"]

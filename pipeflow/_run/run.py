@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice, repeat, starmap
 from typing import Any, ClassVar, Literal, cast
@@ -646,7 +647,11 @@ class SignalGate:
         self._stopped = False
 
     def __enter__(self) -> SignalGate:
-        gates = SignalGate._open
+        if threading.current_thread() is not threading.main_thread():
+            # As signal.signal says it, before anything process-wide is touched.
+            raise ValueError("signal only works in main thread of the main interpreter")
+        # Open before the handler is in: a signal from then on is this run's too.
+        SignalGate._open.append(self)
         for signum in self.SIGNALS:
             handler = signal.getsignal(signum)
             if handler is signal.SIG_IGN or handler is SignalGate._dispatch:
@@ -654,8 +659,11 @@ class SignalGate:
                 # of a shell script): a Ctrl+C at the terminal is not for it. Or already
                 # routed to every open gate.
                 continue
-            SignalGate._replaced[signum] = signal.signal(signum, SignalGate._dispatch)
-        gates.append(self)
+            previous = signal.signal(signum, SignalGate._dispatch)
+            # What to put back is what the first gate found: a handler installed while
+            # gates were open (Trio's open_signal_receiver in a stage) puts back what it
+            # found itself when it ends.
+            SignalGate._replaced.setdefault(signum, previous)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -663,15 +671,15 @@ class SignalGate:
         gates.remove(self)
         if gates:
             return
-        for signum, handler in SignalGate._replaced.items():
-            if signal.getsignal(signum) is SignalGate._dispatch:  # not replaced since
-                signal.signal(signum, handler)
+        replaced = list(SignalGate._replaced.items())
         SignalGate._replaced.clear()
-        unclaimed = SignalGate._unclaimed
-        if unclaimed:
-            signum = unclaimed[0]
-            unclaimed.clear()
-            signal.raise_signal(signum)
+        unclaimed = SignalGate._unclaimed[:1]
+        SignalGate._unclaimed.clear()
+        try:
+            _put_back(replaced)
+        finally:
+            if unclaimed:
+                signal.raise_signal(unclaimed[0])
 
     @staticmethod
     def _dispatch(signum: int, frame: object) -> None:
@@ -722,6 +730,20 @@ class SignalGate:
         else:
             run.log.warning("signal_received", signal=name, action="cancel")
             run.cancel()
+
+
+def _put_back(handlers: list[tuple[int, Any]]) -> None:
+    """Put back each signal's handler that :meth:`SignalGate._dispatch` replaced, if it
+    is still there; all of them, even if a signal lands between two (its handler, now
+    the program's own again, may raise)."""
+    if not handlers:
+        return
+    (signum, handler), rest = handlers[0], handlers[1:]
+    try:
+        if signal.getsignal(signum) is SignalGate._dispatch:
+            signal.signal(signum, handler)
+    finally:
+        _put_back(rest)
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:

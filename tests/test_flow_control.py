@@ -463,6 +463,64 @@ async def test_a_resource_that_never_opens_does_not_keep_a_finished_run_alive(au
     assert trio.current_time() < 1
 
 
+async def test_a_worker_still_opening_its_resource_leaves_the_items_to_one_that_can(
+    autojump_clock,
+):
+    """One worker's resource never opens, the other's at once; items come one at a
+    time. Each goes to the worker that can take it at once (the one opening is away),
+    not to wait for an open that never ends."""
+    opened = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def connection():
+        if next(opened) == 0:
+            await trio.sleep_forever()
+        yield None
+
+    @stage(workers=2, resource=connection)
+    async def call(x, conn):
+        return x
+
+    async def trickle():
+        for i in range(5):
+            await trio.sleep(1)
+            yield i
+
+    with trio.fail_after(60):
+        result = await Pipeline(call).arun(trickle())
+    assert result.outputs == [0, 1, 2, 3, 4]
+    assert result.elapsed == pytest.approx(5.0)
+
+
+async def test_autoscaling_does_not_retire_the_open_worker_while_others_open(autojump_clock):
+    """The workers the autoscaler adds cannot open their resource; after the burst it
+    does not retire the one worker that can take items (the trickle after it would
+    wait for ever)."""
+    opened = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def connection():
+        if next(opened) > 0:
+            await trio.sleep_forever()
+        yield None
+
+    @stage(workers=(1, 3), resource=connection)
+    async def call(x, conn):
+        await trio.sleep(0.5)
+        return x
+
+    async def burst_then_trickle():
+        for i in range(50):
+            yield i
+        for i in range(50, 55):
+            await trio.sleep(20)
+            yield i
+
+    with trio.fail_after(600):
+        result = await Pipeline(call).arun(burst_then_trickle())
+    assert sorted(result.outputs) == list(range(55))
+
+
 def test_fail_fast_timeout_in_thread_stage_reports_timeout():
     """A thread cannot be interrupted: the stage waits for it, then reports the timeout."""
     import time

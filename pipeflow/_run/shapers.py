@@ -415,6 +415,9 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
             elif (
                 fill <= SHRINK_AT
                 and n > opts.min_workers
+                # Not while workers are still opening their resources: the idle one
+                # retired would be the only one able to take items.
+                and not sr.opening
                 and now() - last_change >= SHRINK_COOLDOWN
                 and c.busy_workers < n
             ):

@@ -284,13 +284,20 @@ class StageRun:
             if self.takes_resource:
                 with trio.CancelScope() as opening:
                     # While its resource opens (a connect that may never return), the
-                    # worker is ended if the stage's input ends meanwhile: its items
-                    # are done without it (see below).
+                    # worker is away for its inbox (items wake a worker that can take
+                    # them), and it is ended if the stage's input ends meanwhile: its
+                    # items are done without it (see below).
                     self.opening.add(opening)
-                    async with self._resource() as res:
-                        self.opening.discard(opening)
-                        await self._work(inbox, res)
-                self.opening.discard(opening)
+                    inbox.away += 1
+                    try:
+                        async with self._resource() as res:
+                            self.opening.discard(opening)
+                            inbox.away -= 1
+                            await self._work(inbox, res)
+                    finally:
+                        if opening in self.opening:  # it never opened
+                            self.opening.discard(opening)
+                            inbox.away -= 1
             else:
                 await self._work(inbox, None)
             if self.opening and inbox.drained():

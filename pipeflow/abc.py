@@ -6,7 +6,8 @@ queue that acks, such as Redis Streams in :mod:`pipeflow.connectors.redis`) impl
 :class:`AckingSource`: the pipeline opens it with the number of items the run can hold,
 and gets ``(item, ack)`` pairs; pipeflow calls ``ack.done()`` once the item has left
 the pipeline (through the outlet, filtered, skipped, collected or dead-lettered), and
-``ack.add(n)`` when the item became ``n + 1`` items (a flat-map's children). A fail-fast
+``ack.add(n)`` when the item became ``n + 1`` items (a flat-map's children, or an
+``errors="embed"`` failure that goes on *and* to a dead-letter sink). A fail-fast
 failure, and a stop that takes the item from a worker or a queue (it is then listed in
 ``RunResult.unfinished``), never call ``done()``: the source must deliver such items
 again (at-least-once).

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import trio
 
-from pipeflow import Pipeline, StageError, stage
+from pipeflow import Failed, Pipeline, StageError, stage
 from pipeflow._report import describe_pipeline
 from pipeflow.abc import AckingSource
 
@@ -171,3 +171,38 @@ async def test_a_run_report_shows_the_buffer_the_run_gave_the_first_stage(
     # Without an acking source (a list), the first stage keeps a slot per worker.
     assert describe_pipeline(pipeline, source=[1])["stages"][0]["buffer"] == (buffer or 8)
     assert describe_pipeline(pipeline)["stages"][0]["buffer"] == (buffer or 8)
+
+
+async def test_an_embedded_failure_is_acked_once_it_is_read_and_dead_lettered(autojump_clock):
+    """errors="embed" with a dead-letter stage: the failed item goes on to the reader
+    as a Failed value and to the dead-letter stage. Its ack waits for both: read and
+    dead-lettered, it is acked once; a reader that stops right after reading it, before
+    the (slow) dead-letter stage has it, leaves it unacked and listed as unfinished there,
+    so the source delivers it again."""
+    dead = []
+
+    @stage(name="letters")
+    async def letters(failed):
+        await trio.sleep(1)  # a slow store
+        dead.append(failed.item)
+
+    @stage(errors="embed", dead_letter=letters)
+    async def check(x):
+        if x == 1:
+            raise ValueError(x)
+        return x
+
+    source = ListSource(range(6))
+    await Pipeline(check).arun(source)
+    assert dead == [1]
+    assert sorted(source.acked) == list(range(6))
+
+    dead.clear()
+    source = ListSource(range(6))
+    async with Pipeline(check).stream(source) as outputs:
+        async for out in outputs:
+            if isinstance(out, Failed):
+                break
+    assert dead == []
+    assert 1 not in source.acked
+    assert ("letters", 1) in [(name, f.item) for name, f in outputs.result.unfinished]

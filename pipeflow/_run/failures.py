@@ -52,6 +52,9 @@ class FailurePolicy:
     name: ClassVar[str]
     #: The item ends here, so a dead-letter sink that takes it takes over its ack.
     ends_item: ClassVar[bool] = True
+    #: The item goes on (as a Failed value) *and* to the dead-letter sink: the sink's
+    #: copy holds a share of its ack, so it is acked only once both are done.
+    shares_ack: ClassVar[bool] = False
 
     def __init__(self, sr: StageRun) -> None:
         self.sr = sr
@@ -81,9 +84,13 @@ class FailurePolicy:
         )
         ack_taken = False
         if self.dead_letter is not None:
-            handover = env.ack if self.ends_item else None
+            handover = env.ack if self.ends_item or self.shares_ack else None
+            if self.shares_ack and handover is not None:
+                handover.add(1)  # the sink's copy; the item going on keeps its own
             try:
                 ack_taken = await self.dead_letter(failed, handover)
+                if self.shares_ack and handover is not None and not ack_taken:
+                    handover.done()  # the sink (a callable) has handled its copy
             except Exception as sink_error:
                 c.inflight -= weight
                 err = StageError(f"{sr.name}.dead_letter", failed, sink_error)
@@ -138,6 +145,7 @@ class Embed(FailurePolicy):
 
     name = "embed"
     ends_item = False  # it goes on, and is acked where it leaves
+    shares_ack = True  # ... and once the dead-letter sink has its copy
 
     def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
         env.item = failed

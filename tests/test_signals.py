@@ -219,6 +219,33 @@ def test_a_signal_the_process_ignores_does_not_stop_a_run(tmp_path, signum):
     assert (done.returncode, done.stdout.strip()) == (0, "200"), done.stderr
 
 
+#: Appended to a script that set ``original`` (the SIGINT handler it started with) and
+#: ``report``: is the handler back, and does a Ctrl+C now raise KeyboardInterrupt?
+CTRL_C_AFTER = textwrap.dedent(
+    """
+    report["restored"] = signal.getsignal(signal.SIGINT) is original
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        report["after"] = "swallowed"
+    except KeyboardInterrupt:
+        report["after"] = "KeyboardInterrupt"
+    print(json.dumps(report))
+    """
+)
+
+
+def run_script(tmp_path, text: str, case: str) -> dict:
+    """Run ``text`` (with :data:`CTRL_C_AFTER`) as a program; what it reported."""
+    script = tmp_path / "app.py"
+    script.write_text(text + CTRL_C_AFTER)
+    done = subprocess.run(
+        [sys.executable, str(script), case], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 OVERLAPPING = textwrap.dedent(
     """
     import json, os, signal, sys, time, trio
@@ -261,15 +288,7 @@ OVERLAPPING = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGINT)
         return outcome
 
-    outcome = trio.run(main)
-    restored = signal.getsignal(signal.SIGINT) is original
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
-        after = "swallowed"
-    except KeyboardInterrupt:
-        after = "KeyboardInterrupt"
-    print(json.dumps({"outcome": outcome, "restored": restored, "after": after}))
+    report = {"outcome": trio.run(main)}
     """
 )
 
@@ -279,13 +298,7 @@ def test_overlapping_runs_each_take_a_ctrl_c_and_give_the_handler_back(tmp_path,
     """Two ``arun(handle_signals=True)`` under way at once in one program: a Ctrl+C stops
     every run under way (each drains and raises Interrupted), whichever started first or
     ends first; and when the last has ended, Ctrl+C is the program's own again."""
-    script = tmp_path / "overlap.py"
-    script.write_text(OVERLAPPING)
-    done = subprocess.run(
-        [sys.executable, str(script), case], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_script(tmp_path, OVERLAPPING, case)
     outcome = report["outcome"]
     if case == "both":
         assert outcome["first"].startswith("Interrupted:"), report
@@ -340,14 +353,7 @@ HANDLERS = textwrap.dedent(
                 await trio.to_thread.run_sync(other)
 
     trio.run(main)
-    restored = signal.getsignal(signal.SIGINT) is original
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
-        after = "swallowed"
-    except KeyboardInterrupt:
-        after = "KeyboardInterrupt"
-    print(json.dumps({"restored": restored, "after": after, "errors": errors}))
+    report = {"errors": errors}
     """
 )
 
@@ -357,13 +363,7 @@ def test_the_programs_handler_comes_back_whatever_else_held_the_signal(tmp_path,
     """A stage holding SIGINT with ``trio.open_signal_receiver`` while another run starts,
     or a run in another thread asking for signals (refused, as signal.signal refuses):
     when the runs have ended, Ctrl+C is the program's own again."""
-    script = tmp_path / "handlers.py"
-    script.write_text(HANDLERS)
-    done = subprocess.run(
-        [sys.executable, str(script), case], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_script(tmp_path, HANDLERS, case)
     assert report["restored"] is True, report
     assert report["after"] == "KeyboardInterrupt", report
     if case == "thread":

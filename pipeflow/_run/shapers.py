@@ -350,12 +350,11 @@ async def take_or_retire(sr: StageRun, inbox: Edge, limit: int) -> list[Env] | N
     c = sr.c
     while True:
         with trio.move_on_after(IDLE_RETIRE) as waiting:
-            sr.idle.append(waiting)
+            sr.idle.add(waiting)
             try:
                 return await inbox.take(limit)
             finally:
-                if waiting in sr.idle:
-                    sr.idle.remove(waiting)
+                sr.idle.discard(waiting)
         if sr.retire:
             # The supervisor's decision, already logged: this idle worker carries it out.
             sr.retire -= 1

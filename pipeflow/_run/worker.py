@@ -194,7 +194,7 @@ class StageRun:
         self.opening: set[trio.CancelScope] = set()
         #: The waits of autoscaled workers idle now (shapers.take_or_retire), for the
         #: autoscaler to end one when it retires a worker.
-        self.idle: list[trio.CancelScope] = []
+        self.idle: set[trio.CancelScope] = set()
         self.workers_gone = trio.Event()
         self.nursery: trio.Nursery | None = None  # where the workers run
         # Items in a chunk run one after another: only while they are quick (see

@@ -89,8 +89,6 @@ class FailurePolicy:
                 handover.add(1)  # the sink's copy; the item going on keeps its own
             try:
                 ack_taken = await self.dead_letter(failed, handover)
-                if self.shares_ack and handover is not None and not ack_taken:
-                    handover.done()  # the sink (a callable) has handled its copy
             except Exception as sink_error:
                 c.inflight -= weight
                 err = StageError(f"{sr.name}.dead_letter", failed, sink_error)
@@ -192,8 +190,9 @@ def make_dead_letter(
     """The stage's dead-letter sink as ``await sink(failed, ack) -> took_ack``.
 
     A callable (sync or async) is called in the failing worker; a :class:`Stage` runs as
-    a side stage with its own workers, fed through an edge, and takes over the item's
-    ack (it acks once it has handled the item).
+    a side stage with its own workers, fed through an edge. Either takes over the ack it
+    is given: the callable acks once its call has returned, the stage once it has
+    handled the item.
     """
     if sr.is_dead_letter:
         return None  # a dead-letter stage's own failures follow its errors= policy
@@ -232,7 +231,9 @@ def make_dead_letter(
         result = fn(failed)
         if inspect.isawaitable(result):
             await result
-        return False
+        if ack is not None:
+            ack.done()  # it has the item (a call cut by a stop never gets here)
+        return ack is not None
 
     return to_callable
 

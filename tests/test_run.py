@@ -433,3 +433,30 @@ def test_a_source_with_its_items_at_hand_is_not_stepped_aside_per_item():
 
     assert trio.run(main) == [2 * i for i in range(5_000)]
     assert steps < 5_000 // 4, steps
+
+
+async def test_an_item_that_fails_alone_is_timed_and_counted_as_one_in_a_chunk(autojump_clock):
+    """At low load each item reaches its stage alone and takes a short path through the
+    worker (no chunk set-up); one that fails there goes the general way with its call
+    already made: its time is still busy time and a duration, the others' too, and the
+    counts add up as for items that come together."""
+
+    async def one_at_a_time():
+        for i in range(6):
+            await trio.sleep(1.0)
+            yield i
+
+    @stage(workers=2, errors="collect")
+    async def flaky(x):
+        await trio.sleep(0.25)
+        if x % 3 == 0:
+            raise ValueError(f"bad {x}")
+        return x
+
+    result = await Pipeline(flaky).arun(one_at_a_time())
+    s = result.stats["flaky"]
+    assert sorted(result.outputs) == [1, 2, 4, 5]
+    assert [str(e.error) for e in result.errors] == ["bad 0", "bad 3"]
+    assert (s.items_in, s.ok, s.failed, s.cancelled) == (6, 4, 2, 0)
+    assert (s.busy_seconds, s.duration_mean, s.duration_max) == (1.5, 0.25, 0.25)
+    assert s.queue_wait_mean == 0.0

@@ -10,8 +10,8 @@ item, counts, and hands the outputs on as one chunk.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
 import trio
@@ -340,6 +340,24 @@ class StageRun:
         ws = self.workers[task]
         spins = 0
         idle_since = -1.0  # when the chunk just recorded ended (it went on at once)
+        # The lone item's lane (below): an item alone, of a plain async stage, that goes
+        # straight on. What it skips is the general path's set-up for chunks, thread
+        # calls, several outputs, order and batches: about a third of a hop's own work
+        # at low load, where items travel alone and latency is made of that work.
+        lone_lane = (
+            direct is not None
+            and chunk_call is None
+            and not multi
+            and not batched
+            and not keyed
+            and reorder is None
+            and window is None
+            and not self.is_dead_letter
+        )
+        lone_call = cast("Callable[[Any], Awaitable[Any]]", direct)  # when lone_lane
+        # A lone item that failed: its outcome and its start, for the general path.
+        lone_failure: list[tuple[Exception | None, Any]] | None = None
+        lone_t0 = 0.0
         while True:
             if autoscale and self.retire and c.workers > min_workers:
                 self.retire -= 1
@@ -383,6 +401,65 @@ class StageRun:
                 window.release(limit - len(chunk))
 
             n = len(chunk)
+            if lone_lane and n == 1 and type(chunk[0].item) is not Failed:
+                env = chunk[0]
+                c.items_in += 1
+                c.inflight += 1
+                if spins >= CHUNK:
+                    spins = 0
+                    await trio.lowlevel.checkpoint()
+                t0 = now()
+                ws.since = t0
+                ws.state = CALLING
+                ws.chunk = chunk
+                ws.at = 0
+                c.busy_workers += 1
+                inbox.away += 1  # as in the general path (Edge.away)
+                try:
+                    result = await lone_call(env.item)
+                except Exception as exc:
+                    # The general path deals with the failure, its call already made.
+                    inbox.away -= 1
+                    c.busy_workers -= 1
+                    c.items_in -= 1
+                    c.inflight -= 1
+                    lone_failure = [(exc, None)]
+                    lone_t0 = t0
+                except BaseException:
+                    inbox.away -= 1
+                    self._record(ws, t0, env.t, chunk, 1, task, end=now(), stopped=True)
+                    self.run.unfinish(self, chunk)
+                    raise
+                else:
+                    inbox.away -= 1
+                    c.ok += 1
+                    c.items_out += 1
+                    c.inflight -= 1
+                    env.item = result
+                    queued_at = env.t  # before the hand-on restamps it
+                    end = now()
+                    if self.out.put_now(chunk, end):
+                        shown_busy = True
+                        if self.out.woke and self.chunked and not len(inbox):
+                            shown_busy = self._step_aside(ws, inbox, end)
+                            try:
+                                await trio.lowlevel.cancel_shielded_checkpoint()
+                            finally:
+                                inbox.away -= 1
+                        self._record(ws, t0, queued_at, chunk, 1, task, end=end, busy=shown_busy)
+                        inbox.wake_all = not self.chunked
+                        idle_since = end
+                        continue
+                    self._record(ws, t0, queued_at, chunk, 1, task, end=end)
+                    inbox.wake_all = not self.chunked
+                    inbox.away += 1  # it may wait for room downstream (Edge.away)
+                    try:
+                        blocked = await self.out.put(chunk)
+                    finally:
+                        inbox.away -= 1
+                    if blocked:
+                        c.blocked_time += blocked
+                    continue
             if chunk_call is not None:
                 stuck = [False]
 
@@ -423,7 +500,9 @@ class StageRun:
                 if spins >= CHUNK:
                     spins = 0
                     await trio.lowlevel.checkpoint()
-                t0 = now()  # after the checkpoint: others' time is not this chunk's
+                # After the checkpoint: others' time is not this chunk's. (A lone item
+                # that failed was called at lone_t0.)
+                t0 = now() if lone_failure is None else lone_t0
                 ws.since = t0
                 ws.state = CALLING
                 ws.chunk = chunk
@@ -527,7 +606,7 @@ class StageRun:
                         if rest:
                             self._give_back(inbox, chunk, n)
                 else:
-                    outcomes = None
+                    outcomes, lone_failure = lone_failure, None
                     if chunk_call is not None:
                         outcomes, in_thread = await chunk_call(
                             [e.item for e in chunk],
@@ -642,19 +721,7 @@ class StageRun:
                         and not len(inbox)
                         and len(chunk) <= STEP_ASIDE_UP_TO
                     ):
-                        # Its items have gone on: while it steps aside, the gauges and
-                        # the live views must not show it busy with them (_record, next,
-                        # does the rest of the bookkeeping).
-                        c.busy_workers -= 1
-                        ws.state = SENDING
-                        ws.since = end
-                        shown_busy = False
-                        # And away for its inbox (Edge.away): an item that comes now
-                        # wakes a waiting worker, in the next scheduler round, instead
-                        # of waiting for this one's bookkeeping in this round, behind
-                        # whatever else the round runs (the item before it, going on
-                        # through the next stages).
-                        inbox.away += 1
+                        shown_busy = self._step_aside(ws, inbox, end)
                         try:
                             await trio.lowlevel.cancel_shielded_checkpoint()
                         finally:
@@ -700,6 +767,24 @@ class StageRun:
                 if not handed_over:
                     self.run.strand(self, outs, results)
                 raise
+
+    def _step_aside(self, ws: WorkerState, inbox: Edge, end: float) -> bool:
+        """A worker that handed items on at ``end`` and woke a worker (or the reader),
+        with nothing more to do, lets the woken go first, before its bookkeeping: its
+        caller steps aside (a shielded checkpoint) after this, then takes back the
+        ``inbox.away`` this adds. Returns whether the worker is still shown busy: no."""
+        # Its items have gone on: while it steps aside, the gauges and the live views
+        # must not show it busy with them (_record, next, does the rest of the
+        # bookkeeping).
+        self.c.busy_workers -= 1
+        ws.state = SENDING
+        ws.since = end
+        # And away for its inbox (Edge.away): an item that comes now wakes a waiting
+        # worker, in the next scheduler round, instead of waiting for this one's
+        # bookkeeping in this round, behind whatever else the round runs (the item
+        # before it, going on through the next stages).
+        inbox.away += 1
+        return False
 
     async def _place(
         self,

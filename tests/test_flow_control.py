@@ -463,6 +463,77 @@ async def test_a_resource_that_never_opens_does_not_keep_a_finished_run_alive(au
     assert trio.current_time() < 1
 
 
+async def test_a_stage_whose_every_worker_is_opening_ends_when_its_input_ends_empty(
+    autojump_clock,
+):
+    """No worker of a stage ever opens its resource, and no item ever comes for it (an
+    empty source; a dead-letter stage when nothing fails): once its input has ended
+    there is nothing for it to do, so its opens are ended and the run finishes."""
+    ended = []
+
+    @contextlib.asynccontextmanager
+    async def never():
+        try:
+            await trio.sleep_forever()
+            yield None
+        finally:
+            ended.append("never")
+
+    @stage(workers=2, resource=never)
+    async def call(x, conn):
+        return x
+
+    # The source may end before the workers start opening, or after (Trio runs tasks
+    # started together in either order): 20 runs see both.
+    for _ in range(20):
+        ended.clear()
+        with trio.fail_after(60):
+            result = await Pipeline(call).arun([])
+        assert [] == result.outputs
+        assert ["never", "never"] == ended
+
+    @stage(name="sink", resource=never)
+    async def sink(failed, conn):
+        pass
+
+    @stage(errors="skip", dead_letter=sink)
+    async def fine(x):
+        return x
+
+    ended.clear()
+    with trio.fail_after(60):
+        result = await Pipeline(fine).arun(range(3))
+    assert [0, 1, 2] == result.outputs
+    assert ["never"] == ended
+    assert trio.current_time() < 1
+
+
+async def test_a_keyed_worker_still_opening_keeps_its_items_when_another_is_done(
+    autojump_clock,
+):
+    """A key= stage: each worker has its own items. One worker opens at once and does
+    its keys; the other's open takes 5 s. The first finishing does not end the second's
+    open: its items wait for it, and every item is done."""
+    opened = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def connection():
+        if next(opened) == 1:
+            await trio.sleep(5)
+        yield None
+
+    @stage(workers=2, buffer=100, resource=connection, key=lambda x: x)
+    async def call(x, conn):
+        return x
+
+    with trio.fail_after(60):
+        result = await Pipeline(call).arun(range(6))
+    assert list(range(6)) == sorted(result.outputs)
+    assert [] == result.unfinished
+    assert 0 == result.stats["call"].cancelled
+    assert 5.0 == trio.current_time()
+
+
 async def test_a_worker_still_opening_its_resource_leaves_the_items_to_one_that_can(
     autojump_clock,
 ):

@@ -190,8 +190,11 @@ class StageRun:
         self.window = self.reorder if opts.ordered and not self.keyed else None
         self.holes: Reorder | None = None
         self.retire = 0  # workers asked to retire by the autoscaler
-        #: Workers opening their resource now (their cancel scopes; see worker()).
-        self.opening: set[trio.CancelScope] = set()
+        #: Workers opening their resource now: their cancel scopes, and the edge each
+        #: will take items from (a keyed stage's workers have one each; see worker()).
+        self.opening: dict[trio.CancelScope, Edge] = {}
+        #: The stage that takes this one's outputs, told when they end (see sender_done).
+        self.downstream: StageRun | None = None
         #: The waits of autoscaled workers idle now (shapers.take_or_retire), for the
         #: autoscaler to end one when it retires a worker.
         self.idle: set[trio.CancelScope] = set()
@@ -215,6 +218,17 @@ class StageRun:
     def sender_done(self) -> None:
         if isinstance(self.out, Edge):
             self.out.sender_done()
+            if self.downstream is not None and self.downstream.opening:
+                self.downstream.end_openings()
+
+    def end_openings(self) -> None:
+        """End the opens of workers that no item will ever come for: their edge has
+        ended and nothing is left on it (or held). Called by a worker that is done, and
+        wherever a stage's input ends: every worker may be opening still (an open that
+        never returns), with no worker done to notice."""
+        for scope, edge in self.opening.items():
+            if edge.drained():
+                scope.cancel()
 
     def start_worker(self, nursery: trio.Nursery, inbox: Edge) -> None:
         """Start one worker on ``inbox`` (registered now, so no edge closes between)."""
@@ -287,23 +301,25 @@ class StageRun:
                     # worker is away for its inbox (items wake a worker that can take
                     # them), and it is ended if the stage's input ends meanwhile: its
                     # items are done without it (see below).
-                    self.opening.add(opening)
+                    self.opening[opening] = inbox
+                    if inbox.drained():
+                        opening.cancel()  # ended before this worker started
                     inbox.away += 1
                     try:
                         async with self._resource() as res:
-                            self.opening.discard(opening)
+                            del self.opening[opening]
                             inbox.away -= 1
                             await self._work(inbox, res)
                     finally:
                         if opening in self.opening:  # it never opened
-                            self.opening.discard(opening)
+                            del self.opening[opening]
                             inbox.away -= 1
             else:
                 await self._work(inbox, None)
-            if self.opening and inbox.drained():
-                # No item is left for a worker still opening its resource.
-                for scope in self.opening:
-                    scope.cancel()
+            if self.opening:
+                # No item is left for a worker still opening its resource on an edge
+                # that has ended (this one's, or a keyed stage's other edges).
+                self.end_openings()
         finally:
             inbox.receiver_done()
             self.sender_done()

@@ -592,6 +592,53 @@ async def test_autoscaling_does_not_retire_the_open_worker_while_others_open(aut
     assert sorted(result.outputs) == list(range(55))
 
 
+async def test_autoscaling_keeps_min_workers_while_retired_ones_close_slowly(autojump_clock):
+    """Closing a worker's resource takes 6 s (longer than the shrink cool-down): the
+    autoscaler does not count the workers it retired, still closing, as workers it
+    keeps. It used to go on retiring to no worker at all, and the run failed with
+    ``BrokenResourceError`` when the next items came."""
+
+    @contextlib.asynccontextmanager
+    async def connection():
+        try:
+            yield None
+        finally:
+            await trio.sleep(6)  # a graceful close
+
+    @stage(workers=(1, 3), resource=connection)
+    async def call(x, conn):
+        await trio.sleep(0.5)
+        return x
+
+    async def burst_then_trickle():
+        for i in range(40):
+            yield i
+        await trio.sleep(100)
+        for i in range(40, 45):
+            await trio.sleep(1)
+            yield i
+        ended.set()
+
+    pipeline = Pipeline(call)
+    ended = trio.Event()
+    pool = []
+
+    async def watch():
+        while not ended.is_set():
+            await trio.sleep(0.5)
+            stats = pipeline.current_stats()
+            if stats is not None:
+                pool.append(stats["call"].workers)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        with trio.fail_after(600):
+            result = await pipeline.arun(burst_then_trickle())
+    assert list(range(45)) == sorted(result.outputs)
+    assert 3 == max(pool)
+    assert 1 == min(pool)
+
+
 def test_fail_fast_timeout_in_thread_stage_reports_timeout():
     """A thread cannot be interrupted: the stage waits for it, then reports the timeout."""
     import time

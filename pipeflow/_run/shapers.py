@@ -363,12 +363,15 @@ async def take_or_retire(sr: StageRun, inbox: Edge, limit: int) -> list[Env] | N
             return None
         if trio.current_time() < waiting.deadline:
             continue  # woken for a retirement another worker has carried out already
-        if c.workers > sr.opts.min_workers:
+        # Not counting those retired already whose resource is still closing: two idle
+        # workers timing out together would both see the other and both go.
+        n = c.workers - sr.leaving
+        if n > sr.opts.min_workers:
             sr.run.log.info(
                 "workers_scaled",
                 stage=sr.name,
-                old=c.workers,
-                new=c.workers - 1,
+                old=n,
+                new=n - 1,
                 reason=f"worker idle for {IDLE_RETIRE:g}s",
             )
             return None
@@ -397,7 +400,11 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
             if sr.workers_gone.is_set():
                 return
             fill = load(inbox)
+            # Growth counts workers retired whose resource is still closing (never more
+            # than max_workers resources at once); shrinking does not (it would go on
+            # retiring while they close: below min_workers, to no worker at all).
             n = c.workers - sr.retire
+            active = n - sr.leaving
             if fill >= GROW_AT and n < opts.max_workers:
                 add = min(opts.max_workers - n, max(1, n // 2))
                 # Workers asked to retire and not gone yet (all were busy) stay instead.
@@ -415,12 +422,12 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
                 last_change = now()
             elif (
                 fill <= SHRINK_AT
-                and n > opts.min_workers
+                and active > opts.min_workers
                 # Not while workers are still opening their resources: the idle one
                 # retired would be the only one able to take items.
                 and not sr.opening
                 and now() - last_change >= SHRINK_COOLDOWN
-                and c.busy_workers < n
+                and c.busy_workers < active
             ):
                 sr.retire += 1
                 if sr.idle:
@@ -430,8 +437,8 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
                 log.info(
                     "workers_scaled",
                     stage=sr.name,
-                    old=n,
-                    new=n - 1,
+                    old=active,
+                    new=active - 1,
                     reason=f"queue {fill:.0%} full",
                 )
                 last_change = now()

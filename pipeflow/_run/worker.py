@@ -190,6 +190,9 @@ class StageRun:
         self.window = self.reorder if opts.ordered and not self.keyed else None
         self.holes: Reorder | None = None
         self.retire = 0  # workers asked to retire by the autoscaler
+        #: Workers done taking items whose resource is closing (which may take a while):
+        #: still in ``c.workers``, but not workers the autoscaler can count on.
+        self.leaving = 0
         #: Workers opening their resource now: their cancel scopes, and the edge each
         #: will take items from (a keyed stage's workers have one each; see worker()).
         self.opening: dict[trio.CancelScope, Edge] = {}
@@ -294,6 +297,7 @@ class StageRun:
         task = trio.lowlevel.current_task()
         self.workers[task] = WorkerState(self.workers_started, now())
         self.workers_started += 1
+        leaving = False
         try:
             if self.takes_resource:
                 with trio.CancelScope() as opening:
@@ -309,7 +313,11 @@ class StageRun:
                         async with self._resource() as res:
                             del self.opening[opening]
                             inbox.away -= 1
-                            await self._work(inbox, res)
+                            try:
+                                await self._work(inbox, res)
+                            finally:
+                                leaving = True
+                                self.leaving += 1
                     finally:
                         if opening in self.opening:  # it never opened
                             del self.opening[opening]
@@ -321,6 +329,8 @@ class StageRun:
                 # that has ended (this one's, or a keyed stage's other edges).
                 self.end_openings()
         finally:
+            if leaving:
+                self.leaving -= 1
             inbox.receiver_done()
             self.sender_done()
             del self.workers[task]

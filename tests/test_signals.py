@@ -368,3 +368,63 @@ def test_the_programs_handler_comes_back_whatever_else_held_the_signal(tmp_path,
     assert report["after"] == "KeyboardInterrupt", report
     if case == "thread":
         assert report["errors"] == ["signal only works in main thread of the main interpreter"]
+
+
+AS_IT_ENDS = textwrap.dedent(
+    """
+    import json, logging, os, signal, sys, time, trio
+    from pipeflow import Interrupted, Pipeline, stage
+
+    CASE = sys.argv[1]
+    original = signal.getsignal(signal.SIGINT)
+
+    class CtrlCAsItEnds(logging.Handler):
+        armed = True
+
+        def emit(self, record):
+            # The run's last moments: its every task has ended, its gate is still open.
+            if self.armed and "run_finished" in record.getMessage():
+                CtrlCAsItEnds.armed = False
+                signal.raise_signal(signal.SIGINT)
+
+    log = logging.getLogger("pipeflow")
+    log.setLevel(logging.INFO)
+    log.addHandler(CtrlCAsItEnds())
+    log.propagate = False
+
+    @stage
+    async def same(x):
+        return x
+
+    pipeline = Pipeline(same)
+
+    def outcome(call):
+        try:
+            call()
+            return "returned"
+        except Interrupted:
+            return "Interrupted"
+        except KeyboardInterrupt:
+            return "KeyboardInterrupt"
+
+    if CASE == "run":
+        first = outcome(lambda: pipeline.run(range(3)))
+    else:
+        first = outcome(lambda: trio.run(lambda: pipeline.arun(range(3), handle_signals=True)))
+    later = outcome(lambda: pipeline.run(range(3)))  # no Ctrl+C in this one
+    report = {"first": first, "later": later}
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["run", "arun"])
+def test_a_ctrl_c_as_the_run_finishes_is_neither_lost_nor_kept_for_a_later_run(tmp_path, case):
+    """A Ctrl+C that lands in a run's last moments (after its last task, as it logs
+    ``run_finished``) is not the run's: it is raised as the program's own as the run
+    returns. Under ``arun`` it was handed to Trio after the gate had closed: swallowed,
+    then raised at the end of the next, unrelated run."""
+    report = run_script(tmp_path, AS_IT_ENDS, case)
+    assert report["first"] in ("KeyboardInterrupt", "Interrupted"), report
+    assert report["later"] == "returned", report
+    assert report["restored"] is True, report
+    assert report["after"] == "KeyboardInterrupt", report

@@ -647,6 +647,9 @@ class SignalGate:
         self._run: Run | None = None
         self._grace = 0.0
         self._early: list[int] = []
+        # Handed to Trio (run_sync_soon) and not yet delivered: if the run ends first,
+        # they were never its (see connected).
+        self._pending: list[int] = []
         self._stopped = False
 
     def __enter__(self) -> SignalGate:
@@ -670,17 +673,22 @@ class SignalGate:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        # Signals that came before a run was connected (one that never started).
+        SignalGate._unclaimed.extend(self._early)
+        self._early.clear()
         gates = SignalGate._open
         gates.remove(self)
         if gates:
             return
         replaced = list(SignalGate._replaced.items())
         SignalGate._replaced.clear()
-        unclaimed = SignalGate._unclaimed[:1]
-        SignalGate._unclaimed.clear()
         try:
             _put_back(replaced)
         finally:
+            # Read once the handlers are back: a signal until then is in it, and one
+            # after goes to the program's own handler.
+            unclaimed = SignalGate._unclaimed[:1]
+            SignalGate._unclaimed.clear()
             if unclaimed:
                 signal.raise_signal(unclaimed[0])
 
@@ -697,6 +705,7 @@ class SignalGate:
         """Take ``signum`` for this gate's run; False if its run has ended (and it did
         not ask for a stop): the signal is not for it."""
         if self._token is not None:
+            self._pending.append(signum)
             self._token.run_sync_soon(self._deliver, signum)
             return True
         if self._run is None and not self._stopped:
@@ -710,19 +719,26 @@ class SignalGate:
         self._run, self._grace = run, grace
         self._token = trio.lowlevel.current_trio_token()
         for signum in self._early:
+            self._pending.append(signum)
             self._token.run_sync_soon(self._deliver, signum)
         self._early.clear()
         try:
             yield
         finally:
             self._token = None
+            # Signals the run ended before it saw (they landed as it finished): not
+            # its, as if they came after; raised again when the last gate closes,
+            # which may be before Trio gets to deliver them (arun).
+            pending, self._pending = self._pending, []
+            if not self._stopped:
+                SignalGate._unclaimed.extend(pending)
 
     def _deliver(self, signum: int) -> None:
         run = self._run
+        if signum not in self._pending:
+            return  # the run ended before this came: counted then (see connected)
+        self._pending.remove(signum)
         if self._token is None or run is None:
-            if not self._stopped:
-                # The run ended between the signal and now: not for it after all.
-                SignalGate._unclaimed.append(signum)
             return
         name = signal.Signals(signum).name
         self._stopped = True

@@ -478,13 +478,7 @@ class StageRun:
                         continue
                     self._record(ws, t0, queued_at, chunk, 1, task, end=end)
                     inbox.wake_all = not self.chunked
-                    inbox.away += 1  # it may wait for room downstream (Edge.away)
-                    try:
-                        blocked = await self.out.put(chunk)
-                    finally:
-                        inbox.away -= 1
-                    if blocked:
-                        c.blocked_time += blocked
+                    await self._wait_for_room(inbox, self.out.put(chunk))
                     continue
             if chunk_call is not None:
                 stuck = [False]
@@ -763,17 +757,10 @@ class StageRun:
                 handed_over = True
                 if not outs and reorder is None:
                     continue
-                # It may wait for room downstream: away, for its inbox (Edge.away).
-                inbox.away += 1
-                try:
-                    if reorder is not None:
-                        blocked = await reorder.deposit(results)
-                    else:
-                        blocked = await self.out.put(outs)
-                finally:
-                    inbox.away -= 1
-                if blocked:
-                    c.blocked_time += blocked
+                await self._wait_for_room(
+                    inbox,
+                    reorder.deposit(results) if reorder is not None else self.out.put(outs),
+                )
             except BaseException:
                 if calling:
                     inbox.away -= 1
@@ -793,6 +780,18 @@ class StageRun:
                 if not handed_over:
                     self.run.strand(self, outs, results)
                 raise
+
+    async def _wait_for_room(self, inbox: Edge, hand_on: Awaitable[float]) -> None:
+        """Await ``hand_on`` (a put or an ordered deposit, which may wait for room
+        downstream) as blocked time; meanwhile the worker is away for its inbox
+        (Edge.away): items that come wake another worker."""
+        inbox.away += 1
+        try:
+            blocked = await hand_on
+        finally:
+            inbox.away -= 1
+        if blocked:
+            self.c.blocked_time += blocked
 
     def _step_aside(self, ws: WorkerState, inbox: Edge, end: float) -> bool:
         """A worker that handed items on at ``end`` and woke a worker (or the reader),

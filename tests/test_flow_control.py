@@ -534,6 +534,66 @@ async def test_a_keyed_worker_still_opening_keeps_its_items_when_another_is_done
     assert 5.0 == trio.current_time()
 
 
+@pytest.mark.parametrize("items", [3, 500])
+async def test_a_resource_that_cannot_open_stops_a_run_from_an_acking_source(autojump_clock, items):
+    """The database is down: each worker's resource fails to open. With an acking
+    source (a message queue) the run raises that error and tells the source that the
+    run failed. It used to tell it the run had ended well: a source that then waits for
+    the acks of the items it gave (as Redis's does) waited for ever; with more items
+    than the queue holds, the run raised BrokenResourceError instead."""
+
+    class Ack:
+        def __init__(self, source):
+            self.source, self.pending = source, 1
+
+        def add(self, n):
+            self.pending += n
+
+        def done(self):
+            self.pending -= 1
+            if self.pending == 0:
+                self.source.acked += 1
+                self.source.ack_came.set()
+
+    class Queue:
+        given = acked = 0
+        told = None
+        ack_came = trio.Event()
+
+        @contextlib.asynccontextmanager
+        async def __pipeflow_open__(self, *, capacity):
+            async def entries():
+                for i in range(items):
+                    await trio.lowlevel.checkpoint()
+                    self.given += 1
+                    yield i, Ack(self)
+
+            try:
+                yield entries()
+            except BaseException as exc:
+                self.told = exc
+                raise
+            while self.acked < self.given:  # the run ended well: its last acks
+                self.ack_came = trio.Event()
+                await self.ack_came.wait()
+
+    @contextlib.asynccontextmanager
+    async def database():
+        await trio.sleep(0.1)
+        raise ConnectionRefusedError("database down")
+        yield
+
+    @stage(workers=2, resource=database)
+    async def store(x, conn):
+        return x
+
+    source = Queue()
+    with trio.fail_after(60), pytest.raises(ConnectionRefusedError, match="database down"):
+        await Pipeline(store).arun(source)
+    assert source.told is not None  # the run failed: the source does not wait for acks
+    assert 0 == source.acked
+
+
 async def test_a_worker_still_opening_its_resource_leaves_the_items_to_one_that_can(
     autojump_clock,
 ):

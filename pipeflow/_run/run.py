@@ -315,6 +315,12 @@ class Run:
                     # worker still finishing an item never finds it gone.
                     with teardown_scope():
                         await sr.workers_gone.wait()
+        except Exception as exc:
+            if held:
+                # The pool could not start: the run stops on it, as on a resource that
+                # cannot open (see StageRun._resource).
+                self.fail(exc)
+            raise
         finally:
             if held:
                 sr.inbox.receiver_done()

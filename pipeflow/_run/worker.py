@@ -264,6 +264,10 @@ class StageRun:
                 res = await manager.__aenter__()
         except Exception as exc:
             exc.add_note(f"stage {self.name!r}: its resource {what} failed to open")
+            # The run stops on it as on an item's failure: no more input, and an acking
+            # source is told that the run failed (it would wait for acks that cannot
+            # come, or the source's task would stop the run first, on a closed stage).
+            self.run.fail(exc)
             raise
         error: BaseException | None = None
         try:

@@ -428,3 +428,87 @@ def test_a_ctrl_c_as_the_run_finishes_is_neither_lost_nor_kept_for_a_later_run(t
     assert report["later"] == "returned", report
     assert report["restored"] is True, report
     assert report["after"] == "KeyboardInterrupt", report
+
+
+ACKING_SOURCE_STOPPED = textwrap.dedent(
+    """
+    import json, os, signal, sys, time, contextlib, trio
+    from pipeflow import Interrupted, Pipeline, stage
+
+    original = signal.getsignal(signal.SIGINT)
+
+    class Ack:
+        def __init__(self, queue, item):
+            self.queue, self.item, self.pending = queue, item, 1
+
+        def add(self, n):
+            self.pending += n
+
+        def done(self):
+            self.pending -= 1
+            if self.pending == 0:
+                self.queue.acked.append(self.item)
+
+    class Queue:
+        # Like RedisStreamSource: a run that ends well is waited for until every item
+        # the source gave is acked; one that failed or was cut is not.
+        given, acked, ending = [], [], None
+
+        @contextlib.asynccontextmanager
+        async def __pipeflow_open__(self, *, capacity):
+            async def entries():
+                for i in range(100):
+                    self.given.append(i)
+                    yield i, Ack(self, i)
+
+            try:
+                yield entries()
+            except BaseException as exc:
+                self.ending = type(exc).__name__
+                raise
+            with trio.move_on_after(3) as waiting:
+                while len(self.acked) < len(self.given):
+                    await trio.sleep(0.01)
+            self.ending = "waited for ever" if waiting.cancelled_caught else "all acked"
+
+    @stage(workers=1, buffer=1)
+    async def slow(x):
+        await trio.sleep(0.05)
+        return x
+
+    def ctrl_c_soon():
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    import threading
+    threading.Thread(target=ctrl_c_soon).start()
+    queue = Queue()
+    try:
+        Pipeline(slow).run(queue, grace=5)
+        outcome = "returned"
+    except Interrupted as stop:
+        outcome = "Interrupted"
+        unfinished = [item for _, item in stop.result.unfinished]
+    report = {
+        "outcome": outcome,
+        "ending": queue.ending,
+        "unfinished": unfinished,
+        "acked_and_unfinished": sorted(set(queue.acked) & set(unfinished)),
+        "all_given_accounted": sorted(queue.given) == sorted(queue.acked + unfinished),
+    }
+    """
+)
+
+
+def test_a_ctrl_c_that_cuts_an_acking_sources_input_does_not_wait_for_its_acks(tmp_path):
+    """Ctrl+C while the source's task waits to hand an item in (the first stage full):
+    the item is unfinished (never acked, delivered again) and the source is told the
+    run did not end well. It was told it had: a source that waits for the acks of every
+    item it gave, as Redis's does, waited for ever for that one."""
+    report = run_script(tmp_path, ACKING_SOURCE_STOPPED, "")
+    assert report["outcome"] == "Interrupted", report
+    assert report["ending"] == "RunFailed", report
+    assert report["unfinished"], report
+    assert report["acked_and_unfinished"] == [], report
+    assert report["all_given_accounted"] is True, report
+    assert report["restored"] is True, report

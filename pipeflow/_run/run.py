@@ -125,7 +125,8 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
 
 
 class RunFailed(Exception):
-    """Raised into an acking source's context when the run failed (see Run.pump)."""
+    """Raised into an acking source's context when the run failed or a stop cut its
+    input: not every item it gave will be acked (see Run.pump)."""
 
 
 class Run:
@@ -370,18 +371,21 @@ class Run:
             # has left the pipeline, so that it can ack them.
             try:
                 async with source.__pipeflow_open__(capacity=self.capacity()) as entries:
+                    cut = False
                     with self.pump_scope:
                         try:
                             await self._pump(entries, acking=True)
                         except trio.BrokenResourceError:
-                            if self.first_failure is None:
-                                raise
-                            # The main stages stopped on a failure: read no more, but
-                            # stay open so dead-letter stages can ack what they took.
+                            # The main stages stopped (a failure, raised by the run):
+                            # read no more, but stay open so dead-letter stages can ack
+                            # what they took.
+                            cut = True
                     await self.wait_drained()
-                    if self.first_failure is not None:
-                        # Tell the source the run failed: some items will never be
-                        # acked, so it must not wait for them (it releases them).
+                    if self.first_failure is not None or cut or self.pump_scope.cancelled_caught:
+                        # Tell the source the run failed, or a stop (a signal) cut its
+                        # input: some items it gave will never be acked (one taken from
+                        # it as the stop came, left in front of the first stage), so it
+                        # must not wait for them (it releases them).
                         raise RunFailed
             except RunFailed:
                 pass

@@ -315,3 +315,47 @@ async def test_nothing_left_running_after_a_cancelled_endless_source(r, url):
     assert trio.current_time() - t0 < 0.3 + 0.2 + 0.2  # the cancel waits one read at most
     assert set() == pending_ids(r)
     assert_nothing_left_running()
+
+
+async def test_finished_entries_are_acked_soon_while_the_source_does_not_read(r, url):
+    """A slow first stage with a small buffer, and a stage after it with a big one:
+    the source reads as many entries as the run can hold and hands them over one at a
+    time, so it does not read for seconds. The entries finished meanwhile are acked
+    within a fraction of a second all the same (they do not wait for the next read to
+    take their XACK along), and so are those of a source waiting for new entries."""
+    add_jobs(r, 40)
+    done: list[str] = []
+
+    @stage(buffer=1)
+    async def slow(entry: Entry) -> Entry:
+        await trio.sleep(0.05)
+        return entry
+
+    @stage(buffer=32)
+    async def then(entry: Entry) -> Entry:
+        done.append(entry.id)
+        return entry
+
+    src = source(url, count=100)
+
+    async def check() -> None:
+        await trio.sleep(1.0)
+        finished, acked = len(done), src.statistics().acked
+        # (those finished within the last ~0.3 s may still wait for their XACK)
+        assert finished - 6 <= acked <= finished
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(check)
+            await Pipeline(slow | then).arun(src)
+    assert set() == pending_ids(r)
+
+    # A source with nothing new to read waits (up to block) rather than reads: what
+    # finished is acked at once, not after that wait.
+    add_jobs(r, 3)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Pipeline(slow).arun, source(url, drain=False, block=2.0))
+            await trio.sleep(0.6)
+            assert set() == pending_ids(r)
+            nursery.cancel_scope.cancel()

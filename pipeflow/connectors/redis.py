@@ -86,6 +86,10 @@ __all__ = [
 _CHUNK = 1000
 #: The acker waits this long (seconds) for more finished entries before an XACK.
 _ACK_GATHER = 0.001
+#: While the source keeps reading, finished entries wait up to this long (seconds) for
+#: the next read to take their XACK along (one round trip for both) before the acker
+#: sends it on its own; not at all once the reader waits (for room, for new entries).
+_ACK_LATEST = 0.1
 #: At most this often (seconds) the source trims its stream when ``maxlen`` is set.
 _TRIM_EVERY = 1.0
 #: On leaving, the source spends at most this long acking what it finished.
@@ -1035,6 +1039,11 @@ class _Consumer:
         self.buffer: list[Entry] = []  # read, not yet handed over (a page at most)
         self.to_ack: list[str] = []
         self._ack_wanted = trio.Event()
+        #: Set while the reader waits rather than reads (see _waits): the acker sends
+        #: what finished then, rather than leave it for the next read.
+        self._acks_due = trio.Event()
+        self._reader_waits = True
+        self._short = True  # the last read of new entries got fewer than it asked for
         self._room = trio.Event()
         self._own_cursor: str | None = "0"  # own pending entries first, from the start
         self._reconnects = 0
@@ -1175,6 +1184,7 @@ class _Consumer:
             if self.buffer:
                 return True
             if self._ended:
+                self._waits()
                 return False
             # Finished entries not yet acked make room too: the read acks them first,
             # in the same round trip.
@@ -1183,11 +1193,14 @@ class _Consumer:
                 # Full, or nearly and room is coming (an XACK on its way): one read of
                 # many entries after it costs far less than many small ones.
                 self._room = trio.Event()
+                self._waits()
                 await self._room.wait()
                 continue
+            self._reads()
             got = await self._fetch()
             if got is None:
                 self._room = trio.Event()
+                self._waits()
                 await self._room.wait()
                 continue
             if got:
@@ -1199,6 +1212,7 @@ class _Consumer:
             # they were reclaimed from a dead one). Our own are in flight in this run,
             # which keeps the source open until they are acked (see _open); waiting
             # for them here would deadlock a batch stage that flushes at the end.
+            self._waits()
             if await self._nothing_left_to_take():
                 self._ended = True
                 return False
@@ -1271,7 +1285,12 @@ class _Consumer:
         n = n if s.count is None else min(n, s.count)
         # Draining, a read need not wait: an empty answer is what ends the source.
         block = None if s.drain else self._block_ms
+        if block is not None and self._short:
+            # The last read found fewer entries than it asked for: this one may well
+            # wait for news (up to block), so the acker should not wait for it.
+            self._waits()
         raw = await self._read(">", n, block=block, acks=ids)
+        self._short = len(raw) < n
         # New entries were never delivered before, so none is held here already, and
         # none is a deleted one (nil fields): taken in one step each.
         self.held.update([entry_id for entry_id, _ in raw])
@@ -1391,6 +1410,7 @@ class _Consumer:
     async def settle(self) -> None:
         """Until every entry this consumer took is acked in Redis (the run ended well,
         and the last items' acks are on their way)."""
+        self._waits()  # (no read will take them along)
         # (Entries read but never sent in, when a signal stopped the input, will not
         # be: close() hands them back.)
         while len(self.held) > len(self.buffer):
@@ -1426,10 +1446,28 @@ class _Consumer:
         self._trimmed = False
         self._room.set()
 
+    def _waits(self) -> None:
+        """The reader is about to wait (for room, for news, for others to finish), not
+        to read: finished entries should not wait for its next read."""
+        self._reader_waits = True
+        self._acks_due.set()
+
+    def _reads(self) -> None:
+        """The reader is reading again: its reads take the finished entries' XACK along."""
+        if self._reader_waits:
+            self._reader_waits = False
+            self._acks_due = trio.Event()
+
     async def acker(self) -> None:
-        """Background task: XACK finished entries in batches, as they come."""
+        """Background task: XACK finished entries in batches, as they come. While the
+        reader keeps reading, each read takes what finished along (``XACK`` and
+        ``XREADGROUP`` in one round trip): the acker sends what is left after
+        ``_ACK_LATEST`` at the latest, and at once when the reader waits instead."""
         while True:
             await self._ack_wanted.wait()
+            if not self._reader_waits:
+                with trio.move_on_after(_ACK_LATEST):
+                    await self._acks_due.wait()
             # Let the items finishing at the same moment join this XACK.
             await trio.sleep(_ACK_GATHER)
             self._ack_wanted = trio.Event()

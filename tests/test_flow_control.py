@@ -630,10 +630,12 @@ async def test_a_worker_still_opening_its_resource_leaves_the_items_to_one_that_
     assert result.elapsed == pytest.approx(5.0)
 
 
-async def test_autoscaling_does_not_retire_the_open_worker_while_others_open(autojump_clock):
+@pytest.mark.parametrize("gap", [20, 40])
+async def test_autoscaling_does_not_retire_the_open_worker_while_others_open(autojump_clock, gap):
     """The workers the autoscaler adds cannot open their resource; after the burst it
     does not retire the one worker that can take items (the trickle after it would
-    wait for ever)."""
+    wait for ever): not as a shrink (items every 20 s), nor when it has been idle for
+    30 s (items every 40 s)."""
     opened = itertools.count()
 
     @contextlib.asynccontextmanager
@@ -651,7 +653,7 @@ async def test_autoscaling_does_not_retire_the_open_worker_while_others_open(aut
         for i in range(50):
             yield i
         for i in range(50, 55):
-            await trio.sleep(20)
+            await trio.sleep(gap)
             yield i
 
     with trio.fail_after(600):

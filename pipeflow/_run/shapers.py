@@ -364,9 +364,11 @@ async def take_or_retire(sr: StageRun, inbox: Edge, limit: int) -> list[Env] | N
         if trio.current_time() < waiting.deadline:
             continue  # woken for a retirement another worker has carried out already
         # Not counting those retired already whose resource is still closing: two idle
-        # workers timing out together would both see the other and both go.
+        # workers timing out together would both see the other and both go. And not
+        # while others are still opening theirs (as the autoscaler): this one may be the
+        # only one able to take the next items.
         n = c.workers - sr.leaving
-        if n > sr.opts.min_workers:
+        if n > sr.opts.min_workers and not sr.opening:
             sr.run.log.info(
                 "workers_scaled",
                 stage=sr.name,

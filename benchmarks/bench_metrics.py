@@ -4,7 +4,7 @@
 workload, where handoffs are all the work, so any per-item cost would show). "On" is a
 pipeline with ``registry=CollectorRegistry()`` run with ``metrics_port=0`` (the HTTP
 endpoint listening for the whole run); "off" is the same chain with neither. Both run in
-one process, in alternating rounds. Target: on >= 0.9 of off. Also reported (in the
+one process, in alternating rounds. Target: on >= 0.95 of off. Also reported (in the
 JSON detail): the same ratio from CPU seconds, steadier on a shared machine, and the time
 one scrape of the endpoint's registry takes.
 
@@ -29,7 +29,7 @@ from pipeflow import Pipeline, stage
 
 STAGES = 3
 WORKERS = 4
-TARGET = 0.9
+TARGET = 0.95  # runner-v2 issue: metrics on >= 0.95x off
 
 
 async def identity(x: int) -> int:

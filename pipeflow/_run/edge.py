@@ -325,6 +325,8 @@ class Edge:
         if limit >= n:
             out = list(buf)
             buf.clear()
+        elif limit == 1:  # a stage taking one item at a time (I/O): no comprehension
+            out = [buf.popleft()]
         else:
             out = [buf.popleft() for _ in range(limit)]
         if self._send_lot:

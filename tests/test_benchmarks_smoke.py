@@ -24,6 +24,7 @@ from benchmarks import (  # noqa: E402
     bench_overhead,
     bench_process,
     bench_stream,
+    count_bytecodes,
     latency_hops,
     run,
 )
@@ -197,3 +198,17 @@ def test_runner_rejects_unknown_names():
     """An unknown benchmark name is a usage error, not a silent no-op."""
     with pytest.raises(SystemExit):
         run.main(["no_such_benchmark"])
+
+
+def test_count_bytecodes_counts_both_sides_of_both_shapes():
+    """The bytecode diagnostic counts an item's path at low load and W2's work per item,
+    for pipeflow and the hand-written side, by function."""
+    for side in ("pipeflow", "trio"):
+        result = count_bytecodes.count_latency(side, items=40)
+        assert 40 == result["items"]
+        assert result["per_item"] > 100
+        assert side in count_bytecodes.report(result, top=3)
+    for side in ("pipeflow", "trio", "ceiling"):
+        result = count_bytecodes.count_w2(side, items=10, base=10)
+        assert result["per_item"] > 100
+        assert any("sleep" in name for name in result["by_function"])

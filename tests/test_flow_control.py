@@ -708,6 +708,41 @@ async def test_autoscaling_keeps_min_workers_while_retired_ones_close_slowly(aut
     assert 1 == min(pool)
 
 
+async def test_an_item_that_comes_as_the_autoscaler_retires_a_worker_goes_at_once(
+    autojump_clock,
+):
+    """Quick items, one a second, on the autoscaler's ticks, after a burst grew the pool:
+    an item handed over as the autoscaler woke an idle worker to retire it went at
+    once. It used to wait for the next item (or, if none came, for another worker's
+    30 s idle spell): the hand-over had woken no one, counting on the retiring worker."""
+
+    @stage(workers=(1, 3))
+    async def quick(x):
+        if x < 30:
+            await trio.sleep(1)  # a slow start: the pool grows to 3
+        return x, trio.current_time()
+
+    sent = {}
+
+    async def burst_then_ticks():
+        for i in range(30):
+            sent[i] = trio.current_time()
+            yield i
+        for i in range(30, 90):
+            await trio.sleep(1)
+            sent[i] = trio.current_time()
+            yield i
+
+    late = []
+    for _ in range(5):  # (which item meets a retirement depends on Trio's run order)
+        with trio.fail_after(600):
+            async with Pipeline(quick).stream(burst_then_ticks()) as outputs:
+                async for x, done in outputs:
+                    if x > 30 and done > sent[x]:  # (item 30 comes during the burst)
+                        late.append((x, done - sent[x]))
+    assert [] == late
+
+
 def test_fail_fast_timeout_in_thread_stage_reports_timeout():
     """A thread cannot be interrupted: the stage waits for it, then reports the timeout."""
     import time

@@ -357,6 +357,12 @@ async def take_or_retire(sr: StageRun, inbox: Edge, limit: int) -> list[Env] | N
                 return await inbox.take(limit)
             finally:
                 sr.idle.discard(waiting)
+        if len(inbox):
+            # Items came as its wait ended (the supervisor woke it to retire, or its idle
+            # spell ran out): the hand-over woke no waiting worker for them, counting on
+            # this one, still a receiver, to come back. It takes them; a retirement asked
+            # for is carried out after them (see StageRun._work).
+            continue
         if sr.retire:
             # The supervisor's decision, already logged: this idle worker carries it out.
             sr.retire -= 1

@@ -478,6 +478,14 @@ class Run:
                             break
                         spins = 0
         except Exception as exc:
+            if isinstance(exc, trio.ClosedResourceError) and isinstance(
+                source, trio.abc.ReceiveChannel
+            ):
+                # Trio says nothing more: say which object was closed, and how to end it.
+                exc.add_note(
+                    "the source, a Trio receive channel, was closed by the program's own "
+                    "code; to end the stream, close its send side instead"
+                )
             if not isinstance(exc, trio.BrokenResourceError):
                 self.fail(exc)
             raise

@@ -3,16 +3,18 @@ directory, stopped (or crashed, or restarted) by its PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import trio
 
@@ -118,6 +120,22 @@ class RedisServer:
     def crash(self) -> None:
         """Kill it as a crash would (SIGKILL to its PID): no shutdown, no final save."""
         self._signal(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def own_redis_server(directory: Path, *, durable: bool = False) -> Iterator[RedisServer]:
+    """A server of a test's own, to freeze (SIGSTOP), crash or restart; thawed (if the
+    test left it frozen) and stopped afterwards. Skips the test without redis-server."""
+    if BINARY is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    server = RedisServer(directory, durable=durable)
+    try:
+        yield server
+    finally:
+        assert server.proc is not None
+        if server.proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
 
 
 async def eventually(check: Callable[[], bool]) -> None:

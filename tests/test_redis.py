@@ -45,6 +45,7 @@ from tests.redis_server import (  # noqa: E402
     add_jobs,
     eventually,
     free_port,
+    own_redis_server,
     pending_ids,
 )
 
@@ -500,16 +501,8 @@ async def test_a_fleet_member_stopped_by_sigterm_acks_what_it_finished(r, redis_
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of the test's own, to freeze (SIGSTOP) or crash."""
-    if BINARY is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
-    server = RedisServer(tmp_path)
-    try:
+    with own_redis_server(tmp_path) as server:
         yield server
-    finally:
-        assert server.proc is not None
-        if server.proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
 
 
 @pytest.mark.parametrize("signals", [1, 2])
@@ -557,13 +550,9 @@ async def test_ctrl_c_is_prompt_while_redis_is_frozen(own_server, tmp_path, sign
 
 @pytest.fixture
 def durable_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if BINARY is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
-    server = RedisServer(tmp_path, durable=True)
-    try:
+    """A server of the test's own with the append-only file, to crash and restart."""
+    with own_redis_server(tmp_path, durable=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def test_a_redis_restart_mid_run_is_survived(durable_server):

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,14 @@ from pipeflow.connectors.redis import (  # noqa: E402 - after the importorskip
     RedisStreamSource,
     RedisUnavailable,
 )
-from tests.redis_server import BINARY, RedisServer, add_jobs, eventually, pending_ids  # noqa: E402
+from tests.redis_server import (  # noqa: E402
+    BINARY,
+    RedisServer,
+    add_jobs,
+    eventually,
+    own_redis_server,
+    pending_ids,
+)
 
 pytestmark = pytest.mark.skipif(BINARY is None, reason="redis-server is not installed")
 
@@ -33,14 +38,8 @@ pytestmark = pytest.mark.skipif(BINARY is None, reason="redis-server is not inst
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of the test's own, to crash or restart."""
-    server = RedisServer(tmp_path, durable=True)
-    try:
+    with own_redis_server(tmp_path, durable=True) as server:
         yield server
-    finally:
-        assert server.proc is not None
-        if server.proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
 
 
 @stage(workers=2)

@@ -106,6 +106,48 @@ async def _hand_member(url: str, consumer: str) -> int:
         await client.aclose()
 
 
+async def _hand_packed_member(url: str, consumer: str) -> int:
+    """The hand-written member packing its XADDs as pipeflow's sink does (RESP length
+    prefixes from a table, one join per page) rather than with ``hiredis.pack_command``:
+    not what a user of a Redis client writes, but the baseline without that handicap
+    (``--member URL NAME hand-written-packed``; not in the default runs)."""
+    from pipeflow.connectors._resp import Client, _pack_many, parse_url
+
+    prefixes = [f"${n}" for n in range(1024)]
+    head = f"*9\r\n$4\r\nXADD\r\n{prefixes[len(RESULTS)]}\r\n{RESULTS}\r\n$1\r\n*\r\n$1\r\nn"
+    client = Client(parse_url(url))
+    done = 0
+    try:
+        while True:
+            reply = await client.execute(
+                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", COUNT, "STREAMS", STREAM, ">"
+            )
+            if not reply:
+                return done
+            parts: list[str] = []
+            ids = []
+            for entry_id, flat in reply[0][1]:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                n = int(fields["n"])
+                a, b = str(n), str(n * n)
+                parts += (head, prefixes[len(a)], a, "$6\r\nsquare", prefixes[len(b)], b)
+                parts += ("$9\r\nsource_id", prefixes[len(entry_id)], entry_id)
+                ids.append(entry_id)
+            parts.append("")
+            payload = "\r\n".join(parts).encode() + _pack_many([("XACK", STREAM, GROUP, *ids)])
+            await client.execute_packed(payload, len(ids) + 1)
+            done += len(ids)
+    finally:
+        await client.aclose()
+
+
+MEMBERS = {
+    "pipeflow": _pipeflow_member,
+    "hand-written": _hand_member,
+    "hand-written-packed": _hand_packed_member,
+}
+
+
 # -- the same members without Redis: where the gap is ------------------------------------------
 
 
@@ -222,8 +264,7 @@ def member(url: str, consumer: str, kind: str) -> None:
         # The pages are made before the clock starts, as Redis would have them ready.
         run: Any = functools.partial(NO_IO[which], _replies(int(n_entries)))
     else:
-        member_of = _pipeflow_member if kind == "pipeflow" else _hand_member
-        run = functools.partial(member_of, url, consumer)
+        run = functools.partial(MEMBERS[kind], url, consumer)
     # As `pipeflow run` does before its run: what is loaded is frozen, so full
     # collections do not walk it (both kinds, so the comparison stays fair).
     gc.freeze()

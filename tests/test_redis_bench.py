@@ -36,3 +36,21 @@ def test_the_fleet_benchmark_runs():
         assert math.isfinite(row.pipeflow)
         assert row.pipeflow >= 0
     assert ("<=", 1.5) == rows[0].target
+
+
+def test_the_hand_written_member_packing_as_the_sink_writes_the_same():
+    """The hand-written member that packs its XADDs itself (``hand-written-packed``, a
+    baseline measured by hand) drains the stream and writes what the other one writes."""
+    from benchmarks import bench_fleet
+
+    server = bench_fleet._Server()
+    try:
+        for kind in ("hand-written", "hand-written-packed"):
+            bench_fleet._fleet(server, 50, kind, 1)  # (raises unless all written and acked)
+            jobs = {entry_id for entry_id, _ in server.client.xrange(bench_fleet.STREAM)}
+            results = [fields for _, fields in server.client.xrange(bench_fleet.RESULTS)]
+            assert jobs == {fields["source_id"] for fields in results}
+            assert all(set(fields) == {"n", "square", "source_id"} for fields in results)
+            assert all(int(f["square"]) == int(f["n"]) ** 2 for f in results)
+    finally:
+        server.stop()

@@ -460,3 +460,39 @@ async def test_open_lists_the_outputs_a_stop_kept_from_its_reader(output_buffer,
     assert result.stats["slow"].ok == 2
     assert_conserved(result)
     assert_nothing_left_running()
+
+
+async def test_a_stop_at_a_busy_workers_periodic_checkpoint_lists_the_item_it_took(
+    autojump_clock,
+):
+    """A worker whose items never wait (here a millisecond of work each, none awaiting)
+    takes them one at a time and lets the others run every 32 items: a stop that comes
+    meanwhile lands there, and takes the item the worker had just taken, which is
+    cancelled and listed, not lost."""
+    scope = trio.CancelScope()
+
+    @stage(workers=1, buffer=1000)
+    async def busy(x):
+        autojump_clock.jump(0.001)  # work that does not await
+        if x == 40:
+            scope.cancel()  # lands at the worker's next checkpoint
+        return x
+
+    @stage(workers=1, buffer=1000)
+    async def after(x):
+        return x
+
+    flow = None
+    with scope:
+        async with Pipeline(busy | after).open() as flow:
+            for i in range(400):  # all queued before the worker starts
+                flow.send_nowait(i)
+            await trio.sleep_forever()
+    assert flow is not None and flow.result is not None
+    result = flow.result
+    assert_conserved(result)
+    s = result.stats["busy"]
+    assert (400, 400) == (s.items_in, s.ok + s.cancelled), s
+    assert 40 < s.ok < 400, s
+    # The item the worker had taken when the stop came, then the ones still queued.
+    assert list(range(s.ok, 400)) == [x for name, x in result.unfinished if name == "busy"]

@@ -433,11 +433,16 @@ class StageRun:
             n = len(chunk)
             if lone_lane and n == 1 and type(chunk[0].item) is not Failed:
                 env = chunk[0]
-                c.items_in += 1
-                c.inflight += 1
                 if spins >= CHUNK:
                     spins = 0
-                    await trio.lowlevel.checkpoint()
+                    try:
+                        await trio.lowlevel.checkpoint()
+                    except BaseException:
+                        # A stop took the item before it was counted: cancelled, listed.
+                        self.run.unfinish(self, chunk, counted=False)
+                        raise
+                c.items_in += 1
+                c.inflight += 1
                 t0 = now()
                 ws.since = t0
                 ws.state = CALLING

@@ -6,6 +6,7 @@ nothing but the cancellation."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -488,7 +489,8 @@ async def test_a_stop_at_a_busy_workers_periodic_checkpoint_lists_the_item_it_to
             for i in range(400):  # all queued before the worker starts
                 flow.send_nowait(i)
             await trio.sleep_forever()
-    assert flow is not None and flow.result is not None
+    assert flow is not None
+    assert flow.result is not None
     result = flow.result
     assert_conserved(result)
     s = result.stats["busy"]
@@ -496,3 +498,51 @@ async def test_a_stop_at_a_busy_workers_periodic_checkpoint_lists_the_item_it_to
     assert 40 < s.ok < 400, s
     # The item the worker had taken when the stop came, then the ones still queued.
     assert list(range(s.ok, 400)) == [x for name, x in result.unfinished if name == "busy"]
+
+
+@pytest.mark.parametrize("acking", [False, True])
+async def test_fail_fast_keeps_the_outputs_the_last_stage_made_before_the_failure(
+    acking, autojump_clock
+):
+    """A chunk of quick items in the last stage of run(): the items before the one that
+    fails have their outputs made and counted ok when the stop comes. They are in the
+    failure's result.outputs (run() keeps every output), and acked."""
+    acked = []
+
+    class Ack:
+        def __init__(self, item):
+            self.item, self.pending = item, 1
+
+        def add(self, n):
+            self.pending += n
+
+        def done(self):
+            self.pending -= 1
+            if self.pending == 0:
+                acked.append(self.item)
+
+    class Acking:
+        @contextlib.asynccontextmanager
+        async def __pipeflow_open__(self, *, capacity):
+            async def pairs():
+                for i in range(70):
+                    yield i, Ack(i)
+
+            yield pairs()
+
+    @stage(workers=4)
+    async def check(x):
+        if x == 44:
+            raise ValueError(x)
+        return x
+
+    with pytest.raises(StageError) as info:
+        await Pipeline(check).arun(Acking() if acking else range(70))
+    result = info.value.result
+    assert_conserved(result)
+    s = result.stats["check"]
+    assert (1, len(result.outputs)) == (s.failed, s.ok), s
+    unfinished = {item for _, item in result.unfinished}
+    assert set(range(s.items_in)) == {*result.outputs, *unfinished, 44}
+    if acking:
+        assert sorted(acked) == sorted(result.outputs)

@@ -540,11 +540,16 @@ class Run:
 
     def strand(self, sr: StageRun, outs: list[Env], results: list[tuple[int, list[Env]]]) -> None:
         """Outputs ``sr`` made but could not hand on before a stop: they count as
-        queued in front of the next stage (or, for the last, as unread outputs)."""
+        queued in front of the next stage (or, for the last, as unread outputs). The
+        outlet of ``run()`` takes them at once, as it takes any: they were counted ok,
+        and ``run()`` keeps every output (``collect=False`` acks them all the same)."""
         if isinstance(sr.out, Edge):
             sr.out.stranded.extend(outs)
             for _, envs in results:
                 sr.out.stranded.extend(envs)
+        else:
+            ordered = sorted(results, key=lambda result: result[0])
+            sr.out.put_now([*outs, *(env for _, envs in ordered for env in envs)])
 
     def settle(self) -> None:
         """After the last task: what a stop left queued counts as cancelled, so that

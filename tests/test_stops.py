@@ -546,3 +546,56 @@ async def test_fail_fast_keeps_the_outputs_the_last_stage_made_before_the_failur
     assert set(range(s.items_in)) == {*result.outputs, *unfinished, 44}
     if acking:
         assert sorted(acked) == sorted(result.outputs)
+
+
+@pytest.mark.parametrize("steps", range(6))
+async def test_a_fail_fast_failure_is_raised_when_the_caller_cancels_just_after_it(
+    steps, autojump_clock
+):
+    """An item fails (fail-fast) in stream() from an acking source, and the caller's
+    cancel comes a few scheduler steps later, while the run winds down: the StageError
+    is raised all the same (the caller's scope takes its cancellation), not swallowed."""
+    failing = trio.Event()
+
+    class Acking:
+        @contextlib.asynccontextmanager
+        async def __pipeflow_open__(self, *, capacity):
+            async def pairs():
+                for i in range(10):
+                    await trio.sleep(0.1)
+                    yield i, None
+
+            yield pairs()
+
+    @stage(workers=(1, 6))
+    async def check(x):
+        if x == 3:
+            await failing.wait()
+            raise ValueError(f"boom {x}")
+        return x
+
+    @stage(workers=(1, 6))
+    async def after(x):
+        await trio.sleep(0.05)
+        yield x
+
+    raised = []
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:  # the test's: its errors come grouped
+
+                async def fail_then_cancel():
+                    await trio.sleep(1)
+                    failing.set()
+                    for _ in range(steps):
+                        await trio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                nursery.start_soon(fail_then_cancel)
+                async with Pipeline(check | after).stream(Acking()) as outputs:
+                    async for _ in outputs:
+                        pass
+    except* StageError as group:
+        raised.extend(group.exceptions)
+    assert ["stage 'check' failed on item 3: ValueError: boom 3"] == [str(e) for e in raised]
+    assert 1 == raised[0].result.stats["check"].failed

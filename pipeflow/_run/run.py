@@ -64,32 +64,40 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
                 await service_nursery.start(service)
             try:
                 stopped: BaseException | None = None
-                with run.dead_letter_scope:
-                    async with trio.open_nursery() as dead_letter_nursery:
-                        run.dead_letter_nursery = dead_letter_nursery
-                        run.start_dead_letters(dead_letter_nursery)
-                        try:
-                            async with trio.open_nursery() as nursery:
-                                run.cancel_scope = nursery.cancel_scope
-                                # A signal's grace may have started before this scope
-                                # existed; the dead-letter scope has it already.
-                                nursery.cancel_scope.deadline = run.dead_letter_scope.deadline
-                                run.start(nursery)
-                                # One stall watcher per run, gone with the services.
-                                service_nursery.start_soon(
-                                    watch_stalls, run, name=f"pipeflow:{run.pipeline}:stalls"
-                                )
-                                try:
-                                    yield nursery
-                                except BaseException as exc:
-                                    run.body_error = exc
-                                    raise
-                        except BaseException as exc:
-                            # Held until the dead-letter stages have taken what they
-                            # were given: raised here, it would cancel them at once.
-                            stopped = exc
-                        finally:
-                            run.close_dead_letters()
+                try:
+                    with run.dead_letter_scope:
+                        async with trio.open_nursery() as dead_letter_nursery:
+                            run.dead_letter_nursery = dead_letter_nursery
+                            run.start_dead_letters(dead_letter_nursery)
+                            try:
+                                async with trio.open_nursery() as nursery:
+                                    run.cancel_scope = nursery.cancel_scope
+                                    # A signal's grace may have started before this scope
+                                    # existed; the dead-letter scope has it already.
+                                    nursery.cancel_scope.deadline = run.dead_letter_scope.deadline
+                                    run.start(nursery)
+                                    # One stall watcher per run, gone with the services.
+                                    service_nursery.start_soon(
+                                        watch_stalls, run, name=f"pipeflow:{run.pipeline}:stalls"
+                                    )
+                                    try:
+                                        yield nursery
+                                    except BaseException as exc:
+                                        run.body_error = exc
+                                        raise
+                            except BaseException as exc:
+                                # Held until the dead-letter stages have taken what they
+                                # were given: raised here, it would cancel them at once.
+                                stopped = exc
+                            finally:
+                                run.close_dead_letters()
+                except BaseException as late:
+                    if stopped is None or run.first_failure is None:
+                        raise
+                    # The run had failed (``stopped``) when this came: the caller's
+                    # cancellation, while the dead-letter stages wound down. Both go up,
+                    # as from one nursery, so that the failure is not lost.
+                    raise BaseExceptionGroup("pipeflow run", [stopped, late]) from None
                 if stopped is not None:
                     raise stopped
                 # Every stage has drained: end-of-stream checks (fractional error budgets).

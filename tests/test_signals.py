@@ -512,3 +512,70 @@ def test_a_ctrl_c_that_cuts_an_acking_sources_input_does_not_wait_for_its_acks(t
     assert report["acked_and_unfinished"] == [], report
     assert report["all_given_accounted"] is True, report
     assert report["restored"] is True, report
+
+
+ONE_ENDS_AS_CTRL_C_LANDS = textwrap.dedent(
+    """
+    import json, logging, os, signal, sys, time, trio
+    from pipeflow import Interrupted, Pipeline, stage
+
+    original = signal.getsignal(signal.SIGINT)
+
+    class CtrlCAsAEnds(logging.Handler):
+        armed = True
+
+        def emit(self, record):
+            message = record.getMessage()
+            if self.armed and "run_finished" in message and "pipeline='a'" in message:
+                CtrlCAsAEnds.armed = False
+                signal.raise_signal(signal.SIGINT)
+
+    log = logging.getLogger("pipeflow")
+    log.setLevel(logging.INFO)
+    log.addHandler(CtrlCAsAEnds())
+    log.propagate = False
+
+    @stage
+    async def slow(x):
+        await trio.sleep(0.01)
+        return x
+
+    async def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    async def main():
+        outcome = {}
+
+        async def one(name, source):
+            try:
+                await Pipeline(slow, name=name).arun(source, handle_signals=True, grace=5)
+                outcome[name] = "returned"
+            except Interrupted:
+                outcome[name] = "Interrupted"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "b", endless())
+            await trio.sleep(0.05)
+            nursery.start_soon(one, "a", range(3))
+        return outcome
+
+    try:
+        report = {"outcome": trio.run(main)}
+    except KeyboardInterrupt:
+        report = {"outcome": "KeyboardInterrupt"}
+    """
+)
+
+
+def test_a_ctrl_c_as_one_of_two_runs_finishes_stops_the_other_and_nothing_more(tmp_path):
+    """Two runs under way; a Ctrl+C lands in the last moments of one (as it logs
+    ``run_finished``): that one returns, the other takes the signal and raises
+    Interrupted. The first used to hand it back as unclaimed too, so a
+    KeyboardInterrupt replaced the other's Interrupted (and its result)."""
+    report = run_script(tmp_path, ONE_ENDS_AS_CTRL_C_LANDS, "")
+    assert report["outcome"] == {"a": "returned", "b": "Interrupted"}, report
+    assert report["restored"] is True, report
+    assert report["after"] == "KeyboardInterrupt", report

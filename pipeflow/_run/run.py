@@ -677,10 +677,10 @@ class SignalGate:
         self._token: trio.lowlevel.TrioToken | None = None
         self._run: Run | None = None
         self._grace = 0.0
-        self._early: list[int] = []
+        self._early: list[_Landed] = []
         # Handed to Trio (run_sync_soon) and not yet delivered: if the run ends first,
         # they were never its (see connected).
-        self._pending: list[int] = []
+        self._pending: list[_Landed] = []
         self._stopped = False
 
     def __enter__(self) -> SignalGate:
@@ -705,7 +705,8 @@ class SignalGate:
 
     def __exit__(self, *exc_info: object) -> None:
         # Signals that came before a run was connected (one that never started).
-        SignalGate._unclaimed.extend(self._early)
+        for landed in self._early:
+            landed.let_go()
         self._early.clear()
         gates = SignalGate._open
         gates.remove(self)
@@ -726,51 +727,56 @@ class SignalGate:
     @staticmethod
     def _dispatch(signum: int, frame: object) -> None:
         # Runs in the main thread between two bytecodes, wherever it happens to be.
-        taken = False
+        landed = _Landed(signum)
         for gate in list(SignalGate._open):
-            taken = gate._handle(signum) or taken
-        if not taken:
+            gate._handle(landed)
+        if not landed.holders and not landed.taken:
             SignalGate._unclaimed.append(signum)
 
-    def _handle(self, signum: int) -> bool:
-        """Take ``signum`` for this gate's run; False if its run has ended (and it did
-        not ask for a stop): the signal is not for it."""
+    def _handle(self, landed: _Landed) -> None:
+        """Hold ``landed`` for this gate's run (to deliver in Trio); nothing if its run
+        has ended (and it did not ask for a stop): the signal is not for it."""
         if self._token is not None:
-            self._pending.append(signum)
-            self._token.run_sync_soon(self._deliver, signum)
-            return True
-        if self._run is None and not self._stopped:
-            self._early.append(signum)
-            return True
-        return self._stopped  # a second signal after the stop it asked for has finished
+            landed.holders += 1
+            self._pending.append(landed)
+            self._token.run_sync_soon(self._deliver, landed)
+        elif self._run is None and not self._stopped:
+            landed.holders += 1
+            self._early.append(landed)
+        elif self._stopped:
+            landed.taken = True  # a second signal after the stop it asked for has finished
 
     @contextlib.contextmanager
     def connected(self, run: Run, grace: float) -> Iterator[None]:
         """Route signals to ``run`` while the body runs (inside Trio)."""
         self._run, self._grace = run, grace
         self._token = trio.lowlevel.current_trio_token()
-        for signum in self._early:
-            self._pending.append(signum)
-            self._token.run_sync_soon(self._deliver, signum)
+        for landed in self._early:
+            self._pending.append(landed)
+            self._token.run_sync_soon(self._deliver, landed)
         self._early.clear()
         try:
             yield
         finally:
             self._token = None
             # Signals the run ended before it saw (they landed as it finished): not
-            # its, as if they came after; raised again when the last gate closes,
-            # which may be before Trio gets to deliver them (arun).
+            # its, as if they came after; unless another run under way took them, raised
+            # again when the last gate closes, which may be before Trio gets to deliver
+            # them (arun). A stopped run's are part of its stop.
             pending, self._pending = self._pending, []
-            if not self._stopped:
-                SignalGate._unclaimed.extend(pending)
+            for landed in pending:
+                landed.taken = landed.taken or self._stopped
+                landed.let_go()
 
-    def _deliver(self, signum: int) -> None:
+    def _deliver(self, landed: _Landed) -> None:
         run = self._run
-        if signum not in self._pending:
-            return  # the run ended before this came: counted then (see connected)
-        self._pending.remove(signum)
+        if landed not in self._pending:
+            return  # the run ended before this came: let go then (see connected)
+        self._pending.remove(landed)
         if self._token is None or run is None:
             return
+        landed.taken = True
+        signum = landed.signum
         name = signal.Signals(signum).name
         self._stopped = True
         if run.interrupted_by is None:
@@ -780,6 +786,25 @@ class SignalGate:
         else:
             run.log.warning("signal_received", signal=name, action="cancel")
             run.cancel()
+
+
+class _Landed:
+    """One signal as it landed, handed to every open gate: taken once one of them
+    delivers it to its run; the program's own again (unclaimed) if none does."""
+
+    __slots__ = ("holders", "signum", "taken")
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.holders = 0  # gates that may still deliver it
+        self.taken = False
+
+    def let_go(self) -> None:
+        """A gate whose run ended before delivering it: the last one to let go of a
+        signal no run took leaves it unclaimed."""
+        self.holders -= 1
+        if not self.holders and not self.taken:
+            SignalGate._unclaimed.append(self.signum)
 
 
 def _put_back(handlers: list[tuple[int, Any]]) -> None:

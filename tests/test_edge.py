@@ -44,3 +44,29 @@ async def test_every_parked_receiver_sees_the_end_after_items_given_back(autojum
             edge.release()
     assert [2] == taken
     assert ["b", "c"] == sorted(ended)
+
+
+async def test_items_a_leaving_receiver_was_counted_on_for_wake_one_that_waits(autojump_clock):
+    """Items handed to an edge whose receivers take what is waiting wake no one while a
+    receiver is at work (it takes them when it comes back). If that receiver leaves
+    instead (a worker retired by the autoscaler), one that waits is woken for them."""
+    edge = Edge(8)
+    edge.wake_all = False  # as for a stage of quick items, taken in chunks
+    edge.add_sender()
+    edge.add_receiver()  # "a": at work, neither waiting nor away
+    edge.add_receiver()  # "b": waits below
+    taken: list[int] = []
+
+    async def receiver() -> None:
+        got = await edge.take(8)
+        taken.extend(env.item for env in got)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            assert edge.put_now([Env(1)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert [] == taken  # left for "a"
+            edge.receiver_done()  # "a" leaves without coming back
+    assert [1] == taken

@@ -173,6 +173,11 @@ class Edge:
 
     def receiver_done(self) -> None:
         self._receivers -= 1
+        if self._buf and self._recv_lot:
+            # Items handed over while this receiver was at work woke no one (_add counts
+            # on it to come back for them); it has left instead (retired by the
+            # autoscaler, say): wake one that waits.
+            self._waking += self._recv_lot.unpark()
         self._break_if_unheld()
 
     def add_keeper(self) -> None:

@@ -704,7 +704,9 @@ async def test_autoscaling_keeps_min_workers_while_retired_ones_close_slowly(aut
         with trio.fail_after(600):
             result = await pipeline.arun(burst_then_trickle())
     assert list(range(45)) == sorted(result.outputs)
-    assert 3 == max(pool)
+    # The burst grew the pool (to 3 in most runs: the scheduler's order decides when the
+    # autoscaler's ticks see the queue), and it shrank back to min_workers, never below.
+    assert 2 <= max(pool) <= 3
     assert 1 == min(pool)
 
 

@@ -30,21 +30,21 @@ from pipeflow.connectors.redis import (  # noqa: E402
     RedisStreamSource,
     RedisUnavailable,
 )
-from tests.redis_server import BINARY, RedisServer, add_jobs, pending_ids  # noqa: E402
+from tests.redis_server import (  # noqa: E402
+    BINARY,
+    RedisServer,
+    add_jobs,
+    own_redis_server,
+    pending_ids,
+)
 
 pytestmark = pytest.mark.skipif(BINARY is None, reason="redis-server is not installed")
 
 
 @pytest.fixture
 def plain(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    try:
+    with own_redis_server(tmp_path) as server:
         yield server
-    finally:
-        assert server.proc is not None
-        if server.proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
 
 
 @stage(workers=2)

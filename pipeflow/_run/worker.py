@@ -476,7 +476,8 @@ class StageRun:
                     if self.out.put_now(chunk, end):
                         shown_busy = True
                         if self.out.woke and self.chunked and not len(inbox):
-                            shown_busy = self._step_aside(ws, inbox, end)
+                            self._step_aside(ws, inbox, end)
+                            shown_busy = False
                             try:
                                 await trio.lowlevel.cancel_shielded_checkpoint()
                             finally:
@@ -750,7 +751,8 @@ class StageRun:
                         and not len(inbox)
                         and len(chunk) <= STEP_ASIDE_UP_TO
                     ):
-                        shown_busy = self._step_aside(ws, inbox, end)
+                        self._step_aside(ws, inbox, end)
+                        shown_busy = False
                         try:
                             await trio.lowlevel.cancel_shielded_checkpoint()
                         finally:
@@ -802,11 +804,12 @@ class StageRun:
         if blocked:
             self.c.blocked_time += blocked
 
-    def _step_aside(self, ws: WorkerState, inbox: Edge, end: float) -> bool:
+    def _step_aside(self, ws: WorkerState, inbox: Edge, end: float) -> None:
         """A worker that handed items on at ``end`` and woke a worker (or the reader),
         with nothing more to do, lets the woken go first, before its bookkeeping: its
         caller steps aside (a shielded checkpoint) after this, then takes back the
-        ``inbox.away`` this adds. Returns whether the worker is still shown busy: no."""
+        ``inbox.away`` this adds. (Not a coroutine itself: one per step aside measured
+        5,749 bytecodes on an item's path at low load against 5,731.)"""
         # Its items have gone on: while it steps aside, the gauges and the live views
         # must not show it busy with them (_record, next, does the rest of the
         # bookkeeping).
@@ -818,7 +821,6 @@ class StageRun:
         # bookkeeping in this round, behind whatever else the round runs (the item
         # before it, going on through the next stages).
         inbox.away += 1
-        return False
 
     async def _place(
         self,

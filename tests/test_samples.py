@@ -40,3 +40,33 @@ async def test_samples_add_finished_runs_and_show_the_run_in_progress(autojump_c
         assert (8, 2) == (live.ok, live.failed)
     after = pipeline.samples()["work"]
     assert (11, 3) == (after.ok, after.failed)
+
+
+async def test_every_duration_is_in_the_histograms_whenever_they_are_read(autojump_clock):
+    """Workers record durations and queue waits cheaply and fold them into the
+    histograms in batches: a reader sees every one of them, in the middle of a run and
+    after it, exactly as if each had been added on its own."""
+    from pipeflow._stats import FOLD_AT
+
+    @stage(workers=1)
+    async def timed(x):
+        await trio.sleep(0.25 if x % 2 else 0.5)
+        return x
+
+    pipeline = Pipeline(timed)
+    n = FOLD_AT + 45  # more than one batch, and some left unfolded
+    async with pipeline.open(outputs=True) as flow:
+        for i in range(n):
+            await flow.send(i)
+            assert i == await flow.outputs.receive()
+            live = pipeline.samples()["timed"]
+            assert (i + 1, i + 1) == (sum(live.duration_counts), sum(live.wait_counts))
+        stats = pipeline.current_stats()
+        assert stats is not None
+        assert 0.5 == stats["timed"].duration_max
+    done = pipeline.samples()["timed"]
+    one_by_one = 0.0
+    for i in range(n):
+        one_by_one += 0.25 if i % 2 else 0.5
+    assert (n, one_by_one, 0.0) == (sum(done.duration_counts), done.duration_sum, done.wait_sum)
+    assert one_by_one / n == flow.result.stats["timed"].duration_mean

@@ -206,6 +206,9 @@ class StageRun:
         # Items in a chunk run one after another: only while they are quick (see
         # CHUNK_BELOW). Until a first measurement, one at a time.
         self.chunked = False
+        # Below this many seconds per call a chunk's items count as quick (-1: never, for
+        # a stage that cannot take chunks or has per-item policies that wait).
+        self.quick_below = CHUNK_BELOW if self.can_chunk and self.simple else -1.0
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -482,11 +485,11 @@ class StageRun:
                                 await trio.lowlevel.cancel_shielded_checkpoint()
                             finally:
                                 inbox.away -= 1
-                        self._record(ws, t0, queued_at, chunk, 1, task, end=end, busy=shown_busy)
+                        self._record_one(ws, t0, queued_at, end, shown_busy)
                         inbox.wake_all = not self.chunked
                         idle_since = end
                         continue
-                    self._record(ws, t0, queued_at, chunk, 1, task, end=end)
+                    self._record_one(ws, t0, queued_at, end, True)
                     inbox.wake_all = not self.chunked
                     await self._wait_for_room(inbox, self.out.put(chunk))
                     continue
@@ -942,9 +945,29 @@ class StageRun:
         if calls:
             c.durations.observe_many(d / calls, calls)
             # Only a stage with no per-item policy: retries, timeouts and rate limits
-            # wait, and their waits must overlap as they always have.
+            # wait, and their waits must overlap as they always have (quick_below).
             work = in_thread if in_thread >= 0.0 else d
-            self.chunked = self.can_chunk and self.simple and work <= CHUNK_BELOW * calls
+            self.chunked = work <= self.quick_below * calls
+
+    def _record_one(
+        self, ws: WorkerState, t0: float, queued_at: float, end: float, busy: bool
+    ) -> None:
+        """:meth:`_record` for the lone item's lane: one item, one call, that went well.
+        (Such a stage has no rate limit or breaker and its item went to no dead-letter
+        sink: nothing throttled it.)"""
+        c = self.c
+        d = end - t0
+        if ws.stalled:
+            note_unstalled(self, ws, d, stopped=False)
+        if busy:
+            ws.state = SENDING
+            ws.since = end
+            c.busy_workers -= 1
+        ws.chunk = None
+        c.busy_time += d
+        c.waits.observe(t0 - queued_at)
+        c.durations.observe(d)
+        self.chunked = d <= self.quick_below
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -53,83 +53,104 @@ async def running(run: Run, services: Sequence[Service] = ()) -> AsyncIterator[t
     """Start ``run`` in a nursery of its own; on exit, wait for it and raise its failure.
 
     The body runs inside the run's cancel scope: a fail-fast error cancels it too.
+    Three nested lifetimes: services (a metrics endpoint) outlive the dead-letter
+    stages, which outlive the main stages, so failed items still reach their sink when
+    a fail-fast error stops the main stages.
     """
     failure: BaseException | None = None
     try:
-        # Three nested lifetimes: services (a metrics endpoint) outlive the dead-letter
-        # stages, which outlive the main stages, so failed items still reach their sink
-        # when a fail-fast error stops the main stages.
-        async with trio.open_nursery() as service_nursery:
-            for service in services:
-                await service_nursery.start(service)
-            try:
-                stopped: BaseException | None = None
-                try:
-                    with run.dead_letter_scope:
-                        async with trio.open_nursery() as dead_letter_nursery:
-                            run.dead_letter_nursery = dead_letter_nursery
-                            run.start_dead_letters(dead_letter_nursery)
-                            try:
-                                async with trio.open_nursery() as nursery:
-                                    run.cancel_scope = nursery.cancel_scope
-                                    # A signal's grace may have started before this scope
-                                    # existed; the dead-letter scope has it already.
-                                    nursery.cancel_scope.deadline = run.dead_letter_scope.deadline
-                                    run.start(nursery)
-                                    # One stall watcher per run, gone with the services.
-                                    service_nursery.start_soon(
-                                        watch_stalls, run, name=f"pipeflow:{run.pipeline}:stalls"
-                                    )
-                                    try:
-                                        yield nursery
-                                    except BaseException as exc:
-                                        run.body_error = exc
-                                        raise
-                            except BaseException as exc:
-                                # Held until the dead-letter stages have taken what they
-                                # were given: raised here, it would cancel them at once.
-                                stopped = exc
-                            finally:
-                                run.close_dead_letters()
-                except BaseException as late:
-                    if stopped is None or run.first_failure is None:
-                        raise
-                    # The run had failed (``stopped``) when this came: the caller's
-                    # cancellation, while the dead-letter stages wound down. Both go up,
-                    # as from one nursery, so that the failure is not lost.
-                    raise BaseExceptionGroup("pipeflow run", [stopped, late]) from None
-                if stopped is not None:
-                    raise stopped
-                # Every stage has drained: end-of-stream checks (fractional error budgets).
-                for sr in run.stages:
-                    finish_budget(sr)
-            finally:
-                service_nursery.cancel_scope.cancel()
+        async with _services(services) as service_nursery:
+            async with _stages(run, service_nursery) as nursery:
+                yield nursery
+            # Every stage has drained: end-of-stream checks (fractional error budgets).
+            for sr in run.stages:
+                finish_budget(sr)
     except BaseExceptionGroup as group:
         failure = run.primary_error(group)
         if failure is None:
             raise
     finally:
         if run.started:
-            run.settle()
-            run.t_end = run.now()
-            counts = {
-                sr.name: {
-                    "items_in": sr.c.items_in,
-                    "items_out": sr.c.items_out,
-                    "failed": sr.c.failed,
-                    "cancelled": sr.c.cancelled,
-                }
-                for sr in run.stages
-            }
-            run.log.info(
-                "run_finished",
-                elapsed=run.t_end - run.t_start,
-                failed=run.first_failure is not None,
-                counts=counts,
-            )
+            _finished(run)
     if failure is not None:
         raise failure
+
+
+@contextlib.asynccontextmanager
+async def _services(services: Sequence[Service]) -> AsyncIterator[trio.Nursery]:
+    """A nursery with the services started in it, cancelled when the body is done."""
+    async with trio.open_nursery() as service_nursery:
+        for service in services:
+            await service_nursery.start(service)
+        try:
+            yield service_nursery
+        finally:
+            service_nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _stages(run: Run, service_nursery: trio.Nursery) -> AsyncIterator[trio.Nursery]:
+    """The dead-letter stages' nursery around the main stages' nursery (yielded).
+
+    A stop of the main stages is held until the dead-letter stages have taken what they
+    were given (raised at once, it would cancel them), then raised.
+    """
+    stopped: BaseException | None = None
+    try:
+        with run.dead_letter_scope:
+            async with trio.open_nursery() as dead_letter_nursery:
+                run.dead_letter_nursery = dead_letter_nursery
+                run.start_dead_letters(dead_letter_nursery)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        run.cancel_scope = nursery.cancel_scope
+                        # A signal's grace may have started before this scope existed;
+                        # the dead-letter scope has it already.
+                        nursery.cancel_scope.deadline = run.dead_letter_scope.deadline
+                        run.start(nursery)
+                        # One stall watcher per run, gone with the services.
+                        service_nursery.start_soon(
+                            watch_stalls, run, name=f"pipeflow:{run.pipeline}:stalls"
+                        )
+                        try:
+                            yield nursery
+                        except BaseException as exc:
+                            run.body_error = exc
+                            raise
+                except BaseException as exc:
+                    stopped = exc
+                finally:
+                    run.close_dead_letters()
+    except BaseException as late:
+        if stopped is None or run.first_failure is None:
+            raise
+        # The run had failed (``stopped``) when this came: the caller's cancellation,
+        # while the dead-letter stages wound down. Both go up, as from one nursery, so
+        # that the failure is not lost.
+        raise BaseExceptionGroup("pipeflow run", [stopped, late]) from None
+    if stopped is not None:
+        raise stopped
+
+
+def _finished(run: Run) -> None:
+    """The run is over, however it ended: settle the source, stop the clock, log it."""
+    run.settle()
+    run.t_end = run.now()
+    counts = {
+        sr.name: {
+            "items_in": sr.c.items_in,
+            "items_out": sr.c.items_out,
+            "failed": sr.c.failed,
+            "cancelled": sr.c.cancelled,
+        }
+        for sr in run.stages
+    }
+    run.log.info(
+        "run_finished",
+        elapsed=run.t_end - run.t_start,
+        failed=run.first_failure is not None,
+        counts=counts,
+    )
 
 
 class RunFailed(Exception):

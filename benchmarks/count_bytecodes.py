@@ -15,7 +15,10 @@ with ``sys.settrace`` (opcode events) under Trio's ``MockClock``, on two of
   items subtracted from a run of 500 + N, so that start and end do not count).
 
 A MockClock reads cost more than the real clock's, so the ``_mock_clock.py`` lines
-overstate what clock reads cost in a real run. Tracing makes a run about 20x slower.
+overstate what clock reads cost in a real run. Work done inside C (builtins, ``bisect``,
+``collections.Counter``) is not counted at all: a change that moves work from Python
+into builtins looks cheaper here than it is, so time it too (CPU seconds). Tracing
+makes a run about 20x slower.
 
     python benchmarks/count_bytecodes.py [latency|w2] [--top N]
 """

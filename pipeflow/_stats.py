@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Mapping
-from functools import partial, reduce
-from operator import add
 
 import attrs
 
@@ -29,116 +26,55 @@ BOUNDS: tuple[float, ...] = (
     *(float(f"{m}e{e}") for e in range(-6, 3) for m in _MANTISSAS),
     1000.0,
 )
-#: The bucket of a value: the index of the first bound at or above it.
-_bucket = partial(bisect_left, BOUNDS)
-#: Single observations waiting to be folded into a histogram's counts, at most.
-FOLD_AT = 256
 
 
 class Histogram:
-    """Counts of observations per bucket of :data:`BOUNDS`, with sum, min and max.
+    """Counts of observations per bucket of :data:`BOUNDS`, with sum, min and max."""
 
-    A worker records every item it finishes, so an observation must cost next to
-    nothing: single observations are appended to a list and folded into the counts
-    :data:`FOLD_AT` at a time (and whenever the figures are read), with the bucket
-    search, sum, min and max done by builtins over the whole list at once. The sum is
-    added in the order the values came, so it is the sum observing one by one gives.
-    """
-
-    __slots__ = ("_count", "_counts", "_max", "_min", "_pending", "_sum")
+    __slots__ = ("counts", "max", "min", "sum")
 
     def __init__(self) -> None:
-        self._counts = [0] * (len(BOUNDS) + 1)
-        self._count = 0
-        self._sum = 0.0
-        self._min = math.inf
-        self._max = 0.0
-        self._pending: list[float] = []
+        self.counts = [0] * (len(BOUNDS) + 1)
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = 0.0
 
     def observe(self, value: float) -> None:
-        pending = self._pending
-        pending.append(value)
-        if len(pending) >= FOLD_AT:
-            self._fold()
+        self.counts[bisect_left(BOUNDS, value)] += 1
+        self.sum += value
+        if value > self.max:
+            self.max = value
+        if value < self.min:
+            self.min = value
 
     def observe_many(self, value: float, n: int) -> None:
         """``n`` observations of ``value`` at the cost of one: the runner observes a
         chunk of items with their mean duration."""
-        pending = self._pending
-        if n == 1:
-            pending.append(value)
-            if len(pending) >= FOLD_AT:
-                self._fold()
-            return
-        if pending:
-            self._fold()
-        self._counts[bisect_left(BOUNDS, value)] += n
-        self._count += n
-        self._sum += value * n
-        if value > self._max:
-            self._max = value
-        if value < self._min:
-            self._min = value
-
-    def _fold(self) -> None:
-        pending = self._pending
-        if not pending:
-            return
-        counts = self._counts
-        for bucket, n in Counter(map(_bucket, pending)).items():
-            counts[bucket] += n
-        self._count += len(pending)
-        self._sum = reduce(add, pending, self._sum)
-        self._max = max(self._max, max(pending))
-        self._min = min(self._min, min(pending))
-        pending.clear()
-
-    def add(self, other: Histogram) -> None:
-        """Add ``other``'s observations to this histogram's."""
-        self._fold()
-        for i, n in enumerate(other.counts):
-            self._counts[i] += n
-        self._count += other.count
-        self._sum += other.sum
-        self._max = max(self._max, other.max)
-        self._min = min(self._min, other.min)
-
-    @property
-    def counts(self) -> list[int]:
-        """Observations per bucket of :data:`BOUNDS` (then one for the rest)."""
-        self._fold()
-        return self._counts
+        self.counts[bisect_left(BOUNDS, value)] += n
+        self.sum += value * n
+        if value > self.max:
+            self.max = value
+        if value < self.min:
+            self.min = value
 
     @property
     def count(self) -> int:
-        self._fold()
-        return self._count
-
-    @property
-    def sum(self) -> float:
-        self._fold()
-        return self._sum
-
-    @property
-    def min(self) -> float:
-        self._fold()
-        return self._min
-
-    @property
-    def max(self) -> float:
-        self._fold()
-        return self._max
+        """Observations so far (counted from the buckets when read: a worker records
+        every item it finishes, and one addition less there is worth a sum here)."""
+        return sum(self.counts)
 
     @property
     def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
+        count = self.count
+        return self.sum / count if count else 0.0
 
     def quantile(self, q: float) -> float:
         """An estimate of the q-quantile, interpolated inside its bucket, clamped to the
         observed min and max (so a constant duration comes back exactly)."""
-        if not self.count:
+        count = self.count
+        if not count:
             return 0.0
-        rank = q * self.count
+        rank = q * count
         seen = 0
         for i, n in enumerate(self.counts):
             if n and seen + n >= rank:
@@ -455,8 +391,12 @@ def accumulate(totals: StageCounters, run: StageCounters) -> None:
     totals.blocked_time += run.blocked_time
     totals.throttled_time += run.throttled_time
     totals.cpu_time += run.cpu_time
-    totals.durations.add(run.durations)
-    totals.waits.add(run.waits)
+    for mine, theirs in ((totals.durations, run.durations), (totals.waits, run.waits)):
+        for i, n in enumerate(theirs.counts):
+            mine.counts[i] += n
+        mine.sum += theirs.sum
+        mine.max = max(mine.max, theirs.max)
+        mine.min = min(mine.min, theirs.min)
 
 
 #: A stage at least this busy (share of its worker time spent working) limits the rate:

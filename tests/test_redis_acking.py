@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from pipeflow import Failed, Pipeline, StageError, stage
 from pipeflow.testing import assert_nothing_left_running
 
 redis = pytest.importorskip("redis", reason="the redis client is not installed")
 
-from pipeflow.connectors.redis import (  # noqa: E402 - after the importorskip
+import pipeflow.connectors.redis as redis_connector  # noqa: E402 - after the importorskip
+from pipeflow.connectors.redis import (  # noqa: E402
     Entry,
     RedisStreamSource,
 )
@@ -359,3 +361,30 @@ async def test_finished_entries_are_acked_soon_while_the_source_does_not_read(r,
             await trio.sleep(0.6)
             assert set() == pending_ids(r)
             nursery.cancel_scope.cancel()
+
+
+async def test_an_entry_the_run_never_finished_does_not_hang_the_source(r, url, monkeypatch):
+    """The runner's hook used as a runner that lost track of an item would: the run ends
+    well, but one entry it took is never finished. The source waits a while for it, then
+    says so (``redis_entries_unfinished``, with the count) and leaves, rather than wait
+    for ever; the entry stays pending, handed back: another member takes it at once and
+    acks it. (Real sockets: on the real clock, the limit made short for the test.)"""
+    monkeypatch.setattr(redis_connector, "_SETTLE_LIMIT", 0.5)
+    add_jobs(r, 5)
+    with capture_logs() as logs, trio.fail_after(10):
+        async with source(url).__pipeflow_open__(capacity=10) as entries:
+            items, keys = await entries._pipeflow_take_keyed(10)
+            assert len(items) == 5
+            entries.finished_many(keys[:4])  # the fifth never finishes
+            t0 = trio.current_time()
+        waited = trio.current_time() - t0
+    assert 0.5 <= waited < 3
+    [event] = [e for e in logs if e["event"] == "redis_entries_unfinished"]
+    assert event["log_level"] == "warning"
+    assert event["entries"] == 1
+    assert {keys[4]} == pending_ids(r)  # left pending: not lost, not acked
+
+    with trio.fail_after(10):
+        result = await Pipeline(stage(lambda entry: entry.id)).arun(source(url, consumer="b"))
+    assert [keys[4]] == result.outputs
+    assert set() == pending_ids(r)

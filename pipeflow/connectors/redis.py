@@ -28,7 +28,8 @@ exponential backoff until Redis has been unreachable for ``retry_for`` seconds, 
 
 Log events: ``redis_group_created``, ``redis_entries_claimed``, ``redis_entries_released``,
 ``redis_consumer_removed``, ``redis_unavailable``, ``redis_reconnected``,
-``redis_ack_failed``, ``redis_heartbeat_failed``, ``redis_command_unavailable`` (a command
+``redis_ack_failed``, ``redis_heartbeat_failed``, ``redis_entries_unfinished`` (a run
+that ended well left entries unfinished: handed back), ``redis_command_unavailable`` (a command
 disabled on the server that the connector can do without: said once),
 ``redis_consumer_in_use`` (another process seems to read as this consumer).
 """
@@ -97,6 +98,10 @@ _FINAL_ACK_TIMEOUT = 5.0
 #: ... and at most this long when the run was cancelled: the user asked for a prompt
 #: stop, and a Redis that answers at all answers well within it.
 _CANCELLED_CLOSE_TIMEOUT = 0.25
+#: Once the run ended well, the source waits at most this long (seconds) for entries
+#: it gave that are still not finished (no runner path should leave one: a safety net),
+#: then leaves them pending in Redis, handed back for another member.
+_SETTLE_LIMIT = 10.0
 #: How often a draining source checks whether other consumers have finished.
 _DRAIN_POLL = 0.05
 #: How long the source, on leaving, retries its last acks if Redis is unreachable.
@@ -1422,13 +1427,38 @@ class _Consumer:
 
     async def settle(self) -> None:
         """Until every entry this consumer took is acked in Redis (the run ended well,
-        and the last items' acks are on their way)."""
+        and the last items' acks are on their way).
+
+        Once every item has left the pipeline, the entries still held and not finished
+        never will be: the wait for them ends after ``_SETTLE_LIMIT`` seconds, with a warning
+        (``redis_entries_unfinished``). They stay pending in Redis, and close() hands
+        them back, so that another member (or the next run) takes them at once:
+        at-least-once, nothing lost. Finished entries whose XACK is under way are waited
+        for regardless (the acker gives up on an unreachable Redis after
+        ``retry_for``); the run's cancellation (a second signal, the grace period
+        running out) ends the wait at once, as ever."""
         self._waits()  # (no read will take them along)
         # (Entries read but never sent in, when a signal stopped the input, will not
         # be: close() hands them back.)
+        limit = _SETTLE_LIMIT
+        deadline = trio.current_time() + limit
         while len(self.held) > len(self.buffer):
+            now = trio.current_time()
+            if now >= deadline and not self.to_ack and not self._acking:
+                self.log.warning(
+                    "redis_entries_unfinished",
+                    entries=len(self.held),
+                    waited=limit,
+                    hint=(
+                        "the run ended without finishing these entries: they stay "
+                        "pending, handed back for another member (or the next run) to "
+                        "take"
+                    ),
+                )
+                return
             self._room = trio.Event()
-            with trio.move_on_after(self.source.block):
+            wake = now + self.source.block
+            with trio.move_on_at(wake if now >= deadline else min(wake, deadline)):
                 await self._room.wait()
 
     # -- acknowledging -----------------------------------------------------------------------

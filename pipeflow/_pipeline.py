@@ -730,8 +730,11 @@ class Pipeline(Generic[In, Out]):
                 try:
                     yield outputs
                 finally:
-                    if not outputs.ended:
-                        run.cancel()  # the main stages and any dead-letter stage
+                    # A reader that left early: the main stages and any dead-letter
+                    # stage. Not after a fail-fast failure, which stopped the main stages
+                    # itself: the dead-letter stages take what it gave them, as in run().
+                    if not outputs.ended and run.first_failure is None:
+                        run.cancel()
         except StageError as failure:
             if outputs is not None:
                 run.collect_unread(outputs._taken)

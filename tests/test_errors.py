@@ -665,6 +665,47 @@ async def test_dead_letter_can_be_a_stage():
     assert [False] == thread_names  # a sync stage's function runs in a worker thread
 
 
+@pytest.mark.parametrize("api", ["arun", "stream", "open"])
+async def test_the_item_that_stops_a_fail_fast_run_reaches_a_dead_letter_stage(api, autojump_clock):
+    """docs/errors.md: a dead-letter sink receives every Failed, the item that stops a
+    fail-fast run too, however the run is read. (Read through stream(), the stop
+    cancelled the dead-letter stage before it had the item: it was only listed as
+    unfinished.)"""
+    letters = []
+
+    @stage(name="dl")
+    async def sink(failed):
+        await trio.sleep(1.0)
+        letters.append(failed.item)
+
+    @stage(workers=2, dead_letter=sink)
+    async def picky(x):
+        await trio.sleep(0.01)
+        if x == 1:
+            raise ValueError(x)
+        return x
+
+    pipeline = Pipeline(picky)
+
+    async def read() -> None:
+        if api == "arun":
+            await pipeline.arun(range(6))
+        elif api == "stream":
+            async with pipeline.stream(range(6)) as outputs:
+                async for _ in outputs:
+                    pass
+        else:
+            async with pipeline.open() as flow:
+                for i in range(6):
+                    await flow.send(i)
+
+    with pytest.raises(StageError) as caught:
+        await read()
+    assert [1] == letters
+    unfinished = caught.value.result.unfinished
+    assert ("dl", 1) not in [(st, getattr(it, "item", it)) for st, it in unfinished]
+
+
 async def test_dead_letter_stage_with_a_resource_gets_it_and_closes_it():
     """A sink stage that declares a resource (a DB connection) receives it; the resource
     is closed by the end of the run."""

@@ -82,6 +82,29 @@ async def test_a_stalled_item_is_logged_once_then_its_end(autojump_clock):
     assert_nothing_left_running()
 
 
+@pytest.mark.timeout(20)  # the spin stopped the mock clock: no Trio timeout could fire
+async def test_an_item_reaching_its_limit_at_an_awkward_time_is_flagged_not_spun_on(
+    autojump_clock,
+):
+    """A run started at 0.0274 s with stall_after=0.005: at the watcher's wake-up the
+    time left to the limit came out as 2.6e-18 s, too little to move the clock, so the
+    watcher slept until now again and again while the mock clock stood still (the run
+    never ended). The item is flagged at its limit instead."""
+
+    @stage(stall_after=0.005)
+    async def slow(x):
+        await trio.sleep(0.1)
+        return x
+
+    await trio.sleep(0.0274)
+    with capture_logs() as logs:
+        result = await Pipeline(slow, name="p").arun([1])
+    assert [1] == result.outputs
+    stalled = [e for e in _stall_events(logs) if e["event"] == "stage_stalled"]
+    assert 1 == len(stalled)
+    assert abs(stalled[0]["seconds"] - 0.005) < 1e-9
+
+
 async def test_quick_items_never_stall(autojump_clock):
     """Items quicker than stall_after log nothing, however many."""
 

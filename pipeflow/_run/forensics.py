@@ -194,7 +194,10 @@ async def watch_stalls(run: Run) -> None:
                 if ws.stalled or (ws.state != CALLING and ws.state != THROTTLED):
                     continue
                 age = _working_age(sr, task, ws, now)
-                if age >= limit:
+                due = now + (limit - age)
+                # (Within the clock's resolution of the limit is at it: a wake-up at
+                # ``now`` would find the same age again, for ever under a MockClock.)
+                if age >= limit or due <= now:
                     ws.stalled = True
                     log.warning(
                         "stage_stalled",
@@ -205,5 +208,5 @@ async def watch_stalls(run: Run) -> None:
                         stall_after=limit,
                     )
                 else:
-                    wake = min(wake, now + (limit - age))
+                    wake = min(wake, due)
         await trio.sleep_until(wake)

@@ -1616,6 +1616,8 @@ class _Consumer:
 #: RESP's length prefix of a string of each length up to 1,023 (``"$5"``), for the
 #: sink's packing: a lookup instead of a formatting per argument.
 _LENGTH_PREFIXES = [f"${n}" for n in range(1024)]
+#: A sink remembers this many field names with their length prefix, at most.
+_NAMES_KEPT = 1024
 
 
 def _fields_of(item: object) -> dict[str, str]:
@@ -1672,6 +1674,8 @@ class RedisStreamSink(Stage[Any, Any]):
         self.maxlen = maxlen
         self.approximate = approximate
         self.retry_for = float(retry_for)
+        #: Field names written so far, each with its RESP length prefix (for packing).
+        self._names: dict[str, str] = {}
         if options.get("batch") is not None and options.get("buffer") is None:
             # Room for a whole batch in front of the stage: with the default (a slot per
             # worker) the batcher would take a few items per scheduler round.
@@ -1730,6 +1734,21 @@ class RedisStreamSink(Stage[Any, Any]):
         less than half the instructions, the prefixes coming from a table. Raises
         TypeError for a field that is not a str, IndexError for one of
         ``len(_LENGTH_PREFIXES)`` characters or more."""
+        names = self._names
+        if len(names) >= _NAMES_KEPT:
+            names.clear()  # (names made up per entry: the memory stays bounded)
+        while True:
+            try:
+                return self._pack_known(items, names)
+            except KeyError as exc:
+                # A field name not seen yet: learn it (with its length prefix), again.
+                (name,) = exc.args
+                if type(name) is not str:
+                    raise TypeError(name) from None
+                names[name] = f"{_LENGTH_PREFIXES[len(name)]}\r\n{name}"
+
+    def _pack_known(self, items: list[Any], names: dict[str, str]) -> bytes | None:
+        """As :meth:`_pack_entries`, or KeyError for a field name not in ``names``."""
         lengths = _LENGTH_PREFIXES
         head = self._head()
         tail = "\r\n".join([f"{lengths[len(a)]}\r\n{a}" for a in map(str, head)])
@@ -1742,13 +1761,39 @@ class RedisStreamSink(Stage[Any, Any]):
             fields = item._fields
             if "source_id" in fields:
                 return None
-            start = heads.get(len(fields))
+            n = len(fields)
+            start = heads.get(n)
             if start is None:
-                start = heads[len(fields)] = f"*{len(head) + 2 * len(fields) + 2}\r\n{tail}"
-            add(start)
-            for key, value in fields.items():
-                parts += (lengths[len(key)], key, lengths[len(value)], value)
+                start = heads[n] = f"*{len(head) + 2 * n + 2}\r\n{tail}"
             entry_id = item._id
+            # Entries of one to three fields are written out: the loop over a dict's
+            # items costs more than the rest of packing one.
+            if n == 2:  # (the most usual: in one step)
+                (k1, v1), (k2, v2) = fields.items()
+                parts += (
+                    start,
+                    names[k1],
+                    lengths[len(v1)],
+                    v1,
+                    names[k2],
+                    lengths[len(v2)],
+                    v2,
+                    "$9\r\nsource_id",
+                    lengths[len(entry_id)],
+                    entry_id,
+                )
+                continue
+            if n == 1:
+                ((k1, v1),) = fields.items()
+                parts += (start, names[k1], lengths[len(v1)], v1)
+            elif n == 3:
+                (k1, v1), (k2, v2), (k3, v3) = fields.items()
+                parts += (start, names[k1], lengths[len(v1)], v1, names[k2], lengths[len(v2)], v2)
+                parts += (names[k3], lengths[len(v3)], v3)
+            else:
+                add(start)
+                for key, value in fields.items():
+                    parts += (names[key], lengths[len(value)], value)
             parts += ("$9\r\nsource_id", lengths[len(entry_id)], entry_id)
         add("")  # (every part ends with CRLF)
         # The join takes str only (TypeError); a length is the byte count in ASCII.

@@ -1,7 +1,8 @@
 """The Redis Streams connector and the runner's acking protocol: who acks what, when.
 
-Bugs found in review are strict xfails (each says what should happen); the other tests
-pin down behaviour worth keeping. Everything runs against a real redis-server on
+The first tests below are bugs found in review (strict xfails once, passing since their
+fixes; each says what should happen); the others pin down behaviour worth keeping.
+Everything runs against a real redis-server on
 127.0.0.1, on the real clock, each test bounded by ``trio.fail_after``.
 """
 
@@ -65,7 +66,7 @@ def source(url: str, **options: Any) -> RedisStreamSource:
     return RedisStreamSource(url, "jobs", **options)
 
 
-# -- bugs (strict xfails), most severe first ------------------------------------------------
+# -- bugs found in review (fixed), most severe first ---------------------------------------
 
 
 async def test_batch_sink_without_timeout_drains(r, url):

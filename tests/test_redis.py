@@ -676,6 +676,33 @@ async def test_a_batched_sink_writes_every_kind_of_field_exactly(r, url):
     ] == [f for _, f in r.xrange("results")]
 
 
+async def test_a_sink_writes_entries_whose_field_names_keep_changing(r, url):
+    """Field names the sink has not seen (here, every entry's own, 3,000 of them, more
+    than a sink remembers) are written exactly, and a batch of them is packed in one more
+    pass, not one more per new name (which made a batch of 1,000 new names take
+    a quarter of a second, blocking the member: its heartbeat late, its entries claimed
+    by other members and written twice)."""
+    passes: list[int] = []  # per batch, how many times it was packed
+
+    class CountingSink(RedisStreamSink):
+        def _pack_entries(self, items):
+            passes.append(0)
+            return super()._pack_entries(items)
+
+        def _pack_known(self, items, names):
+            passes[-1] += 1
+            return super()._pack_known(items, names)
+
+    entries = [Entry(f"{i + 1}-0", {f"name{i}": str(i), "n": str(i)}) for i in range(3000)]
+    sink = CountingSink(url, "results", batch=500, batch_timeout=0.05, ordered=True)
+    with trio.fail_after(20):
+        await Pipeline(sink).arun(entries)
+    assert [{f"name{i}": str(i), "n": str(i), "source_id": f"{i + 1}-0"} for i in range(3000)] == [
+        f for _, f in r.xrange("results")
+    ]
+    assert {2} == set(passes)  # every batch brought new names: learnt at once
+
+
 def test_a_batched_sink_has_room_for_a_batch_in_front_of_it(url):
     """With batch=N and no buffer=, the sink's input buffer holds a whole batch (so the
     batcher takes its items in chunks); an explicit buffer= wins."""

@@ -1620,6 +1620,22 @@ _LENGTH_PREFIXES = [f"${n}" for n in range(1024)]
 _NAMES_KEPT = 1024
 
 
+def _names_of(items: list[Any], known: dict[str, str]) -> dict[str, str] | None:
+    """The field names of ``items`` (entries) not in ``known``, each with its RESP length
+    prefix; None if an item is not an :class:`Entry`. TypeError for a name that is not
+    a str, IndexError for one too long for the table."""
+    new: dict[str, str] = {}
+    for item in items:
+        if type(item) is not Entry:
+            return None
+        for name in item._fields:
+            if name not in known and name not in new:
+                if type(name) is not str:
+                    raise TypeError(name)
+                new[name] = f"{_LENGTH_PREFIXES[len(name)]}\r\n{name}"
+    return new
+
+
 def _fields_of(item: object) -> dict[str, str]:
     if isinstance(item, Entry):
         return {**item.fields, "source_id": item.id}
@@ -1735,17 +1751,25 @@ class RedisStreamSink(Stage[Any, Any]):
         TypeError for a field that is not a str, IndexError for one of
         ``len(_LENGTH_PREFIXES)`` characters or more."""
         names = self._names
-        if len(names) >= _NAMES_KEPT:
-            names.clear()  # (names made up per entry: the memory stays bounded)
-        while True:
-            try:
-                return self._pack_known(items, names)
-            except KeyError as exc:
-                # A field name not seen yet: learn it (with its length prefix), again.
-                (name,) = exc.args
-                if type(name) is not str:
-                    raise TypeError(name) from None
-                names[name] = f"{_LENGTH_PREFIXES[len(name)]}\r\n{name}"
+        try:
+            return self._pack_known(items, names)
+        except KeyError:
+            pass
+        # Field names not seen yet: this batch's, learnt in one pass (with their length
+        # prefixes), then one more packing. (Learning one name per packing would make a
+        # batch of new names cost its length squared.)
+        new = _names_of(items, names)
+        if new is None:
+            return None
+        if len(names) + len(new) > _NAMES_KEPT:
+            # (Names made up per entry: the memory stays bounded.) The batch's own names
+            # are learnt again, those it shares with earlier batches too.
+            names.clear()
+            new = _names_of(items, names)
+            if new is None or len(new) > _NAMES_KEPT:
+                return None  # more than a sink keeps: packed by hiredis, as any other
+        names.update(new)
+        return self._pack_known(items, names)
 
     def _pack_known(self, items: list[Any], names: dict[str, str]) -> bytes | None:
         """As :meth:`_pack_entries`, or KeyError for a field name not in ``names``."""

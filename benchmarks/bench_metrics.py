@@ -11,12 +11,25 @@ same ratio from wall-clock time, and the time one scrape of the endpoint's regis
 takes.
 
     python benchmarks/bench_metrics.py [--quick] [--json FILE]
+    python benchmarks/bench_metrics.py --instructions
+
+This machine's CPU seconds for one and the same run vary by a third from run to run,
+as much as the effect measured. ``--instructions`` settles it with a count the noise
+cannot touch: the machine instructions per item on each side (valgrind's callgrind,
+the difference between a 2,000- and a 12,000-item run, start-up cancelled out), with
+metrics off, on, and on with the dashboard's once-a-second sample held back (under
+callgrind a run lasts about fifty times longer, so that sample weighs about fifty
+times more per item than in a real run). Needs ``valgrind``; takes about two minutes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import operator
+import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,8 +127,81 @@ def measure(n: int = 200_000, rounds: int = 9) -> list[Row]:
 #: Arguments of a short smoke run (``--quick``).
 QUICK = {"n": 20_000, "rounds": 2}
 
+#: The sides of ``--instructions``: metrics off, on, and on without the dashboard's
+#: once-a-second sample (what "on" costs per item, apart from that sample).
+ARMS = ("off", "on", "on_unsampled")
+
+
+def run_arm(arm: str, n: int) -> None:
+    """One side of ``--instructions`` in this process: a short warm-up, then ``n`` items."""
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    from pipeflow import _metrics
+
+    interval = _metrics.DASHBOARD_INTERVAL
+    if arm == "on_unsampled":
+        _metrics.DASHBOARD_INTERVAL = 1e9  # the first sample only, at the start
+    try:
+        on = arm != "off"
+        pipeline = make_pipeline(arm, CollectorRegistry() if on else None)
+        options = {"metrics_port": 0} if on else {}
+        pipeline.run(range(100), collect=False, **options)
+        result = pipeline.run(range(n), collect=False, **options)
+        assert result.stats[f"identity_{STAGES}"].items_out == n
+    finally:
+        _metrics.DASHBOARD_INTERVAL = interval
+
+
+def instructions(arm: str, n: int) -> int:
+    """Machine instructions of a whole ``run_arm(arm, n)`` process, by callgrind."""
+    done = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--arm",
+            arm,
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in callgrind's output:\n{done.stderr}")
+    return int(found.group(1))
+
+
+def count_instructions(small: int = 2_000, large: int = 12_000) -> dict[str, float]:
+    """Instructions per item on each side of ``ARMS``: ``(Ir(large) - Ir(small)) /
+    (large - small)``."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    per_item = {}
+    # The two sizes side by side (callgrind runs one core each; they do not share counts).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for arm in ARMS:
+            progress(f"metrics --instructions: {arm}, {small:,} and {large:,} items")
+            big, little = pool.map(functools.partial(instructions, arm), (large, small))
+            per_item[arm] = (big - little) / (large - small)
+    return per_item
+
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["--arm"]:  # a child of --instructions
+        run_arm(args[1], int(args[2]))
+        return 0
+    if args == ["--instructions"]:
+        per_item = count_instructions()
+        off = per_item["off"]
+        print(f"machine instructions per item ({STAGES} identity stages x {WORKERS} workers)")
+        for arm, count in per_item.items():
+            print(f"  {arm:<14} {count:>10,.0f}   {count / off:.3f} of off")
+        return 0
     return bench_main(__doc__, measure, QUICK, argv)
 
 

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import (  # noqa: E402
     bench_io,
     bench_memory,
+    bench_metrics,
     bench_overhead,
     bench_process,
     bench_stream,
@@ -81,6 +82,27 @@ def test_memory_runs():
     peaks = rows[0].detail["peak_mb"]
     assert peaks["pipeflow"]["2000"] > 1
     assert peaks["handwritten"]["1000"] > 1
+
+
+def test_metrics_runs():
+    """The metrics benchmark runs the pipeline with metrics on and off, and counts every
+    item of the "on" side in its registry."""
+    rows = bench_metrics.measure(n=300, rounds=1)
+    check_rows(rows, ["metrics"])
+    assert rows[0].detail["scrape_bytes"] > 0
+
+
+@pytest.mark.parametrize("arm", bench_metrics.ARMS)
+def test_metrics_instruction_arms_run(arm):
+    """Each side that ``--instructions`` counts runs its items (here without valgrind),
+    and the unsampled side leaves the dashboard's interval as it found it."""
+    from pipeflow import _metrics
+
+    before = _metrics.DASHBOARD_INTERVAL
+    bench_metrics.run_arm(arm, 50)
+    assert before == _metrics.DASHBOARD_INTERVAL
+    with pytest.raises(ValueError, match="arm must be one of"):
+        bench_metrics.run_arm("sideways", 50)
 
 
 def test_process_runs():

@@ -33,6 +33,7 @@ labelled ``pipeline`` and ``source``, read from the source's ``statistics()``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import signal
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     from ._pipeline import Pipeline
     from ._stage import Stage
 
-__all__ = ["BUCKETS", "HOST", "metrics_service", "register"]
+__all__ = ["BUCKETS", "HOST", "close_listeners", "metrics_service", "register"]
 
 #: Histogram buckets (upper bounds, seconds) of the duration and queue-wait histograms:
 #: per-item latencies from 1 ms to 10 s. Each is one of the statistics' own bucket
@@ -450,11 +451,20 @@ def register(pipeline: Pipeline[Any, Any], registry: CollectorRegistry) -> None:
 
 #: A client gets this long to send its request; a stuck one must not pile up.
 _REQUEST_TIMEOUT = 10.0
+#: How long a request under way when a run hands its endpoint on to a linger still has to
+#: be answered (a scrape takes a millisecond; a client that sends nothing is cut then).
+_ANSWER_GRACE = 0.5
 _MAX_HEAD = 16 * 1024
 
 
 def metrics_service(
-    pipeline: Pipeline[Any, Any], port: int, *, host: str = HOST, source: object = None
+    pipeline: Pipeline[Any, Any],
+    port: int,
+    *,
+    host: str = HOST,
+    source: object = None,
+    listeners: list[trio.SocketListener] | None = None,
+    handoff: list[trio.SocketListener] | None = None,
 ) -> Callable[..., Awaitable[None]]:
     """The ``metrics_port=`` service: ``/metrics`` over HTTP on ``host``:``port``
     (127.0.0.1 unless ``metrics_host=`` says otherwise), the live dashboard at ``/``
@@ -466,6 +476,13 @@ def metrics_service(
     its socket. A pipeline without a registry gets a private one
     (``pipeline.registry``). ``source``: what the run reads, for the buffers the
     dashboard shows (an acking source's first stage gets a larger one).
+
+    ``listeners``: sockets already listening (handed on by a run's endpoint, see
+    ``handoff``) to serve on instead of opening new ones. ``handoff``: a list the
+    service puts its listening sockets in when it ends, instead of closing them, for a
+    linger to serve on (``metrics_linger=``): the port never stops listening between
+    the run and its linger, so a scrape then waits in the backlog instead of being
+    refused. Whoever passes ``handoff`` closes what it gets (:func:`close_listeners`).
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         msg = (
@@ -491,15 +508,19 @@ def metrics_service(
     async def serve_metrics(
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            msg = (
-                f"pipeline {pipeline.name!r}: cannot serve metrics on {host}:{port}: "
-                f"{exc.strerror or exc}"
-            )
-            raise OSError(exc.errno, msg) from exc
-        bound_host, bound = listeners[0].socket.getsockname()[:2]
+        if listeners is not None:
+            sockets = listeners[:]
+            listeners.clear()  # this service owns them now
+        else:
+            try:
+                sockets = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                msg = (
+                    f"pipeline {pipeline.name!r}: cannot serve metrics on {host}:{port}: "
+                    f"{exc.strerror or exc}"
+                )
+                raise OSError(exc.errno, msg) from exc
+        bound_host, bound = sockets[0].socket.getsockname()[:2]
         address = (str(bound_host), int(bound))
         # Pipeline does not declare the attribute (yet): set it through Any.
         owner: Any = pipeline
@@ -511,17 +532,36 @@ def metrics_service(
                 statuses = pipeline.current_workers() or []
                 return {pipeline.name: [w.to_dict() for w in statuses]}
 
+            # The requests being answered when a run that hands its endpoint on ends.
+            answering: set[trio.CancelScope] | None = set() if handoff is not None else None
+
             async def handler(stream: trio.SocketStream) -> None:
-                await _handle(stream, registry, dashboard, workers)
+                if answering is None:
+                    await _handle(stream, registry, dashboard, workers)
+                    return
+                # The run's end does not cut a request under way (its client would see
+                # the connection reset while the port goes on listening for the
+                # linger): answered, within _ANSWER_GRACE of the end (see _accept).
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + _REQUEST_TIMEOUT
+                    answering.add(scope)
+                    try:
+                        await _handle(stream, registry, dashboard, workers)
+                    finally:
+                        answering.discard(scope)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_sample_dashboard, registry, dashboard)
-                await trio.serve_listeners(handler, listeners)
+                for listener in sockets:
+                    # Not trio.serve_listeners: it closes its listeners as it ends.
+                    nursery.start_soon(_accept, listener, handler, answering)
         finally:
             if getattr(owner, "metrics_address", None) == address:
                 owner.metrics_address = None
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+            if handoff is not None:
+                handoff.extend(sockets)
+            else:
+                close_listeners(sockets)
 
     return serve_metrics
 
@@ -558,6 +598,7 @@ async def linger_metrics(
     *,
     signals: bool,
     listening: Callable[[], None] | None = None,
+    listeners: list[trio.SocketListener] | None = None,
 ) -> OSError | None:
     """Serve ``pipeline``'s metrics on ``host``:``port`` for ``seconds`` more, after its
     run has ended (``metrics_linger=``, ``--metrics-linger``): its final figures stay up
@@ -565,8 +606,11 @@ async def linger_metrics(
     a batch job. With ``signals`` (main thread only), SIGINT or SIGTERM ends it at once;
     so does a cancellation. If the port was taken meanwhile, logs
     ``metrics_linger_failed`` and returns the error (the run's result stands).
-    ``listening`` is called once the endpoint listens again (the CLI says so then)."""
-    serve = metrics_service(pipeline, port, host=host)
+    ``listening`` is called once the endpoint listens again (the CLI says so then).
+    ``listeners``: the run's listening sockets (its ``handoff``), served on as they are
+    (so that the port never stops listening) and closed at the end; without them, the
+    port is opened anew."""
+    serve = metrics_service(pipeline, port, host=host, listeners=listeners or None)
     with contextlib.ExitStack() as stack:
         received = (
             stack.enter_context(trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
@@ -592,6 +636,51 @@ async def linger_metrics(
     if taken is not None:
         get_logger(pipeline=pipeline.name).warning("metrics_linger_failed", error=str(taken))
     return taken
+
+
+#: What ``accept()`` raises when the process or the system runs out of something a new
+#: connection needs: wait for connections to close, do not stop serving.
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS")
+    if hasattr(errno, name)
+)
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    answering: set[trio.CancelScope] | None = None,
+) -> None:
+    """Accept connections on ``listener``, each answered by ``handler`` in a task of its
+    own, until cancelled; the listener stays open (its owner closes it, or hands it on).
+    ``answering``: the shielded scopes of requests under way, given ``_ANSWER_GRACE``
+    more when this ends (not cut: their client would see the connection reset)."""
+    async with trio.open_nursery() as nursery:
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    # As trio.serve_listeners does: out of file descriptors (or memory),
+                    # wait a little for some to be freed.
+                    await trio.sleep(0.1)
+                else:
+                    nursery.start_soon(handler, stream)
+        finally:
+            if answering:
+                due = trio.current_time() + _ANSWER_GRACE
+                for scope in answering:
+                    scope.deadline = min(scope.deadline, due)
+
+
+def close_listeners(listeners: Iterable[trio.SocketListener]) -> None:
+    """Close listening sockets now (no checkpoint: safe in a ``finally`` of a cancelled
+    task, and outside Trio)."""
+    for listener in listeners:
+        listener.socket.close()
 
 
 async def _sample_dashboard(registry: CollectorRegistry, dashboard: Dashboard) -> None:

@@ -493,6 +493,10 @@ class Pipeline(Generic[In, Out]):
         self._totals = {st.name: StageCounters(st.name) for st in chain}
         # The acking sources runs have read (their statistics, for the metrics).
         self._sources = SourceLedger()
+        # Where a run's metrics endpoint leaves its listening sockets for a linger to
+        # serve on (metrics_service's handoff), when the CLI will linger after the run
+        # (``--metrics-linger``); ``arun`` passes a list of its own.
+        self._metrics_handoff: list[trio.SocketListener] | None = None
         self.registry = registry
         if registry is not None:
             from ._metrics import register
@@ -521,12 +525,19 @@ class Pipeline(Generic[In, Out]):
         *,
         metrics_host: str = "127.0.0.1",
         source: object = None,
+        handoff: list[trio.SocketListener] | None = None,
     ) -> AsyncIterator[trio.Nursery]:
         services = list(services)
         if metrics_port is not None:
             from ._metrics import metrics_service
 
-            services.append(metrics_service(self, metrics_port, host=metrics_host, source=source))
+            if handoff is None:
+                handoff = self._metrics_handoff
+            services.append(
+                metrics_service(
+                    self, metrics_port, host=metrics_host, source=source, handoff=handoff
+                )
+            )
         self._sources.note(source)
         self._live.append(run)
         try:
@@ -661,27 +672,41 @@ class Pipeline(Generic[In, Out]):
         run = self._new_run("collect" if collect else "drop")
         address: tuple[str, int] | None = None
         failed: Exception | None = None
-        with signals.connected(run, grace) if signals else contextlib.nullcontext():
-            try:
-                async with self._running(
-                    run, metrics_port, metrics_host=metrics_host, source=source
-                ) as nursery:
-                    address = self.metrics_address
-                    run.start_source(nursery, source)
-            except StageError as failure:
-                # The statistics of a failed run are worth having (the CLI's report).
-                failure.result = _result(run)
-                failed = failure
-            except Exception as failure:
-                # Failed otherwise (the source raised): lingers all the same, then raises.
-                if not metrics_linger or address is None:
-                    raise
-                failed = failure
-            result = _result(run)
-        if metrics_linger and address is not None and run.interrupted_by is None:
-            await linger_metrics(
-                self, metrics_host, address[1], metrics_linger, signals=signals is not None
-            )
+        # The run's listening sockets, kept open for the linger (see metrics_service).
+        handoff: list[trio.SocketListener] | None = [] if metrics_linger else None
+        try:
+            with signals.connected(run, grace) if signals else contextlib.nullcontext():
+                try:
+                    async with self._running(
+                        run, metrics_port, metrics_host=metrics_host, source=source, handoff=handoff
+                    ) as nursery:
+                        address = self.metrics_address
+                        run.start_source(nursery, source)
+                except StageError as failure:
+                    # The statistics of a failed run are worth having (the CLI's report).
+                    failure.result = _result(run)
+                    failed = failure
+                except Exception as failure:
+                    # Failed otherwise (the source raised): lingers all the same, then
+                    # raises.
+                    if not metrics_linger or address is None:
+                        raise
+                    failed = failure
+                result = _result(run)
+            if metrics_linger and address is not None and run.interrupted_by is None:
+                await linger_metrics(
+                    self,
+                    metrics_host,
+                    address[1],
+                    metrics_linger,
+                    signals=signals is not None,
+                    listeners=handoff,
+                )
+        finally:
+            if handoff:  # not lingered on (an interrupted run): closed now
+                from ._metrics import close_listeners
+
+                close_listeners(handoff)
         if failed is not None:
             raise failed
         if run.interrupted_by is not None:

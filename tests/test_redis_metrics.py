@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -299,6 +300,78 @@ async def test_arun_metrics_linger_keeps_the_endpoint_for_that_long():
     assert 50 == figures[items]
     assert 0.8 < returned_at - ended_at < 2.0
     assert pipeline.metrics_address is None
+
+
+class _Knocker(trio.abc.Instrument):
+    """Connects to the metrics port (and asks for /metrics) after every task step from
+    the moment the run's endpoint is gone (``metrics_address`` None) until the linger's
+    is up: the connections a scraper would make in between."""
+
+    def __init__(self, pipeline: Pipeline[Any, Any]) -> None:
+        self.pipeline = pipeline
+        self.port: int | None = None
+        self.phase = "run"  # then "between", then "linger"
+        self.refused = 0
+        self.knocks: list[socket.socket] = []
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        address = self.pipeline.metrics_address
+        if self.phase == "run":
+            if address is not None:
+                self.port = address[1]
+            elif self.port is not None:
+                self.phase = "between"
+        elif self.phase == "between" and address is not None:
+            self.phase = "linger"
+        if self.phase != "between":
+            return
+        assert self.port is not None
+        try:
+            knock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        except ConnectionRefusedError:
+            self.refused += 1
+        else:
+            knock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            self.knocks.append(knock)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    with sock:
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_the_port_keeps_listening_from_the_run_to_its_linger():
+    """A connection made at any task step between the run's end and its linger's start
+    is not refused, and is answered with the final figures: the run's endpoint hands its
+    listening socket to the linger (the port was closed, then opened anew, before)."""
+
+    @stage(workers=2)
+    async def double(x: int) -> int:
+        return 2 * x
+
+    pipeline = Pipeline(double, name="handoff")
+    knocker = _Knocker(pipeline)
+    trio.lowlevel.add_instrument(knocker)
+    try:
+        with trio.fail_after(20):
+            await pipeline.arun(range(50), metrics_port=0, metrics_linger=0.3)
+    finally:
+        trio.lowlevel.remove_instrument(knocker)
+    assert "linger" == knocker.phase
+    assert 0 == knocker.refused
+    assert knocker.knocks  # there were steps in between
+    answers = [await trio.to_thread.run_sync(_read_all, k) for k in knocker.knocks]
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        figures = samples(answer.partition(b"\r\n\r\n")[2].decode())
+        key = (
+            "pipeflow_stage_items_total",
+            (("outcome", "ok"), ("pipeline", "handoff"), ("stage", "double")),
+        )
+        assert 50 == figures[key]
 
 
 @pytest.mark.parametrize(

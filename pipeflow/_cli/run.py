@@ -334,6 +334,12 @@ class _RunCommand:
     # -- after --
 
     def __call__(self) -> int:
+        try:
+            return self._call()
+        finally:
+            self._close_handoff()
+
+    def _call(self) -> int:
         logger = logging.getLogger("pipeflow")
         handler = LogHandler(self.progress)
         saved = (logger.level, logger.propagate)
@@ -356,6 +362,11 @@ class _RunCommand:
             else:
                 self.signals.restore()  # Ctrl+C is a KeyboardInterrupt, as before
                 self.signals = None
+        if self.args.metrics_linger > 0:
+            # The run's endpoint leaves its listening sockets here for the linger: the
+            # port keeps listening from the run to the linger (a scrape in between waits
+            # in the backlog instead of being refused).
+            self.pipeline._metrics_handoff = []
         try:
             try:
                 trio.run(self.execute)
@@ -384,6 +395,16 @@ class _RunCommand:
             trio.run(self._linger)
         return code
 
+    def _close_handoff(self) -> None:
+        """Close the listening sockets the run's endpoint left for a linger that did not
+        take them (an interrupted run, an error)."""
+        handoff = self.pipeline._metrics_handoff
+        self.pipeline._metrics_handoff = None
+        if handoff:
+            from .._metrics import close_listeners
+
+            close_listeners(handoff)
+
     async def _linger(self) -> None:
         """``--metrics-linger S``: serve the finished run's metrics for S more seconds
         (Ctrl+C or SIGTERM ends it at once), so that Prometheus scrapes the last figures
@@ -405,7 +426,13 @@ class _RunCommand:
                 )
 
         taken = await linger_metrics(
-            self.pipeline, host, port, seconds, signals=_in_main_thread(), listening=listening
+            self.pipeline,
+            host,
+            port,
+            seconds,
+            signals=_in_main_thread(),
+            listening=listening,
+            listeners=self.pipeline._metrics_handoff,
         )
         if taken is not None:  # the port was taken meanwhile
             print(f"pipeflow: --metrics-linger: {taken}", file=sys.stderr, flush=True)

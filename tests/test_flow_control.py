@@ -364,6 +364,31 @@ async def test_autoscaling_retires_idle_workers_when_it_says_so(autojump_clock):
     assert [(e["old"], e["new"]) for e in shrinks] == [(8, 7), (7, 6), (6, 5), (5, 4), (4, 3)]
 
 
+async def test_autoscaling_keeps_a_spare_worker_while_one_is_stuck(autojump_clock):
+    """One item stuck in a 120 s call, the rest light (10 items/s, 50 ms each): the
+    stage grows to 2 and stays there. It used to shrink back to 1 whenever the queue
+    emptied (one of the two was busy: "not all busy"), leaving only the stuck worker:
+    the queue filled, it grew again, 9 times in 2 minutes, items waiting each time."""
+
+    @stage(workers=(1, 4))
+    async def work(x):
+        await trio.sleep(120 if x == 0 else 0.05)
+        return x
+
+    async def paced():
+        for i in range(1200):
+            yield i
+            await trio.sleep(0.1)
+
+    with capture_logs() as logs:
+        result = await Pipeline(work).arun(paced(), collect=False)
+    assert 1200 == result.stats["work"].ok
+    scaled = [(e["old"], e["new"]) for e in logs if e["event"] == "workers_scaled"]
+    assert [(1, 2)] == scaled
+    # Once the second worker came, no item waited for the stuck one.
+    assert result.stats["work"].queue_wait_p99 < 0.5
+
+
 def test_key_with_autoscaling_is_refused():
     """key= needs a fixed pool."""
     with pytest.raises(ValueError, match="key= needs a fixed number of workers"):

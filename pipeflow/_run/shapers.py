@@ -435,7 +435,11 @@ async def supervise(sr: StageRun, nursery: trio.Nursery, inbox: Edge) -> None:
                 # retired would be the only one able to take items.
                 and not sr.opening
                 and now() - last_change >= SHRINK_COOLDOWN
-                and c.busy_workers < active
+                # A worker stays idle after this one retires: one busy worker of two
+                # (an item stuck in a long call) is no capacity to spare. Retiring the
+                # other would leave none: the queue fills, the stage grows, and shrinks
+                # again, for as long as the call lasts, each item waiting meanwhile.
+                and c.busy_workers < active - 1
             ):
                 sr.retire += 1
                 if sr.idle:

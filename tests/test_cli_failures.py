@@ -4,6 +4,7 @@ metrics oddly: one line on stderr, the right exit status, the report still writt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -12,7 +13,9 @@ import sys
 import textwrap
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trio
@@ -130,12 +133,12 @@ def test_the_failure_line_and_report_keep_the_exceptions_notes(app):
     assert "stage 'store': its resource resource=db() failed to open" in report["failure"]
 
 
-def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
-    """A run of two items (a few milliseconds) with --metrics-port 0 --metrics-linger:
-    the address is printed, and the endpoint serves the final figures for the linger,
-    from the moment its line says so."""
-    (app / "two.txt").write_text("a\nb\n")
-    argv = ["run", "failapp:quick", "--input", "two.txt"]
+@contextlib.contextmanager
+def lingering_run(app: Path, pipeline: str, input_file: str) -> Iterator[tuple[IO[str], str]]:
+    """``pipeflow run PIPELINE --input FILE --metrics-port 0 --metrics-linger 30`` in a
+    real subprocess: yields its stderr, read up to the line that says where the metrics
+    are served, and that URL; then ends the linger (SIGTERM), which must exit 0."""
+    argv = ["run", pipeline, "--input", input_file]
     argv += ["--metrics-port", "0", "--metrics-linger", "30"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeflow", *argv],
@@ -147,13 +150,9 @@ def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
     try:
         assert proc.stderr is not None
         first = proc.stderr.readline()
-        second = proc.stderr.readline()
         url = re.fullmatch(r"pipeflow: serving metrics at (\S+)\n", first)
         assert url is not None, first
-        assert f"pipeflow: still serving metrics at {url[1]} for 30s (Ctrl+C to stop)\n" == second
-        with urllib.request.urlopen(url[1], timeout=10) as response:  # it listens already
-            text = response.read().decode()
-        assert 'pipeflow_stage_items_total{outcome="ok",pipeline="quick",stage="fast"} 2.0' in text
+        yield proc.stderr, url[1]
         proc.terminate()  # ends the linger at once
         assert 0 == proc.wait(timeout=30)
     finally:
@@ -162,20 +161,24 @@ def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
             proc.wait()
 
 
+def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
+    """A run of two items (a few milliseconds) with --metrics-port 0 --metrics-linger:
+    the address is printed, and the endpoint serves the final figures for the linger,
+    from the moment its line says so."""
+    (app / "two.txt").write_text("a\nb\n")
+    with lingering_run(app, "failapp:quick", "two.txt") as (stderr, url):
+        second = stderr.readline()
+        assert f"pipeflow: still serving metrics at {url} for 30s (Ctrl+C to stop)\n" == second
+        with urllib.request.urlopen(url, timeout=10) as response:  # it listens already
+            text = response.read().decode()
+        assert 'pipeflow_stage_items_total{outcome="ok",pipeline="quick",stage="fast"} 2.0' in text
+
+
 def test_the_port_keeps_listening_from_the_run_to_its_linger(app):
     """Scrapes sent without a pause while a run ends and its --metrics-linger begins are
     all answered: the run's endpoint hands its listening socket to the linger, so there
     is no moment when the port refuses a connection (there were 3-6 ms of it when the
     linger opened the port anew)."""
-    argv = ["run", "failapp:paced", "--input", "ten.txt"]
-    argv += ["--metrics-port", "0", "--metrics-linger", "30"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeflow", *argv],
-        cwd=app,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     answered: list[str] = []
     errors: list[Exception] = []
     lingering = threading.Event()
@@ -188,23 +191,14 @@ def test_the_port_keeps_listening_from_the_run_to_its_linger(app):
             except OSError as exc:
                 errors.append(exc)
 
-    try:
-        assert proc.stderr is not None
-        url = re.fullmatch(r"pipeflow: serving metrics at (\S+)\n", proc.stderr.readline())
-        assert url is not None
-        scraper = threading.Thread(target=scrape_until_lingering, args=(url[1],))
+    with lingering_run(app, "failapp:paced", "ten.txt") as (stderr, url):
+        scraper = threading.Thread(target=scrape_until_lingering, args=(url,))
         scraper.start()
         try:
-            assert proc.stderr.readline().startswith("pipeflow: still serving metrics at")
+            assert stderr.readline().startswith("pipeflow: still serving metrics at")
         finally:
             lingering.set()
             scraper.join(timeout=30)
-        proc.terminate()  # ends the linger at once
-        assert 0 == proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert [] == errors
     # Scraped all along (the run lasts about 0.2 s), the last one the final figures.
     assert len(answered) > 10

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import signal
 import threading
 import weakref
@@ -451,9 +452,6 @@ def register(pipeline: Pipeline[Any, Any], registry: CollectorRegistry) -> None:
 
 #: A client gets this long to send its request; a stuck one must not pile up.
 _REQUEST_TIMEOUT = 10.0
-#: How long a request under way when a run hands its endpoint on to a linger still has to
-#: be answered (a scrape takes a millisecond; a client that sends nothing is cut then).
-_ANSWER_GRACE = 0.5
 _MAX_HEAD = 16 * 1024
 
 
@@ -532,29 +530,14 @@ def metrics_service(
                 statuses = pipeline.current_workers() or []
                 return {pipeline.name: [w.to_dict() for w in statuses]}
 
-            # The requests being answered when a run that hands its endpoint on ends.
-            answering: set[trio.CancelScope] | None = set() if handoff is not None else None
-
             async def handler(stream: trio.SocketStream) -> None:
-                if answering is None:
-                    await _handle(stream, registry, dashboard, workers)
-                    return
-                # The run's end does not cut a request under way (its client would see
-                # the connection reset while the port goes on listening for the
-                # linger): answered, within _ANSWER_GRACE of the end (see _accept).
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + _REQUEST_TIMEOUT
-                    answering.add(scope)
-                    try:
-                        await _handle(stream, registry, dashboard, workers)
-                    finally:
-                        answering.discard(scope)
+                await _handle(stream, registry, dashboard, workers)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_sample_dashboard, registry, dashboard)
                 for listener in sockets:
                     # Not trio.serve_listeners: it closes its listeners as it ends.
-                    nursery.start_soon(_accept, listener, handler, answering)
+                    nursery.start_soon(_accept, listener, handler)
         finally:
             if getattr(owner, "metrics_address", None) == address:
                 owner.metrics_address = None
@@ -648,39 +631,41 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset(
 
 
 async def _accept(
-    listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
-    answering: set[trio.CancelScope] | None = None,
+    listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[None]]
 ) -> None:
     """Accept connections on ``listener``, each answered by ``handler`` in a task of its
     own, until cancelled; the listener stays open (its owner closes it, or hands it on).
-    ``answering``: the shielded scopes of requests under way, given ``_ANSWER_GRACE``
-    more when this ends (not cut: their client would see the connection reset)."""
+    A request under way when this is cancelled is cut, as with trio.serve_listeners."""
     async with trio.open_nursery() as nursery:
-        try:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    # As trio.serve_listeners does: out of file descriptors (or memory),
-                    # wait a little for some to be freed.
-                    await trio.sleep(0.1)
-                else:
-                    nursery.start_soon(handler, stream)
-        finally:
-            if answering:
-                due = trio.current_time() + _ANSWER_GRACE
-                for scope in answering:
-                    scope.deadline = min(scope.deadline, due)
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                # As trio.serve_listeners does: out of file descriptors (or memory),
+                # wait a little for some to be freed.
+                await trio.sleep(0.1)
+            else:
+                nursery.start_soon(handler, stream)
 
 
 def close_listeners(listeners: Iterable[trio.SocketListener]) -> None:
-    """Close listening sockets now (no checkpoint: safe in a ``finally`` of a cancelled
-    task, and outside Trio)."""
+    """Close listening sockets now, in Trio or outside it (the CLI closes the ones a
+    linger did not take after its run's ``trio.run`` has returned), without a checkpoint:
+    safe in a ``finally`` of a cancelled task."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        in_trio = False  # no run: nothing can be waiting on them
+    else:
+        in_trio = True
     for listener in listeners:
-        listener.socket.close()
+        sock = listener.socket
+        if in_trio:
+            sock.close()  # tells the run's tasks waiting on it (notify_closing)
+        elif sock.fileno() != -1:
+            os.close(sock.detach())
 
 
 async def _sample_dashboard(registry: CollectorRegistry, dashboard: Dashboard) -> None:

@@ -537,7 +537,7 @@ def metrics_service(
                 nursery.start_soon(_sample_dashboard, registry, dashboard)
                 for listener in sockets:
                     # Not trio.serve_listeners: it closes its listeners as it ends.
-                    nursery.start_soon(_accept, listener, handler)
+                    nursery.start_soon(_accept, listener, handler, pipeline.name)
         finally:
             if getattr(owner, "metrics_address", None) == address:
                 owner.metrics_address = None
@@ -631,11 +631,14 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset(
 
 
 async def _accept(
-    listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[None]]
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    pipeline: str,
 ) -> None:
     """Accept connections on ``listener``, each answered by ``handler`` in a task of its
     own, until cancelled; the listener stays open (its owner closes it, or hands it on).
     A request under way when this is cancelled is cut, as with trio.serve_listeners."""
+    short = False  # accept() is failing for want of file descriptors (or memory)
     async with trio.open_nursery() as nursery:
         while True:
             try:
@@ -643,10 +646,18 @@ async def _accept(
             except OSError as exc:
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
-                # As trio.serve_listeners does: out of file descriptors (or memory),
-                # wait a little for some to be freed.
+                if not short:
+                    # Said once for each spell, not every 0.1 s; the run goes on.
+                    get_logger(pipeline=pipeline).warning(
+                        "metrics_accept_failed",
+                        error=os.strerror(exc.errno) if exc.errno else str(exc),
+                        retry_every=0.1,
+                    )
+                    short = True
+                # As trio.serve_listeners does: wait a little for some to be freed.
                 await trio.sleep(0.1)
             else:
+                short = False
                 nursery.start_soon(handler, stream)
 
 

@@ -3,7 +3,10 @@ metrics_port HTTP endpoint scraped over 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -486,3 +489,68 @@ async def test_oldest_inflight_shows_a_stall_growing(autojump_clock):
     assert [3.0, 6.0, 6.0] == seen
     assert 0.0 == flow.result.stats["stuck"].oldest_inflight_seconds
     assert 0.0 == registry.get_sample_value("pipeflow_stage_oldest_inflight_seconds", labels)
+
+
+_OUT_OF_FDS = """import json, os, resource, sys
+import trio
+from structlog.testing import capture_logs
+from pipeflow import Pipeline, stage
+
+@stage
+async def slow(x):
+    await trio.sleep(1.0)
+    return x
+
+pipeline = Pipeline(slow, name="fds")
+
+async def main():
+    async def limit_when_listening():
+        while pipeline.metrics_address is None:
+            await trio.sleep(0.01)
+        # Room for one more descriptor: the first connection is accepted, then none.
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 2, hard))
+        print(pipeline.metrics_address[1], flush=True)
+
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(limit_when_listening)
+            result = await pipeline.arun([1], metrics_port=0)
+    print(json.dumps({"outputs": result.outputs, "events": [
+        {k: v for k, v in e.items() if k in ("event", "error", "retry_every")} for e in logs]}), flush=True)
+
+trio.run(main)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_an_endpoint_out_of_file_descriptors_says_so_once_and_the_run_goes_on(tmp_path):
+    """A process at its limit of open files: the endpoint cannot accept scrapes. It
+    logs `metrics_accept_failed` once (not every 0.1 s as it retries), and the run
+    finishes as usual. (A real process, its RLIMIT_NOFILE lowered once it listens, and
+    real connections from this one.)"""
+    script = tmp_path / "out_of_fds.py"
+    script.write_text(_OUT_OF_FDS)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+        out = proc.stdout.read()
+        assert 0 == proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for client in clients:
+        client.close()
+    report = json.loads(out)
+    assert [1] == report["outputs"]
+    assert [
+        {"event": "run_started"},
+        {"event": "metrics_accept_failed", "error": "Too many open files", "retry_every": 0.1},
+        {"event": "run_finished"},
+    ] == report["events"]

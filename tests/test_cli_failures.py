@@ -135,14 +135,16 @@ def test_the_failure_line_and_report_keep_the_exceptions_notes(app):
 
 
 @contextlib.contextmanager
-def lingering_run(app: Path, pipeline: str, input_file: str) -> Iterator[tuple[IO[str], str]]:
+def metrics_run(
+    app: Path, pipeline: str, input_file: str, *python_options: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``pipeflow run PIPELINE --input FILE --metrics-port 0 --metrics-linger 30`` in a
-    real subprocess: yields its stderr, read up to the line that says where the metrics
-    are served, and that URL; then ends the linger (SIGTERM), which must exit 0."""
+    real subprocess: yields it, its stderr read up to the line that says where the
+    metrics are served, and that URL; kills it if it is still running at the end."""
     argv = ["run", pipeline, "--input", input_file]
     argv += ["--metrics-port", "0", "--metrics-linger", "30"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeflow", *argv],
+        [sys.executable, *python_options, "-m", "pipeflow", *argv],
         cwd=app,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -153,13 +155,22 @@ def lingering_run(app: Path, pipeline: str, input_file: str) -> Iterator[tuple[I
         first = proc.stderr.readline()
         url = re.fullmatch(r"pipeflow: serving metrics at (\S+)\n", first)
         assert url is not None, first
-        yield proc.stderr, url[1]
-        proc.terminate()  # ends the linger at once
-        assert 0 == proc.wait(timeout=30)
+        yield proc, url[1]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def lingering_run(app: Path, pipeline: str, input_file: str) -> Iterator[tuple[IO[str], str]]:
+    """:func:`metrics_run` that yields its stderr and URL, then ends the linger
+    (SIGTERM), which must exit 0."""
+    with metrics_run(app, pipeline, input_file) as (proc, url):
+        assert proc.stderr is not None
+        yield proc.stderr, url
+        proc.terminate()  # ends the linger at once
+        assert 0 == proc.wait(timeout=30)
 
 
 def test_a_run_shorter_than_a_poll_still_announces_and_lingers(app):
@@ -217,25 +228,11 @@ def test_a_signal_during_a_run_that_would_linger_ends_it_without_a_traceback(app
     status and no traceback (closing the listening socket the run kept for the linger
     raised outside Trio, exit 1)."""
     (app / "hundred.txt").write_text("".join(f"{i}\n" for i in range(100)))
-    argv = ["run", "failapp:paced", "--input", "hundred.txt"]
-    argv += ["--metrics-port", "0", "--metrics-linger", "30"]
-    proc = subprocess.Popen(
-        [sys.executable, "-X", "dev", "-m", "pipeflow", *argv],
-        cwd=app,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with metrics_run(app, "failapp:paced", "hundred.txt", "-X", "dev") as (proc, _):
         assert proc.stderr is not None
-        assert proc.stderr.readline().startswith("pipeflow: serving metrics at")
         proc.send_signal(signum)  # the run takes 2 s: it is under way
         rest = proc.stderr.read()
         assert 128 + signum == proc.wait(timeout=30), rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert "Traceback" not in rest
     assert "ResourceWarning" not in rest  # the socket was closed, not left to the GC
     assert "still serving" not in rest

@@ -650,7 +650,7 @@ async def _accept(
                     # Said once for each spell, not every 0.1 s; the run goes on.
                     get_logger(pipeline=pipeline).warning(
                         "metrics_accept_failed",
-                        error=os.strerror(exc.errno) if exc.errno else str(exc),
+                        error=exc.strerror or str(exc),
                         retry_every=0.1,
                     )
                     short = True

@@ -246,8 +246,9 @@ def format_table(rows: Sequence[Row]) -> str:
         base = _fmt(row.baseline, row.unit, row.baseline_note)
         if row.baseline_label != "hand-written" and row.baseline is not None:
             base = f"{row.baseline_label}: {base}"
-        # A memory row checks its growth (the pipeflow figure); there is no ratio.
-        ratio = "-" if row.unit == "MB" else f"{row.ratio:.2f}"
+        # A memory row checks its growth (the pipeflow figure); there is no ratio. Nor
+        # where the baseline measured nothing (NaN).
+        ratio = "-" if row.unit == "MB" or math.isnan(row.ratio) else f"{row.ratio:.2f}"
         if row.target is None:
             target, result = "-", "info"
         else:

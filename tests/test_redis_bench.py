@@ -36,6 +36,14 @@ def test_the_fleet_benchmark_runs():
         assert math.isfinite(row.pipeflow)
         assert row.pipeflow >= 0
     assert ("<=", 1.5) == rows[0].target
+    # Redis's CPU is measured finely enough for a small run: both sides read more than
+    # nothing, so their ratio is a figure (it once read 0 from /proc's 10 ms ticks and
+    # printed a ratio of 1e10).
+    redis_row = rows[2]
+    assert redis_row.pipeflow > 0
+    assert redis_row.baseline is not None
+    assert redis_row.baseline > 0
+    assert math.isfinite(redis_row.ratio)
 
 
 def test_the_hand_written_member_packing_as_the_sink_writes_the_same():

@@ -338,14 +338,33 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, argv: Sequence[str] | None = None, parts: Sequence[str] = ()
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--check", action="store_true", help="exit with status 1 if a target is missed"
     )
-    return parser.parse_args(argv)
+    if parts:
+        parser.add_argument(
+            "--only",
+            metavar="PART[,PART]",
+            type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+            help=f"measure only these workloads, of: {', '.join(parts)}",
+        )
+        parser.add_argument(
+            "--rounds", type=int, metavar="N", help="interleaved rounds per workload"
+        )
+    args = parser.parse_args(argv)
+    if parts:
+        unknown = [p for p in args.only or () if p not in parts]
+        if unknown or args.only == []:
+            parser.error(f"--only takes workloads of: {', '.join(parts)} (got {unknown})")
+        if args.rounds is not None and args.rounds < 1:
+            parser.error(f"--rounds must be at least 1 (got {args.rounds})")
+    return args
 
 
 def exit_code(rows: Sequence[Row], *, check: bool) -> int:
@@ -358,9 +377,17 @@ def bench_main(
     measure: Callable[..., list[Row]],
     quick: dict[str, Any],
     argv: Sequence[str] | None = None,
+    parts: Sequence[str] = (),
 ) -> int:
-    """The command line of one benchmark: ``[--quick] [--json FILE] [--check]``."""
-    args = parse_args((doc or "").strip().splitlines()[0], argv)
-    rows = measure(**quick) if args.quick else measure()
+    """The command line of one benchmark: ``[--quick] [--json FILE] [--check]``, and
+    for one made of ``parts`` (workloads), ``[--only PART[,PART]] [--rounds N]``."""
+    args = parse_args((doc or "").strip().splitlines()[0], argv, parts)
+    kwargs = dict(quick) if args.quick else {}
+    if parts:
+        if args.only:
+            kwargs["only"] = args.only
+        if args.rounds is not None:
+            kwargs["rounds"] = args.rounds
+    rows = measure(**kwargs)
     report(rows, quick=args.quick, json_path=args.json)
     return exit_code(rows, check=args.check)

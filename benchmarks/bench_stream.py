@@ -32,6 +32,7 @@ to each other compare like with like.
   (source emits -> reader has it) p50 and p99 vs Trio (target: no worse, ratio <= 1.0).
 
     python benchmarks/bench_stream.py [--quick] [--json FILE] [--check]
+        [--only w1,w4,w2,threads,wide,latency] [--rounds N]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import functools
 import operator
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -755,6 +756,10 @@ def measure_latency(n: int, rounds: int, rate: float = 2_000.0) -> list[Row]:
     return rows
 
 
+#: The workloads, by the name ``--only`` takes.
+PARTS = ("w1", "w4", "w2", "threads", "wide", "latency")
+
+
 def measure(
     n_identity: int = 200_000,
     n_io: int = 5_000,
@@ -763,16 +768,19 @@ def measure(
     n_latency: int = 6_000,
     rounds: int = 5,
     wide_workers: int = 1_000,
+    only: Sequence[str] = PARTS,
 ) -> list[Row]:
-    """Every workload, each timed in ``rounds`` interleaved rounds."""
-    return [
-        *measure_identity("w1", n_identity, rounds, ordered=False),
-        *measure_identity("w4", n_identity, rounds, ordered=True),
-        *measure_io(n_io, rounds),
-        *measure_threads(n_threads, rounds),
-        *measure_wide(n_wide, rounds, wide_workers),
-        *measure_latency(n_latency, rounds),
-    ]
+    """Every workload (or those ``only`` names), each timed in ``rounds`` interleaved
+    rounds."""
+    parts: dict[str, Callable[[], list[Row]]] = {
+        "w1": lambda: measure_identity("w1", n_identity, rounds, ordered=False),
+        "w4": lambda: measure_identity("w4", n_identity, rounds, ordered=True),
+        "w2": lambda: measure_io(n_io, rounds),
+        "threads": lambda: measure_threads(n_threads, rounds),
+        "wide": lambda: measure_wide(n_wide, rounds, wide_workers),
+        "latency": lambda: measure_latency(n_latency, rounds),
+    }
+    return [row for name in PARTS if name in only for row in parts[name]()]
 
 
 #: Arguments of a short smoke run (``--quick``): seconds, figures indicative only.
@@ -788,7 +796,7 @@ QUICK = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bench_main(__doc__, measure, QUICK, argv)
+    return bench_main(__doc__, measure, QUICK, argv, parts=PARTS)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,25 @@ def test_stream_baselines_deliver_every_item_in_order():
             assert list(range(500)) == (seen if window else sorted(seen))
 
 
+def test_stream_benchmark_measures_only_the_workloads_asked(tmp_path, capsys):
+    """`bench_stream.py --only latency --rounds 2` runs that workload alone, in as many
+    rounds; a workload it does not have is one line of error, exit 2."""
+    out = tmp_path / "latency.json"
+    assert 0 == bench_stream.main(
+        ["--quick", "--only", "latency", "--rounds", "2", "--json", str(out)]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert ["stream_latency_p50", "stream_latency_p99"] == [r["benchmark"] for r in rows]
+    assert [2, 2] == [len(r["detail"]["p99_ms_per_round"]["pipeflow"]) for r in rows]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        bench_stream.main(["--only", "latncy"])
+    assert 2 == exit_info.value.code
+    assert "--only takes workloads of: w1, w4, w2, threads, wide, latency" in (
+        capsys.readouterr().err
+    )
+
+
 def test_runner_writes_json(tmp_path, monkeypatch, capsys):
     """`run.py NAME --quick --json FILE` prints the table and writes the report."""
     monkeypatch.setattr(bench_overhead, "QUICK", {"n": 200, "rounds": 1})

@@ -300,7 +300,7 @@ class Edge:
             elif self._receivers > len(lot) + self._waking + self.away:
                 # A receiver of quick items is at work (its bookkeeping) and will take
                 # these when it comes back: waking another would only cost a scheduler
-                # round. (One stepping aside after a hand-on counts as away.)
+                # round.
                 return
             else:
                 n = -(-len(envs) // CHUNK)

@@ -61,14 +61,9 @@ class Outbox(Protocol):
         ``now``: the time, if the sender has just read the clock."""
         ...
 
-    #: How many waiting receivers the last hand-over woke.
-    woke: int
-
 
 class CollectSink:
     """The outlet of ``run()``: outputs kept in a list, each acked as it arrives."""
-
-    woke = 0  # nobody waits on a list
 
     def __init__(self, outputs: list[Any]) -> None:
         self.outputs = outputs
@@ -88,8 +83,6 @@ class CollectSink:
 
 class DropSink:
     """The outlet of ``run(collect=False)`` and ``open()``: outputs acked and dropped."""
-
-    woke = 0
 
     async def put(self, envs: list[Env]) -> float:
         self.put_now(envs)
@@ -112,11 +105,6 @@ def _resource_name(stage: Any, hooks: bool) -> str:
 def teardown_scope() -> trio.CancelScope:
     """Shielded from the run's cancellation, but for at most ``TEARDOWN_LIMIT`` s."""
     return trio.CancelScope(shield=True, deadline=trio.current_time() + TEARDOWN_LIMIT)
-
-
-#: The largest chunk after which a worker that woke the next stage steps aside before
-#: its bookkeeping (see StageRun._work): the items of low load come one or two at a time.
-STEP_ASIDE_UP_TO = 2
 
 
 class StageRun:
@@ -477,19 +465,11 @@ class StageRun:
                     queued_at = env.t  # before the hand-on restamps it
                     end = now()
                     if self.out.put_now(chunk, end):
-                        shown_busy = True
-                        if self.out.woke and self.chunked and not len(inbox):
-                            self._step_aside(ws, inbox, end)
-                            shown_busy = False
-                            try:
-                                await trio.lowlevel.cancel_shielded_checkpoint()
-                            finally:
-                                inbox.away -= 1
-                        self._record_one(ws, t0, queued_at, end, shown_busy)
+                        self._record_one(ws, t0, queued_at, end)
                         inbox.wake_all = not self.chunked
                         idle_since = end
                         continue
-                    self._record_one(ws, t0, queued_at, end, True)
+                    self._record_one(ws, t0, queued_at, end)
                     inbox.wake_all = not self.chunked
                     await self._wait_for_room(inbox, self.out.put(chunk))
                     continue
@@ -735,34 +715,16 @@ class StageRun:
                     inbox.release()
                 end = now()
                 if reorder is None and outs and self.out.put_now(outs, end):
-                    # Handed on without waiting (the usual case). If that woke a worker
-                    # (or the reader) and this one has nothing more to do, step aside
-                    # before the bookkeeping, as a channel's send does: the item goes on
-                    # at once instead of after this worker's record and return to wait,
-                    # which is what latency at low load is made of. Only for quick
-                    # items: behind an item that took long (I/O), the step would cost
-                    # more than it saves. And only for a chunk of one or two: items
-                    # that come alone, as at low load. A worker with a bigger chunk is
-                    # moving a stream, where the step would be a second scheduler step
-                    # per chunk (7% more CPU per item in W1) and the woken worker has a
-                    # chunk to start on anyway.
+                    # Handed on without waiting (the usual case). The bookkeeping is
+                    # done now, in this step: the worker (or reader) the hand-over woke
+                    # runs in the next scheduler round whatever this one does. (Stepping
+                    # aside first, to record after the woken one, was a scheduler step
+                    # more per hop, and Trio runs a round's tasks in either order, so it
+                    # recorded first in half the rounds anyway, and items in flight
+                    # together overtook each other: slower at low load, p50 and p99;
+                    # docs/performance.md.)
                     handed_over = True
-                    shown_busy = True
-                    if (
-                        self.out.woke
-                        and self.chunked
-                        and not len(inbox)
-                        and len(chunk) <= STEP_ASIDE_UP_TO
-                    ):
-                        self._step_aside(ws, inbox, end)
-                        shown_busy = False
-                        try:
-                            await trio.lowlevel.cancel_shielded_checkpoint()
-                        finally:
-                            inbox.away -= 1
-                    self._record(
-                        ws, t0, queued_at, chunk, calls, task, in_thread, end=end, busy=shown_busy
-                    )
+                    self._record(ws, t0, queued_at, chunk, calls, task, in_thread, end=end)
                     inbox.wake_all = not self.chunked
                     idle_since = end
                     continue
@@ -806,24 +768,6 @@ class StageRun:
             inbox.away -= 1
         if blocked:
             self.c.blocked_time += blocked
-
-    def _step_aside(self, ws: WorkerState, inbox: Edge, end: float) -> None:
-        """A worker that handed items on at ``end`` and woke a worker (or the reader),
-        with nothing more to do, lets the woken go first, before its bookkeeping: its
-        caller steps aside (a shielded checkpoint) after this, then takes back the
-        ``inbox.away`` this adds. (Not a coroutine itself: one per step aside measured
-        5,749 bytecodes on an item's path at low load against 5,731.)"""
-        # Its items have gone on: while it steps aside, the gauges and the live views
-        # must not show it busy with them (_record, next, does the rest of the
-        # bookkeeping).
-        self.c.busy_workers -= 1
-        ws.state = SENDING
-        ws.since = end
-        # And away for its inbox (Edge.away): an item that comes now wakes a waiting
-        # worker, in the next scheduler round, instead of waiting for this one's
-        # bookkeeping in this round, behind whatever else the round runs (the item
-        # before it, going on through the next stages).
-        inbox.away += 1
 
     async def _place(
         self,
@@ -917,15 +861,12 @@ class StageRun:
         in_thread: float = -1.0,
         *,
         end: float,
-        busy: bool = True,
         stopped: bool = False,
     ) -> None:
         """A chunk's statistics (it ended at ``end``): busy time, queue wait (since
         ``queued_at``) and durations, by weight.
         ``in_thread``: the items' own time in a worker thread, without the round trip
-        to it, which is what decides whether the stage's items are quick.
-        ``busy``: the worker is still shown busy with the chunk (not if it stepped aside
-        after handing it on: it shows as sending since then)."""
+        to it, which is what decides whether the stage's items are quick."""
         c = self.c
         d = end - t0
         # Time spent waiting for a rate-limit token or a held breaker, or handing a
@@ -935,10 +876,9 @@ class StageRun:
             d -= self.throttled.pop(task, 0.0)
         if ws.stalled:
             note_unstalled(self, ws, d, stopped=stopped)
-        if busy:
-            ws.state = SENDING
-            ws.since = end
-            c.busy_workers -= 1
+        ws.state = SENDING
+        ws.since = end
+        c.busy_workers -= 1
         ws.chunk = None
         c.busy_time += d
         c.waits.observe_many(t0 - queued_at, len(chunk))
@@ -949,9 +889,7 @@ class StageRun:
             work = in_thread if in_thread >= 0.0 else d
             self.chunked = work <= self.quick_below * calls
 
-    def _record_one(
-        self, ws: WorkerState, t0: float, queued_at: float, end: float, busy: bool
-    ) -> None:
+    def _record_one(self, ws: WorkerState, t0: float, queued_at: float, end: float) -> None:
         """:meth:`_record` for the lone item's lane: one item, one call, that went well.
         (Such a stage has no rate limit or breaker and its item went to no dead-letter
         sink: nothing throttled it.) Its first lines repeat :meth:`_record`'s on
@@ -961,10 +899,9 @@ class StageRun:
         d = end - t0
         if ws.stalled:
             note_unstalled(self, ws, d, stopped=False)
-        if busy:
-            ws.state = SENDING
-            ws.since = end
-            c.busy_workers -= 1
+        ws.state = SENDING
+        ws.since = end
+        c.busy_workers -= 1
         ws.chunk = None
         c.busy_time += d
         c.waits.observe(t0 - queued_at)

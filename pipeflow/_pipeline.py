@@ -309,6 +309,8 @@ class Flow(Generic[In, Out]):
         self._edge = first.inbox
         self._edge.add_sender()
         self._closed = False
+        # Why the input is closed, for PipelineClosed (a feeder outside the block).
+        self._closed_by = "its input is closed (flow.close(), or the end of the async with block)"
         self.outputs: Outputs[Out] | None = Outputs(run) if run.outlet_edge is not None else None
         self.result: RunResult[Out] | None = None
         # send() calls made and sends that started: a difference at the end of the block
@@ -321,7 +323,7 @@ class Flow(Generic[In, Out]):
         if run.first_failure is not None:
             why = f"it stopped on a failure: {run.first_failure}"
         elif self._closed:
-            why = "its input is closed (flow.close(), or the end of the async with block)"
+            why = self._closed_by
         elif self._edge.broken:
             why = "it was cancelled"
         else:
@@ -383,6 +385,14 @@ class Flow(Generic[In, Out]):
             c.dropped += 1
             return False
         return True
+
+    def _block_ended_by(self, exc: BaseException) -> None:
+        """The ``async with`` block ended with ``exc``: what a feeder is told then."""
+        if not self._closed:
+            if isinstance(exc, trio.Cancelled):
+                self._closed_by = "the async with block was cancelled"
+            else:
+                self._closed_by = f"the async with block ended with {exc!r}"
 
     def close(self) -> None:
         """End the input: accepted items still run to the end. Leaving the block does it."""
@@ -813,6 +823,9 @@ class Pipeline(Generic[In, Out]):
                 flow = Flow(run)
                 try:
                     yield flow
+                except BaseException as exc:
+                    flow._block_ended_by(exc)
+                    raise
                 finally:
                     flow.close()
         except StageError as failure:

@@ -213,6 +213,39 @@ async def test_feeding_a_closed_flow_raises_pipeline_closed(autojump_clock):
             flow.offer(1)
 
 
+async def test_a_feeder_outside_a_cancelled_open_block_is_told_it_was_cancelled(
+    autojump_clock,
+):
+    """A task outside the ``open()`` block feeds it; the block is cancelled. The feeder's
+    next send is refused with PipelineClosed saying the block was cancelled (before: "its
+    input is closed (flow.close(), ...)", as if the program had closed it)."""
+
+    @stage(workers=1, buffer=1)
+    async def slow(x):
+        await trio.sleep(0.05)
+        return x
+
+    refused = []
+    async with trio.open_nursery() as outside:
+        with trio.move_on_after(0.2):
+            async with Pipeline(slow, name="p").open() as flow:
+
+                async def feeder():
+                    i = 0
+                    while True:
+                        try:
+                            await flow.send(i)
+                        except PipelineClosed as exc:
+                            refused.append(str(exc))
+                            return
+                        i += 1
+
+                outside.start_soon(feeder)
+                await trio.sleep_forever()
+    assert ["pipeline 'p' takes no more items: the async with block was cancelled"] == refused
+    assert_conserved(flow.result)
+
+
 @pytest.mark.parametrize("seed", range(40))
 async def test_cancelling_a_keyed_run_at_random_raises_only_the_cancellation(seed, autojump_clock):
     """A run with a key= stage cancelled at a random moment: no BrokenResourceError (the
@@ -546,6 +579,65 @@ async def test_fail_fast_keeps_the_outputs_the_last_stage_made_before_the_failur
     assert set(range(s.items_in)) == {*result.outputs, *unfinished, 44}
     if acking:
         assert sorted(acked) == sorted(result.outputs)
+
+
+@pytest.mark.parametrize("collect", [True, False])
+async def test_fail_fast_keeps_the_outputs_an_ordered_last_stage_held_back(collect, autojump_clock):
+    """An ordered last stage holds finished outputs behind a slow first item; a fail-fast
+    stop takes that item. The outputs it held were counted ok: they are run()'s outputs,
+    in order (before, they were dropped, in neither the outputs nor the unfinished)."""
+
+    @stage(workers=3, ordered=True)
+    async def work(x):
+        if x == 0:
+            await trio.sleep(1)  # the head of the line is slow
+        if x == 4:
+            await trio.sleep(0.1)
+            raise ValueError(x)  # fail-fast while 1, 2, 3 and 5 wait in the window
+        return x
+
+    with pytest.raises(StageError) as info:
+        await Pipeline(work).arun(range(6), collect=collect)
+    result = info.value.result
+    assert_conserved(result)
+    s = result.stats["work"]
+    assert (6, 4, 1, 1) == (s.items_in, s.ok, s.failed, s.cancelled)
+    assert [("work", 0)] == result.unfinished
+    assert ([1, 2, 3, 5] if collect else []) == result.outputs
+
+
+async def test_a_stop_cutting_an_embedded_failure_on_its_way_to_a_dead_letter_stage(
+    autojump_clock,
+):
+    """errors="embed" with a dead-letter stage: a failed item goes on as a Failed value
+    and its copy to the dead-letter stage. A stop (the reader leaves) while that copy
+    waits for room keeps both: the copy is unfinished at the dead-letter stage, the value
+    that goes on is an unread output (before, it was in neither)."""
+
+    @stage(workers=1, buffer=0, name="dls")
+    async def dls(failed):
+        await trio.sleep(100)  # a slow dead-letter sink: its queue stays full
+
+    @stage(workers=1, errors="embed", name="work")
+    async def work(x):
+        if x >= 1:
+            raise ValueError(x)
+        return x
+
+    pipeline = Pipeline(work, dead_letter=dls)
+    read = []
+    async with pipeline.stream(range(3), buffer=0) as outputs:
+        async for out in outputs:
+            read.append(out)
+            if len(read) == 2:
+                break  # item 2's copy is still waiting for the dead-letter stage
+    result = outputs.result
+    assert_conserved(result)
+    assert 0 == read[0]
+    assert [1, 2] == [read[1].item, *(f.item for f in result.unread)]
+    assert [("dls", 1), ("dls", 2)] == [(name, f.item) for name, f in result.unfinished]
+    s = result.stats["work"]
+    assert (3, 1, 2) == (s.items_in, s.ok, s.failed)
 
 
 @pytest.mark.parametrize("steps", range(6))

@@ -107,12 +107,18 @@ class FailurePolicy:
                     # listed as unfinished there; the failure happened here.
                     c.inflight -= weight
                     self.record(failed)
+                    self.cut_after_failing(env, failed)
                 raise
         c.inflight -= weight
         return self.finish(env, failed, ack_taken, weight)
 
     def record(self, failed: Failed[Any]) -> None:
         """Keep the failure where the policy keeps failures (collect: the run's errors)."""
+
+    def cut_after_failing(self, env: Env, failed: Failed[Any]) -> None:
+        """A stop came while the failed item went to a dead-letter stage: what the item
+        leaves behind here (nothing, but for a policy whose failure goes on) is kept as
+        a stop keeps any output made and not handed on."""
 
     def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
         raise NotImplementedError
@@ -148,6 +154,15 @@ class Embed(FailurePolicy):
     def finish(self, env: Env, failed: Failed[Any], ack_taken: bool, weight: int) -> list[Env]:
         env.item = failed
         return [env]
+
+    def cut_after_failing(self, env: Env, failed: Failed[Any]) -> None:
+        # The Failed value was made: in front of the next stage, or an unread output.
+        env.item = failed
+        sr = self.sr
+        if sr.reorder is not None:
+            sr.run.strand(sr, [], [(env.seq, [env])])
+        else:
+            sr.run.strand(sr, [env], [])
 
 
 class Skip(FailurePolicy):

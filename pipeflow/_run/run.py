@@ -576,6 +576,12 @@ class Run:
             sr.out.stranded.extend(outs)
             for _, envs in results:
                 sr.out.stranded.extend(envs)
+        elif sr.reorder is not None and results:
+            # Into the order window, which the stop's settle() empties in order: the
+            # outputs of other workers cut at the same stop come in between.
+            sr.out.put_now(outs)
+            for seq, envs in results:
+                sr.reorder.ready[seq] = envs
         else:
             ordered = sorted(results, key=lambda result: result[0])
             sr.out.put_now([*outs, *(env for _, envs in ordered for env in envs)])
@@ -584,9 +590,10 @@ class Run:
         """After the last task: what a stop left queued counts as cancelled, so that
         ``items_in == ok + filtered + failed + dropped + cancelled`` for every stage."""
         for sr in (*self.stages, *self.dead_letter_runs):
-            out = sr.out
-            if sr.reorder is not None and isinstance(out, Edge):
-                out.stranded.extend(sr.reorder.leftovers())
+            if sr.reorder is not None:
+                # Outputs made (counted ok) and held for an earlier item the stop took:
+                # queued in front of the next stage, or run()'s outputs, as strand().
+                self.strand(sr, sr.reorder.leftovers(), [])
             self.unfinish(sr, sr.inbox.leftovers(), counted=False)
             for edge in self._inner_edges.get(id(sr), ()):
                 # Behind a batcher or a key router: workers count items as they take

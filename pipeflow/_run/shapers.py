@@ -193,8 +193,10 @@ class Reorder:
         return blocked
 
     def leftovers(self) -> list[Env]:
-        out = [env for envs in self.ready.values() for env in envs]
-        self.ready.clear()
+        """What a stop left waiting for an earlier item, in order."""
+        ready = self.ready
+        out = [env for seq in sorted(ready) for env in ready[seq]]
+        ready.clear()
         return out
 
 

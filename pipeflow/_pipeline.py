@@ -389,7 +389,9 @@ class Flow(Generic[In, Out]):
     def _block_ended_by(self, exc: BaseException) -> None:
         """The ``async with`` block ended with ``exc``: what a feeder is told then."""
         if not self._closed:
-            if isinstance(exc, trio.Cancelled):
+            if isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+            ):
                 self._closed_by = "the async with block was cancelled"
             else:
                 self._closed_by = f"the async with block ended with {exc!r}"
@@ -770,6 +772,10 @@ class Pipeline(Generic[In, Out]):
                     # itself: the dead-letter stages take what it gave them, as in run().
                     if not outputs.ended and run.first_failure is None:
                         run.cancel()
+                    # The reader takes no more: an acking source's task, which waits for
+                    # the outputs to be read before it lets go of its items, waits no
+                    # longer (after a fail-fast failure it waited for ever).
+                    run.outlet_drained.set()
         except StageError as failure:
             if outputs is not None:
                 run.collect_unread(outputs._taken)

@@ -246,6 +246,37 @@ async def test_a_feeder_outside_a_cancelled_open_block_is_told_it_was_cancelled(
     assert_conserved(flow.result)
 
 
+async def test_a_feeder_is_told_the_block_was_cancelled_through_a_nursery(autojump_clock):
+    """The block's cancellation comes out of a nursery in it, as a group of Cancelled
+    only: the feeder outside is told the block was cancelled, not shown the group."""
+
+    @stage(workers=1, buffer=1)
+    async def slow(x):
+        await trio.sleep(0.05)
+        return x
+
+    refused = []
+    async with trio.open_nursery() as outside:
+        with trio.move_on_after(0.2):
+            async with Pipeline(slow, name="p").open() as flow:
+
+                async def feeder():
+                    i = 0
+                    while True:
+                        try:
+                            await flow.send(i)
+                        except PipelineClosed as exc:
+                            refused.append(str(exc))
+                            return
+                        i += 1
+
+                outside.start_soon(feeder)
+                async with trio.open_nursery() as inside:
+                    inside.start_soon(trio.sleep_forever)
+                    inside.start_soon(trio.sleep_forever)
+    assert ["pipeline 'p' takes no more items: the async with block was cancelled"] == refused
+
+
 @pytest.mark.parametrize("seed", range(40))
 async def test_cancelling_a_keyed_run_at_random_raises_only_the_cancellation(seed, autojump_clock):
     """A run with a key= stage cancelled at a random moment: no BrokenResourceError (the
@@ -606,6 +637,38 @@ async def test_fail_fast_keeps_the_outputs_an_ordered_last_stage_held_back(colle
     assert ([1, 2, 3, 5] if collect else []) == result.outputs
 
 
+async def test_the_outputs_an_ordered_stage_made_before_a_stop_stay_in_order(autojump_clock):
+    """After a fail-fast stop, the outputs an ordered stage had made are left in input
+    order: those waiting for an earlier item the stop took, and those of a worker the
+    stop cut in the middle of a chunk. (Before, the cut worker's came first: stream()'s
+    unread outputs read [9, 10, 11, 1, 2, ...].)"""
+
+    @stage(workers=3, ordered=True, name="work")
+    async def work(x):
+        if x == 0:
+            await trio.sleep(10)  # the head of the line
+        elif x == 12:
+            await trio.sleep(1)  # in a chunk: the outputs made before it wait with it
+        elif x == 15:
+            await trio.sleep(0.5)
+            raise ValueError(x)
+        return x
+
+    async def read_all():
+        async with Pipeline(work).stream(range(20), buffer=32) as outputs:
+            async for _ in outputs:
+                pass
+
+    with pytest.raises(StageError) as info:
+        await read_all()
+    result = info.value.result
+    assert_conserved(result)
+    s = result.stats["work"]
+    assert s.ok == len(result.unread)
+    assert sorted(result.unread) == result.unread
+    assert {0, 12} <= {item for _, item in result.unfinished}
+
+
 async def test_a_stop_cutting_an_embedded_failure_on_its_way_to_a_dead_letter_stage(
     autojump_clock,
 ):
@@ -638,6 +701,69 @@ async def test_a_stop_cutting_an_embedded_failure_on_its_way_to_a_dead_letter_st
     assert [("dls", 1), ("dls", 2)] == [(name, f.item) for name, f in result.unfinished]
     s = result.stats["work"]
     assert (3, 1, 2) == (s.items_in, s.ok, s.failed)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_stream_over_an_acking_source_raises_a_fail_fast_failure(ordered, autojump_clock):
+    """stream() over an acking source (Redis is one), with a dead-letter stage: a fail-fast
+    failure is raised at once, the items read are acked and the others are not. (Before,
+    the source's task waited for ever for the reader to drain the outputs, after the
+    reader's block had been ended by the failure: the run never returned.)"""
+    acked = []
+
+    class Ack:
+        def __init__(self, item):
+            self.item, self.pending = item, 1
+
+        def add(self, n):
+            self.pending += n
+
+        def done(self):
+            self.pending -= 1
+            if self.pending == 0:
+                acked.append(self.item)
+
+    class Acking:
+        @contextlib.asynccontextmanager
+        async def __pipeflow_open__(self, *, capacity):
+            async def pairs():
+                for i in range(80):
+                    yield i, Ack(i)
+
+            yield pairs()
+
+    @stage(workers=4, ordered=ordered, name="work")
+    async def work(x):
+        if x % 2:
+            await trio.sleep(0.01)
+        if x == 7:
+            raise ValueError(x)
+        return x
+
+    dead = []
+
+    @stage(workers=1, name="dls")
+    async def dls(failed):
+        await trio.sleep(0.005)
+        dead.append(failed.item)
+
+    read = []
+
+    async def read_all():
+        async with Pipeline(work, dead_letter=dls).stream(Acking()) as outputs:
+            async for out in outputs:
+                read.append(out)
+
+    start = trio.current_time()
+    with trio.move_on_after(600):  # the hang ended only when something cancelled it
+        with pytest.raises(StageError) as info:
+            await read_all()
+    assert trio.current_time() - start < 1  # raised at once (the failure comes at 0.01 s)
+    assert 7 == info.value.item
+    result = info.value.result
+    assert_conserved(result)
+    assert sorted(acked) == sorted(read)
+    assert 7 not in acked
 
 
 @pytest.mark.parametrize("steps", range(6))

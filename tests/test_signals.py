@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +219,62 @@ def test_a_signal_the_process_ignores_does_not_stop_a_run(tmp_path, signum):
         [sys.executable, str(script), signum], capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stdout.strip()) == (0, "200"), done.stderr
+
+
+#: A library loaded before the interpreter (LD_PRELOAD) that handles SIGTERM in C, as a
+#: program that embeds Python does (uWSGI): the signal ends the process with status 42.
+C_HANDLER = r"""
+#include <signal.h>
+#include <unistd.h>
+static void on_term(int signum) { (void)signum; _exit(42); }
+__attribute__((constructor)) static void install(void) {
+    struct sigaction action = {0};
+    action.sa_handler = on_term;
+    sigaction(SIGTERM, &action, 0);
+}
+"""
+
+C_HANDLED = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeflow import Pipeline, stage
+
+    # Python sees a handler it did not install (and could not put back).
+    assert signal.getsignal(signal.SIGTERM) is None
+
+    @stage
+    async def double(x):
+        return 2 * x
+
+    print(Pipeline(double).run(range(3)).outputs, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # the C handler, if it is still there: 42
+    sys.exit(0)
+    """
+)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or shutil.which("cc") is None, reason="needs Linux and a C compiler"
+)
+def test_a_signal_handled_in_c_is_left_to_its_handler(tmp_path):
+    """A process whose SIGTERM handler was installed from C (a program embedding Python;
+    here a library loaded first): run() leaves that signal to it, and the handler is
+    still there after the run. (Before, every run() in such a process ended in a
+    TypeError: Python cannot put back a handler it did not install.)"""
+    source = tmp_path / "handler.c"
+    source.write_text(C_HANDLER)
+    lib = tmp_path / "handler.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True, timeout=120)
+    script = tmp_path / "app.py"
+    script.write_text(C_HANDLED)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, LD_PRELOAD=str(lib)),
+    )
+    assert (done.returncode, done.stdout.strip()) == (42, "[0, 2, 4]"), done.stderr
 
 
 #: Appended to a script that set ``original`` (the SIGINT handler it started with) and

@@ -720,10 +720,12 @@ class SignalGate:
         SignalGate._open.append(self)
         for signum in self.SIGNALS:
             handler = signal.getsignal(signum)
-            if handler is signal.SIG_IGN or handler is SignalGate._dispatch:
+            if handler is None or handler is signal.SIG_IGN or handler is SignalGate._dispatch:
                 # Ignored by whoever started the process (nohup, a job in the background
                 # of a shell script): a Ctrl+C at the terminal is not for it. Or already
-                # routed to every open gate.
+                # routed to every open gate. Or handled by C code that embeds Python
+                # (uWSGI, say: getsignal() says None): its handler could not be put
+                # back from Python, so the signal stays its own.
                 continue
             previous = signal.signal(signum, SignalGate._dispatch)
             # What to put back is what the first gate found: a handler installed while

@@ -16,6 +16,7 @@ import trio
 
 from pipeflow import Interrupted, Pipeline, PipelineClosed, StageError, stage
 from pipeflow.testing import assert_nothing_left_running
+from tests.test_abc import ListSource
 
 
 def assert_conserved(result):
@@ -28,6 +29,18 @@ def assert_conserved(result):
     for name, _ in result.unfinished:
         listed[name] += 1
     assert cancelled == listed
+
+
+async def feed_until_refused(flow, refused):
+    """Send 0, 1, 2, ... into ``flow`` until it refuses; what it said, into ``refused``."""
+    i = 0
+    while True:
+        try:
+            await flow.send(i)
+        except PipelineClosed as exc:
+            refused.append(str(exc))
+            return
+        i += 1
 
 
 def slow_pipeline(seconds=1.0):
@@ -213,12 +226,14 @@ async def test_feeding_a_closed_flow_raises_pipeline_closed(autojump_clock):
             flow.offer(1)
 
 
+@pytest.mark.parametrize("through_a_nursery", [False, True])
 async def test_a_feeder_outside_a_cancelled_open_block_is_told_it_was_cancelled(
-    autojump_clock,
+    through_a_nursery, autojump_clock
 ):
     """A task outside the ``open()`` block feeds it; the block is cancelled. The feeder's
     next send is refused with PipelineClosed saying the block was cancelled (before: "its
-    input is closed (flow.close(), ...)", as if the program had closed it)."""
+    input is closed (flow.close(), ...)", as if the program had closed it); also when
+    the cancellation comes out of a nursery in the block, as a group of Cancelled only."""
 
     @stage(workers=1, buffer=1)
     async def slow(x):
@@ -229,52 +244,15 @@ async def test_a_feeder_outside_a_cancelled_open_block_is_told_it_was_cancelled(
     async with trio.open_nursery() as outside:
         with trio.move_on_after(0.2):
             async with Pipeline(slow, name="p").open() as flow:
-
-                async def feeder():
-                    i = 0
-                    while True:
-                        try:
-                            await flow.send(i)
-                        except PipelineClosed as exc:
-                            refused.append(str(exc))
-                            return
-                        i += 1
-
-                outside.start_soon(feeder)
-                await trio.sleep_forever()
+                outside.start_soon(feed_until_refused, flow, refused)
+                if through_a_nursery:
+                    async with trio.open_nursery() as inside:
+                        inside.start_soon(trio.sleep_forever)
+                        inside.start_soon(trio.sleep_forever)
+                else:
+                    await trio.sleep_forever()
     assert ["pipeline 'p' takes no more items: the async with block was cancelled"] == refused
     assert_conserved(flow.result)
-
-
-async def test_a_feeder_is_told_the_block_was_cancelled_through_a_nursery(autojump_clock):
-    """The block's cancellation comes out of a nursery in it, as a group of Cancelled
-    only: the feeder outside is told the block was cancelled, not shown the group."""
-
-    @stage(workers=1, buffer=1)
-    async def slow(x):
-        await trio.sleep(0.05)
-        return x
-
-    refused = []
-    async with trio.open_nursery() as outside:
-        with trio.move_on_after(0.2):
-            async with Pipeline(slow, name="p").open() as flow:
-
-                async def feeder():
-                    i = 0
-                    while True:
-                        try:
-                            await flow.send(i)
-                        except PipelineClosed as exc:
-                            refused.append(str(exc))
-                            return
-                        i += 1
-
-                outside.start_soon(feeder)
-                async with trio.open_nursery() as inside:
-                    inside.start_soon(trio.sleep_forever)
-                    inside.start_soon(trio.sleep_forever)
-    assert ["pipeline 'p' takes no more items: the async with block was cancelled"] == refused
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -571,28 +549,8 @@ async def test_fail_fast_keeps_the_outputs_the_last_stage_made_before_the_failur
     """A chunk of quick items in the last stage of run(): the items before the one that
     fails have their outputs made and counted ok when the stop comes. They are in the
     failure's result.outputs (run() keeps every output), and acked."""
-    acked = []
-
-    class Ack:
-        def __init__(self, item):
-            self.item, self.pending = item, 1
-
-        def add(self, n):
-            self.pending += n
-
-        def done(self):
-            self.pending -= 1
-            if self.pending == 0:
-                acked.append(self.item)
-
-    class Acking:
-        @contextlib.asynccontextmanager
-        async def __pipeflow_open__(self, *, capacity):
-            async def pairs():
-                for i in range(70):
-                    yield i, Ack(i)
-
-            yield pairs()
+    source = ListSource(range(70))
+    acked = source.acked
 
     @stage(workers=4)
     async def check(x):
@@ -601,7 +559,7 @@ async def test_fail_fast_keeps_the_outputs_the_last_stage_made_before_the_failur
         return x
 
     with pytest.raises(StageError) as info:
-        await Pipeline(check).arun(Acking() if acking else range(70))
+        await Pipeline(check).arun(source if acking else range(70))
     result = info.value.result
     assert_conserved(result)
     s = result.stats["check"]
@@ -709,28 +667,8 @@ async def test_stream_over_an_acking_source_raises_a_fail_fast_failure(ordered, 
     failure is raised at once, the items read are acked and the others are not. (Before,
     the source's task waited for ever for the reader to drain the outputs, after the
     reader's block had been ended by the failure: the run never returned.)"""
-    acked = []
-
-    class Ack:
-        def __init__(self, item):
-            self.item, self.pending = item, 1
-
-        def add(self, n):
-            self.pending += n
-
-        def done(self):
-            self.pending -= 1
-            if self.pending == 0:
-                acked.append(self.item)
-
-    class Acking:
-        @contextlib.asynccontextmanager
-        async def __pipeflow_open__(self, *, capacity):
-            async def pairs():
-                for i in range(80):
-                    yield i, Ack(i)
-
-            yield pairs()
+    source = ListSource(range(80))
+    acked = source.acked
 
     @stage(workers=4, ordered=ordered, name="work")
     async def work(x):
@@ -750,7 +688,7 @@ async def test_stream_over_an_acking_source_raises_a_fail_fast_failure(ordered, 
     read = []
 
     async def read_all():
-        async with Pipeline(work, dead_letter=dls).stream(Acking()) as outputs:
+        async with Pipeline(work, dead_letter=dls).stream(source) as outputs:
             async for out in outputs:
                 read.append(out)
 

@@ -572,20 +572,17 @@ class Run:
         queued in front of the next stage (or, for the last, as unread outputs). The
         outlet of ``run()`` takes them at once, as it takes any: they were counted ok,
         and ``run()`` keeps every output (``collect=False`` acks them all the same)."""
-        if sr.reorder is not None and results:
-            # Into the order window, which the stop's settle() empties in order, with
-            # what it held: the outputs of other workers cut at the same stop, and those
-            # waiting for an item the stop took, come in between.
-            for seq, envs in results:
-                sr.reorder.ready[seq] = envs
-            results = []
+        if results:
+            # An ordered stage's, by input position: into its order window, which the
+            # stop's settle() empties in order, with what it held (the outputs of other
+            # workers cut at the same stop, and those waiting for an item the stop took,
+            # come in between).
+            assert sr.reorder is not None
+            sr.reorder.keep(results)
         if isinstance(sr.out, Edge):
             sr.out.stranded.extend(outs)
-            for _, envs in results:
-                sr.out.stranded.extend(envs)
         else:
-            ordered = sorted(results, key=lambda result: result[0])
-            sr.out.put_now([*outs, *(env for _, envs in ordered for env in envs)])
+            sr.out.put_now(outs)
 
     def settle(self) -> None:
         """After the last task: what a stop left queued counts as cancelled, so that

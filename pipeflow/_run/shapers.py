@@ -192,6 +192,12 @@ class Reorder:
             self.flushing = False
         return blocked
 
+    def keep(self, results: list[tuple[int, list[Env]]]) -> None:
+        """Results a stop cut before their :meth:`deposit`: held with the others, for
+        :meth:`leftovers` (nothing is handed on after a stop)."""
+        for seq, envs in results:
+            self.ready[seq] = envs
+
     def leftovers(self) -> list[Env]:
         """What a stop left waiting for an earlier item, in order."""
         ready = self.ready

@@ -10,9 +10,11 @@ import functools
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -27,6 +29,7 @@ from benchmarks import (  # noqa: E402
     bench_stream,
     count_bytecodes,
     latency_hops,
+    latency_instructions,
     run,
 )
 from benchmarks._common import Row, format_table  # noqa: E402
@@ -103,6 +106,40 @@ def test_metrics_instruction_arms_run(arm):
     assert before == _metrics.DASHBOARD_INTERVAL
     with pytest.raises(ValueError, match="arm must be one of"):
         bench_metrics.run_arm("sideways", 50)
+
+
+@pytest.mark.parametrize("side", latency_instructions.SIDES)
+def test_latency_instruction_sides_run(side):
+    """Each side that ``latency_instructions.py`` counts runs its paced items under the
+    clock that skips idle time (here without valgrind), at once."""
+    from pipeflow._run import run as runner
+
+    source_waited = runner.SOURCE_WAITED
+    started = time.process_time()
+    latency_instructions.run_side(side, 100)  # 50 ms of paced items, in no wall time
+    assert time.process_time() - started < 5.0
+    assert source_waited == runner.SOURCE_WAITED  # put back as it was
+    with pytest.raises(ValueError, match="side must be one of"):
+        latency_instructions.run_side("sideways", 10)
+
+
+def test_the_skip_idle_clock_jumps_to_whole_milliseconds():
+    """Two sleeps due half a millisecond apart wake together at the first whole
+    millisecond past the first, as an epoll wait that rounds up wakes them."""
+    woke = []
+
+    async def sleeper(until: float) -> None:
+        await trio.sleep_until(until)
+        woke.append((until, trio.current_time()))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sleeper, 0.0005)
+            nursery.start_soon(sleeper, 0.001)
+            nursery.start_soon(sleeper, 0.0025)
+
+    trio.run(main, clock=latency_instructions.SkipIdleClock())
+    assert [(0.0005, 0.001), (0.001, 0.001), (0.0025, 0.003)] == sorted(woke)
 
 
 def test_process_runs():

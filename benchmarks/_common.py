@@ -15,7 +15,9 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -391,3 +393,25 @@ def bench_main(
     rows = measure(**kwargs)
     report(rows, quick=args.quick, json_path=args.json)
     return exit_code(rows, check=args.check)
+
+
+def callgrind_instructions(script: str | Path, *args: str) -> int:
+    """Machine instructions (valgrind's callgrind) of a whole ``python script *args``
+    process: what the shared machine's noise cannot move."""
+    done = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            str(Path(script).resolve()),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in callgrind's output:\n{done.stderr}")
+    return int(found.group(1))

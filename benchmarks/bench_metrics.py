@@ -27,9 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import operator
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from benchmarks._common import (
     Row,
     bench_main,
+    callgrind_instructions,
     interleaved_clocks,
     median,
     paired_ratio,
@@ -154,25 +153,7 @@ def run_arm(arm: str, n: int) -> None:
 
 def instructions(arm: str, n: int) -> int:
     """Machine instructions of a whole ``run_arm(arm, n)`` process, by callgrind."""
-    done = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--arm",
-            arm,
-            str(n),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    if found is None:
-        raise RuntimeError(f"no instruction count in callgrind's output:\n{done.stderr}")
-    return int(found.group(1))
+    return callgrind_instructions(__file__, "--arm", arm, str(n))
 
 
 def count_instructions(small: int = 2_000, large: int = 12_000) -> dict[str, float]:

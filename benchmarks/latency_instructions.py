@@ -28,9 +28,7 @@ import argparse
 import concurrent.futures
 import functools
 import math
-import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import trio
 
+from benchmarks._common import callgrind_instructions
 from benchmarks.bench_stream import identity, make_pipeline, paced, pipeflow_stream, trio_stream
 from pipeflow._run import run as _run
 
@@ -98,25 +97,7 @@ def run_side(side: str, items: int) -> None:
 
 def instructions(side: str, items: int) -> int:
     """Machine instructions of a whole ``run_side(side, items)`` process."""
-    done = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--side",
-            side,
-            str(items),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    if found is None:
-        raise RuntimeError(f"no instruction count in callgrind's output:\n{done.stderr}")
-    return int(found.group(1))
+    return callgrind_instructions(__file__, "--side", side, str(items))
 
 
 def count(small: int, large: int) -> dict[str, float]:

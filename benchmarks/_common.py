@@ -10,12 +10,14 @@ next to each other in every round, the median of the rounds' own ratios).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -415,3 +417,24 @@ def callgrind_instructions(script: str | Path, *args: str) -> int:
     if found is None:
         raise RuntimeError(f"no instruction count in callgrind's output:\n{done.stderr}")
     return int(found.group(1))
+
+
+def callgrind_per_item(
+    script: str | Path, flag: str, sides: Sequence[str], small: int, large: int, *, label: str
+) -> dict[str, float]:
+    """Machine instructions per item on each of ``sides``, each a child process
+    ``python script flag side N`` under callgrind: ``(Ir(large) - Ir(small)) / (large -
+    small)``, so that start-up and the end do not count."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit(f"{label} needs valgrind (apt-get install valgrind)")
+    per_item = {}
+    # The two sizes side by side (callgrind runs one core each; they do not share counts).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for side in sides:
+            progress(f"{label}: {side}, {small:,} and {large:,} items")
+            big, little = pool.map(
+                lambda n, side=side: callgrind_instructions(script, flag, side, str(n)),
+                (large, small),
+            )
+            per_item[side] = (big - little) / (large - small)
+    return per_item

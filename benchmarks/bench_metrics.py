@@ -24,10 +24,8 @@ times more per item than in a real run). Needs ``valgrind``; takes about two min
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import operator
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from benchmarks._common import (
     Row,
     bench_main,
-    callgrind_instructions,
+    callgrind_per_item,
     interleaved_clocks,
     median,
     paired_ratio,
@@ -151,24 +149,9 @@ def run_arm(arm: str, n: int) -> None:
         _metrics.DASHBOARD_INTERVAL = interval
 
 
-def instructions(arm: str, n: int) -> int:
-    """Machine instructions of a whole ``run_arm(arm, n)`` process, by callgrind."""
-    return callgrind_instructions(__file__, "--arm", arm, str(n))
-
-
 def count_instructions(small: int = 2_000, large: int = 12_000) -> dict[str, float]:
-    """Instructions per item on each side of ``ARMS``: ``(Ir(large) - Ir(small)) /
-    (large - small)``."""
-    if shutil.which("valgrind") is None:
-        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
-    per_item = {}
-    # The two sizes side by side (callgrind runs one core each; they do not share counts).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        for arm in ARMS:
-            progress(f"metrics --instructions: {arm}, {small:,} and {large:,} items")
-            big, little = pool.map(functools.partial(instructions, arm), (large, small))
-            per_item[arm] = (big - little) / (large - small)
-    return per_item
+    """Instructions per item on each side of ``ARMS``."""
+    return callgrind_per_item(__file__, "--arm", ARMS, small, large, label="metrics --instructions")
 
 
 def main(argv: list[str] | None = None) -> int:

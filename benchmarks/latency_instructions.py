@@ -25,10 +25,8 @@ latency --rounds 9``.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import trio
 
-from benchmarks._common import callgrind_instructions
+from benchmarks._common import callgrind_per_item
 from benchmarks.bench_stream import identity, make_pipeline, paced, pipeflow_stream, trio_stream
 from pipeflow._run import run as _run
 
@@ -95,27 +93,9 @@ def run_side(side: str, items: int) -> None:
         _run.SOURCE_WAITED = source_waited
 
 
-def instructions(side: str, items: int) -> int:
-    """Machine instructions of a whole ``run_side(side, items)`` process."""
-    return callgrind_instructions(__file__, "--side", side, str(items))
-
-
-def count(small: int, large: int) -> dict[str, float]:
-    """Instructions per item on each side: ``(Ir(large) - Ir(small)) / (large - small)``."""
-    if shutil.which("valgrind") is None:
-        raise SystemExit("latency_instructions.py needs valgrind (apt-get install valgrind)")
-    per_item = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        for side in SIDES:
-            print(f"{side}: {small:,} and {large:,} items under callgrind", file=sys.stderr)
-            big, little = pool.map(functools.partial(instructions, side), (large, small))
-            per_item[side] = (big - little) / (large - small)
-    return per_item
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["--side"]:  # a child of count()
+    if args[:1] == ["--side"]:  # a child of callgrind_per_item()
         run_side(args[1], int(args[2]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -124,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(args)
     if not 0 < opts.small < opts.large:
         parser.error("--small must be above 0 and below --large")
-    per_item = count(opts.small, opts.large)
+    per_item = callgrind_per_item(
+        __file__, "--side", SIDES, opts.small, opts.large, label="latency_instructions.py"
+    )
     print(
         f"machine instructions per item, latency shape ({WORKERS} workers x 3 identity "
         f"stages, paced {RATE:,.0f}/s, stream())"

@@ -401,7 +401,6 @@ class Flow(Generic[In, Out]):
         if not self._closed:
             self._closed = True
             self._edge.sender_done()
-            self._first.end_openings()  # workers whose resource never opens: none needed
 
     def stats(self) -> dict[str, StageStats]:
         """A live snapshot of every stage's statistics."""

@@ -540,6 +540,46 @@ async def test_a_stage_whose_every_worker_is_opening_ends_when_its_input_ends_em
     assert trio.current_time() < 2
 
 
+@pytest.mark.parametrize("shape", ["after a stage", "batched", "keyed"])
+async def test_a_stage_whose_every_worker_is_opening_ends_wherever_its_input_ends(
+    autojump_clock, shape
+):
+    """As above, for the other ways a stage's input ends: the stage before it ends
+    (here it passed no item on), or the shaper in front of its workers does (a
+    batcher's, a key router's). No item ever comes, so the opens are ended."""
+    ended = []
+
+    @contextlib.asynccontextmanager
+    async def never():
+        try:
+            await trio.sleep_forever()
+            yield None
+        finally:
+            ended.append("never")
+
+    @stage
+    async def none_pass(x):
+        return
+        yield  # an async generator that yields nothing: every item filtered
+
+    options = {"batched": {"batch": 4}, "keyed": {"key": lambda x: x}}.get(shape, {})
+
+    @stage(workers=2, resource=never, **options)
+    async def call(x, conn):
+        return x
+
+    pipeline = Pipeline(none_pass | call) if shape == "after a stage" else Pipeline(call)
+    source = range(5) if shape == "after a stage" else []
+    # The input may end before the workers start opening, or after: 20 runs see both.
+    for _ in range(20):
+        ended.clear()
+        with trio.fail_after(60):
+            result = await pipeline.arun(source)
+        assert [] == result.outputs
+        assert ["never", "never"] == ended
+        assert 0 == result.stats["call"].items_in
+
+
 async def test_a_keyed_worker_still_opening_keeps_its_items_when_another_is_done(
     autojump_clock,
 ):

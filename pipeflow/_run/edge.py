@@ -110,6 +110,7 @@ class Edge:
         "capacity",
         "now",
         "numbered",
+        "on_end",
         "seq",
         "stamp",
         "stranded",
@@ -134,6 +135,10 @@ class Edge:
         self.seq = 0  # the next sequence number this edge stamps
         self.broken = False  # every receiver has left
         self.stranded: list[Env] = []  # items a stopped sender could not hand over
+        # Called once, when the last sender leaves: the receiving stage ends the opens
+        # of workers no item will come for (StageRun.end_openings), so that whoever
+        # closes an edge (the source's task, a shaper, a stage) need not know of them.
+        self.on_end: Callable[[], None] | None = None
         self._buf: deque[Env] = deque()
         self._closed = False  # every sender has left
         # Receivers holding a chunk they may give back (put_back): until they are done,
@@ -167,6 +172,8 @@ class Edge:
             self._closed = True
             self._waking += len(self._recv_lot)
             self._recv_lot.unpark_all()
+            if self.on_end is not None:
+                self.on_end()
 
     def add_receiver(self) -> None:
         self._receivers += 1

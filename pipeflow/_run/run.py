@@ -211,7 +211,6 @@ class Run:
             out = DropSink()
         for a, b in zip(self.stages, self.stages[1:], strict=False):
             a.connect(b.inbox)
-            a.downstream = b
         self.stages[-1].connect(out)
         # The edges behind shapers (a batcher's, a key router's), for the accounting.
         self._inner_edges: dict[int, list[Edge]] = {}
@@ -254,7 +253,6 @@ class Run:
             self._dead_letters_closed = True
             for dl in self.dead_letter_runs:
                 dl.inbox.sender_done()
-                dl.end_openings()  # none may come: its workers may never open
 
     async def wait_drained(self) -> None:
         """Until every item has left the pipeline (main stages, then dead letters)."""
@@ -520,7 +518,6 @@ class Run:
             raise
         finally:
             inbox.sender_done()
-            self.stages[0].end_openings()
 
     def capacity(self) -> int:
         """How many items this run can hold at once: in workers, buffers and windows."""

@@ -290,7 +290,6 @@ async def batcher(sr: StageRun, inbox: Edge, out: Edge) -> None:
     finally:
         inbox.receiver_done()
         out.sender_done()
-        sr.end_openings()
 
 
 # -- key routing ---------------------------------------------------------------------------
@@ -347,7 +346,6 @@ async def router(sr: StageRun, inbox: Edge, outs: list[Edge]) -> None:
         inbox.receiver_done()
         for edge in outs:
             edge.sender_done()
-        sr.end_openings()  # workers opening whose edge got no item
 
 
 # -- autoscaling ---------------------------------------------------------------------------

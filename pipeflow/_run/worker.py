@@ -184,8 +184,6 @@ class StageRun:
         #: Workers opening their resource now: their cancel scopes, and the edge each
         #: will take items from (a keyed stage's workers have one each; see worker()).
         self.opening: dict[trio.CancelScope, Edge] = {}
-        #: The stage that takes this one's outputs, told when they end (see sender_done).
-        self.downstream: StageRun | None = None
         #: The waits of autoscaled workers idle now (shapers.take_or_retire), for the
         #: autoscaler to end one when it retires a worker.
         self.idle: set[trio.CancelScope] = set()
@@ -212,14 +210,13 @@ class StageRun:
     def sender_done(self) -> None:
         if isinstance(self.out, Edge):
             self.out.sender_done()
-            if self.downstream is not None and self.downstream.opening:
-                self.downstream.end_openings()
 
     def end_openings(self) -> None:
         """End the opens of workers that no item will ever come for: their edge has
         ended and nothing is left on it (or held). Called by a worker that is done, and
-        wherever a stage's input ends: every worker may be opening still (an open that
-        never returns), with no worker done to notice."""
+        by each edge its workers take from when that edge's last sender leaves
+        (``Edge.on_end``, set by :meth:`start_worker`): every worker may be opening still
+        (an open that never returns), with no worker done to notice."""
         for scope, edge in self.opening.items():
             if edge.drained():
                 scope.cancel()
@@ -227,6 +224,8 @@ class StageRun:
     def start_worker(self, nursery: trio.Nursery, inbox: Edge) -> None:
         """Start one worker on ``inbox`` (registered now, so no edge closes between)."""
         self.nursery = nursery
+        if self.takes_resource:
+            inbox.on_end = self.end_openings
         inbox.add_receiver()
         self.add_sender()
         nursery.start_soon(self.worker, inbox, name=f"pipeflow:{self.run.pipeline}:{self.name}")

@@ -26,18 +26,25 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
-from benchmarks._common import callgrind_per_item
-from benchmarks.bench_stream import identity, make_pipeline, paced, pipeflow_stream, trio_stream
-from pipeflow._run import run as _run
+from benchmarks._common import SkipIdleClock, callgrind_per_item, source_always_waited
+from benchmarks.bench_stream import (
+    Sink,
+    identity,
+    make_pipeline,
+    paced,
+    pipeflow_stream,
+    trio_stream,
+)
+from pipeflow import Pipeline
 
 SIDES = ("pipeflow", "trio")
 WORKERS = 4
@@ -45,52 +52,31 @@ RATE = 2_000.0
 WARM_UP = 50
 
 
-class SkipIdleClock(trio.abc.Clock):
-    """Time stands still while tasks run; when all wait, it jumps to the first whole
-    millisecond (from now) at or past the next deadline, and the wait takes no time."""
-
-    def __init__(self) -> None:
-        self._now = 0.0
-
-    def start_clock(self) -> None:
-        pass
-
-    def current_time(self) -> float:
-        return self._now
-
-    def deadline_to_sleep_time(self, deadline: float) -> float:
-        if deadline == math.inf:
-            return 86_400.0  # nothing is due: a real wait (for a thread, say)
-        if deadline > self._now:
-            whole_ms = math.ceil((deadline - self._now) * 1000 - 1e-9) / 1000
-            self._now = max(deadline, self._now + whole_ms)
-        return 0.0
+def run_once(side: str, pipeline: Pipeline[Any, Any], n: int, sink: Sink | None = None) -> int:
+    """One ``trio.run`` of ``side`` on a fresh :class:`SkipIdleClock`: ``n`` items paced
+    at ``RATE`` through ``pipeline`` (3 x ``WORKERS`` identity stages) or through the
+    hand-written Trio pipeline of its shape and buffers, each output handed to ``sink``
+    if given; returns the number of outputs."""
+    if side == "pipeflow":
+        run = functools.partial(pipeflow_stream, pipeline, paced(n, RATE), sink=sink)
+    else:
+        buffer = pipeline.stages[0].options.buffer_size
+        run = functools.partial(
+            trio_stream, paced(n, RATE), identity, workers=WORKERS, buffer=buffer, sink=sink
+        )
+    return trio.run(run, clock=SkipIdleClock())
 
 
 def run_side(side: str, items: int) -> None:
     """One side in this process: a warm-up run, then ``items`` paced items."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    # On a clock that stands still while tasks run, pipeflow's source task would never see
-    # that the source made it wait for an item (run.SOURCE_WAITED, 20 us) except across an
-    # idle jump; on the real clock at this rate it does for nearly every item (a round
-    # takes longer), and then steps aside to let the worker it woke start first. Do here
-    # what the real clock does.
-    source_waited = _run.SOURCE_WAITED
-    _run.SOURCE_WAITED = -1.0
-    try:
+    # On the clock that skips idle time, do what the real clock does at this rate (see
+    # source_always_waited()).
+    with source_always_waited():
         pipeline = make_pipeline(identity, workers=WORKERS, name="latency_instructions")
-        buffer = pipeline.stages[0].options.buffer_size
         for n in (WARM_UP, items):
-            if side == "pipeflow":
-                run = functools.partial(pipeflow_stream, pipeline, paced(n, RATE))
-            else:
-                run = functools.partial(
-                    trio_stream, paced(n, RATE), identity, workers=WORKERS, buffer=buffer
-                )
-            assert trio.run(run, clock=SkipIdleClock()) == n
-    finally:
-        _run.SOURCE_WAITED = source_waited
+            assert run_once(side, pipeline, n) == n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from benchmarks import (  # noqa: E402
     latency_instructions,
     run,
 )
-from benchmarks._common import Row, format_table  # noqa: E402
+from benchmarks._common import Row, SkipIdleClock, format_table  # noqa: E402
 
 
 def check_rows(rows: list[Row], benchmarks: list[str]) -> None:
@@ -138,7 +138,7 @@ def test_the_skip_idle_clock_jumps_to_whole_milliseconds():
             nursery.start_soon(sleeper, 0.001)
             nursery.start_soon(sleeper, 0.0025)
 
-    trio.run(main, clock=latency_instructions.SkipIdleClock())
+    trio.run(main, clock=SkipIdleClock())
     assert [(0.0005, 0.001), (0.001, 0.001), (0.0025, 0.003)] == sorted(woke)
 
 

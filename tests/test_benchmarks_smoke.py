@@ -28,6 +28,7 @@ from benchmarks import (  # noqa: E402
     bench_process,
     bench_stream,
     count_bytecodes,
+    latency_cpu,
     latency_hops,
     latency_instructions,
     run,
@@ -121,6 +122,71 @@ def test_latency_instruction_sides_run(side):
     assert source_waited == runner.SOURCE_WAITED  # put back as it was
     with pytest.raises(ValueError, match="side must be one of"):
         latency_instructions.run_side("sideways", 10)
+
+
+def test_latency_cpu_pairs_give_cpu_per_item_and_ratios(capsys):
+    """``latency_cpu.py`` times every pair's two runs (a positive CPU time per item
+    each) and gives the pair's ratio, and leaves run.SOURCE_WAITED as it found it."""
+    from pipeflow._run import run as runner
+
+    source_waited = runner.SOURCE_WAITED
+    result = latency_cpu.measure(1_000, 2)
+    assert source_waited == runner.SOURCE_WAITED
+    us = result["us_per_item"]
+    assert [2, 2] == [len(us["pipeflow"]), len(us["trio"])]
+    assert all(v > 0 for values in us.values() for v in values)
+    assert [p / t for p, t in zip(us["pipeflow"], us["trio"], strict=True)] == result["ratios"]
+    text = latency_cpu.report(result)
+    assert "3 x 4 identity async stages" in text
+    assert "outputs 200 to 800 of 1,000 per run), 2 pairs" in text
+    assert "interquartile range" in text
+    assert "latency_cpu.py: 2 pairs of 1,000 items" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="need more than 400 items"):
+        latency_cpu.measure(400, 1)
+
+
+def test_latency_cpu_alternates_sides_and_puts_source_waited_back(monkeypatch):
+    """After a warm-up of each side, the side that goes first alternates pair by pair,
+    every run sees run.SOURCE_WAITED below zero, and a run that raises leaves it as it
+    was."""
+    from pipeflow._run import run as runner
+
+    source_waited = runner.SOURCE_WAITED
+    runs = []
+
+    def run_once(side, pipeline, n, sink=None):
+        runs.append((side, runner.SOURCE_WAITED))
+        if len(runs) == 6:
+            raise RuntimeError("the sixth run fails")
+        return latency_instructions.run_once(side, pipeline, n, sink)
+
+    monkeypatch.setattr(latency_cpu, "run_once", run_once)
+    with pytest.raises(RuntimeError, match="the sixth run fails"):
+        latency_cpu.measure(1_000, 5)
+    assert ["pipeflow", "trio", "pipeflow", "trio", "trio", "pipeflow"] == [s for s, _ in runs]
+    assert {-1.0} == {waited for _, waited in runs}
+    assert source_waited == runner.SOURCE_WAITED
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--items", "10"], "--items must be at least 1,000 (got 10)"),
+        (["--pairs", "0"], "--pairs must be at least 1 (got 0)"),
+        (["--pairs", "many"], "argument --pairs: invalid int value: 'many'"),
+    ],
+)
+def test_latency_cpu_rejects_bad_arguments(args, error, capsys):
+    """A size out of range is one line of error (after the usage line), exit 2, and
+    nothing is measured."""
+    with pytest.raises(SystemExit) as exit_info:
+        latency_cpu.main(args)
+    assert 2 == exit_info.value.code
+    out, err = capsys.readouterr()
+    assert "" == out
+    # argparse names the program after sys.argv[0]: here, pytest.
+    [line] = [line for line in err.splitlines() if not line.startswith(("usage:", " "))]
+    assert line.endswith(f": error: {error}")
 
 
 def test_the_skip_idle_clock_jumps_to_whole_milliseconds():

@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -111,14 +110,13 @@ def test_metrics_instruction_arms_run(arm):
 
 @pytest.mark.parametrize("side", latency_instructions.SIDES)
 def test_latency_instruction_sides_run(side):
-    """Each side that ``latency_instructions.py`` counts runs its paced items under the
-    clock that skips idle time (here without valgrind), at once."""
+    """Each side that ``latency_instructions.py`` counts runs all its paced items under
+    the clock that skips idle time (here without valgrind) and leaves run.SOURCE_WAITED
+    as it found it; a side it does not know is a ValueError."""
     from pipeflow._run import run as runner
 
     source_waited = runner.SOURCE_WAITED
-    started = time.process_time()
-    latency_instructions.run_side(side, 100)  # 50 ms of paced items, in no wall time
-    assert time.process_time() - started < 5.0
+    latency_instructions.run_side(side, 100)  # asserts that every item came out
     assert source_waited == runner.SOURCE_WAITED  # put back as it was
     with pytest.raises(ValueError, match="side must be one of"):
         latency_instructions.run_side("sideways", 10)

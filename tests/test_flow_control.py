@@ -580,6 +580,55 @@ async def test_a_stage_whose_every_worker_is_opening_ends_wherever_its_input_end
         assert 0 == result.stats["call"].items_in
 
 
+async def test_an_open_that_raises_when_it_is_ended_is_logged_not_the_runs_failure(
+    autojump_clock,
+):
+    """A connect that turns the cancellation into an error of its own when the runner
+    ends it (no item is left for its worker): the run keeps its result, since no item
+    needed that worker, and the error is logged naming the stage and the resource. An
+    open that fails before it is ended still stops the run."""
+    opens = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def connect():
+        if next(opens) == 1:
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                raise OSError("connect aborted") from None
+        yield "conn"
+
+    @stage(workers=2, resource=connect)
+    async def call(x, conn):
+        await trio.sleep(0.01)
+        return x
+
+    with capture_logs() as logs, trio.fail_after(60):
+        result = await Pipeline(call).arun(range(5))
+    assert [0, 1, 2, 3, 4] == sorted(result.outputs)
+    assert 5 == result.stats["call"].ok
+    (event,) = [e for e in logs if e["event"] == "resource_open_end_failed"]
+    assert "error" == event["log_level"]
+    assert "call" == event["stage"]
+    assert "resource=connect()" == event["resource"]
+    assert "OSError: connect aborted" == event["error"]
+
+    @contextlib.asynccontextmanager
+    async def refused():
+        raise ConnectionRefusedError("no server")
+        yield
+
+    @stage(workers=2, resource=refused)
+    async def other(x, conn):
+        return x
+
+    with pytest.raises(ConnectionRefusedError) as caught, trio.fail_after(60):
+        await Pipeline(other).arun(range(5))
+    assert "stage 'other': its resource resource=refused() failed to open" in (
+        caught.value.__notes__
+    )
+
+
 async def test_a_keyed_worker_still_opening_keeps_its_items_when_another_is_done(
     autojump_clock,
 ):

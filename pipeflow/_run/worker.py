@@ -51,6 +51,11 @@ if TYPE_CHECKING:
     from .run import Run
 
 
+class OpenEnded(Exception):
+    """A worker's resource raised, instead of ending, when the runner ended its open (no
+    item was left for the worker): logged, and the worker ends as if it had ended."""
+
+
 class Outbox(Protocol):
     """Where a stage's outputs go: the next stage's :class:`Edge`, or an outlet sink."""
 
@@ -233,14 +238,18 @@ class StageRun:
     # -- the worker ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _resource(self) -> AsyncIterator[Any]:
+    async def _resource(self, ended: Callable[[], bool] = lambda: False) -> AsyncIterator[Any]:
         """A worker's resource, closed on every exit path. The close runs shielded from
         the run's cancellation (a connection is closed properly even when the run is
         cancelled), but for at most ``TEARDOWN_LIMIT`` seconds.
 
         An error opening it stops the run, noted with the stage and the resource; an
         error closing it is logged (``resource_close_failed``, naming both) and does not
-        undo the run: its items are done, and its result is kept."""
+        undo the run: its items are done, and its result is kept. ``ended``: whether the
+        runner has ended the open itself (no item is left for the worker, see
+        :meth:`end_openings`); an open that then raises instead of ending is logged
+        (``resource_open_end_failed``) and raises :class:`OpenEnded`, not a failure of
+        the run: no item needed it."""
         hooks = self.stage._has_worker_hooks
         if not hooks and self.opts.resource is None:
             yield None
@@ -253,6 +262,16 @@ class StageRun:
                 manager = self.opts.resource()  # type: ignore[misc]
                 res = await manager.__aenter__()
         except Exception as exc:
+            if ended():
+                # A connect that turns the cancellation into its own error (OSError,
+                # say): the run asked it to stop, and no item was waiting for it.
+                self.run.log.error(
+                    "resource_open_end_failed",
+                    stage=self.name,
+                    resource=what,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                raise OpenEnded from exc
             exc.add_note(f"stage {self.name!r}: its resource {what} failed to open")
             # The run stops on it as on an item's failure: no more input, and an acking
             # source is told that the run failed (it would wait for acks that cannot
@@ -304,7 +323,7 @@ class StageRun:
                         opening.cancel()  # ended before this worker started
                     inbox.away += 1
                     try:
-                        async with self._resource() as res:
+                        async with self._resource(lambda: opening.cancel_called) as res:
                             del self.opening[opening]
                             inbox.away -= 1
                             try:
@@ -312,6 +331,8 @@ class StageRun:
                             finally:
                                 leaving = True
                                 self.leaving += 1
+                    except OpenEnded:
+                        pass  # logged: the worker ends as if its open had
                     finally:
                         if opening in self.opening:  # it never opened
                             del self.opening[opening]

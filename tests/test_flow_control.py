@@ -488,13 +488,9 @@ async def test_a_resource_that_never_opens_does_not_keep_a_finished_run_alive(au
     assert trio.current_time() < 1
 
 
-async def test_a_stage_whose_every_worker_is_opening_ends_when_its_input_ends_empty(
-    autojump_clock,
-):
-    """No worker of a stage ever opens its resource, and no item ever comes for it (an
-    empty source; a dead-letter stage when nothing fails): once its input has ended
-    there is nothing for it to do, so its opens are ended and the run finishes."""
-    ended = []
+def never_opens(ended: list[str]):
+    """A resource whose open never returns (a connect without a timeout); each open
+    that is ended adds "never" to ``ended``."""
 
     @contextlib.asynccontextmanager
     async def never():
@@ -503,6 +499,19 @@ async def test_a_stage_whose_every_worker_is_opening_ends_when_its_input_ends_em
             yield None
         finally:
             ended.append("never")
+
+    return never
+
+
+async def test_a_stage_whose_every_worker_is_opening_ends_when_its_input_ends_empty(
+    autojump_clock,
+):
+    """No worker of a stage ever opens its resource, and no item ever comes for it (an
+    empty source; a dead-letter stage when nothing fails): once its input has ended
+    there is nothing for it to do, so its opens are ended and the run finishes."""
+    ended = []
+
+    never = never_opens(ended)
 
     @stage(workers=2, resource=never)
     async def call(x, conn):
@@ -549,13 +558,7 @@ async def test_a_stage_whose_every_worker_is_opening_ends_wherever_its_input_end
     batcher's, a key router's). No item ever comes, so the opens are ended."""
     ended = []
 
-    @contextlib.asynccontextmanager
-    async def never():
-        try:
-            await trio.sleep_forever()
-            yield None
-        finally:
-            ended.append("never")
+    never = never_opens(ended)
 
     @stage
     async def none_pass(x):

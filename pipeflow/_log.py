@@ -8,7 +8,10 @@ warnings and errors by default and info events only when the application enables
 
 Event names (snake_case verbs): ``run_started``, ``run_finished``, ``stage_failed``,
 ``item_retried``, ``breaker_state_changed``, ``workers_scaled``, ``signal_received``,
-``error_budget_exceeded``, ``stage_stalled``, ``stage_unstalled``.
+``error_budget_exceeded``, ``stage_stalled``, ``stage_unstalled``,
+``resource_close_failed``, ``resource_open_end_failed``, ``metrics_accept_failed``,
+``metrics_linger_failed``; with their levels and fields in docs/observability.md (the
+Redis connector's ``redis_*`` events: docs/distributed.md).
 """
 
 from __future__ import annotations

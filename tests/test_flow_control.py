@@ -583,22 +583,33 @@ async def test_a_stage_whose_every_worker_is_opening_ends_wherever_its_input_end
         assert 0 == result.stats["call"].items_in
 
 
+async def aborted_connect():
+    """A connect that turns its cancellation into an error of its own."""
+    try:
+        await trio.sleep_forever()
+    except trio.Cancelled:
+        raise OSError("connect aborted") from None
+
+
+@pytest.mark.parametrize("inside", ["the open", "a nursery in the open"])
 async def test_an_open_that_raises_when_it_is_ended_is_logged_not_the_runs_failure(
-    autojump_clock,
+    autojump_clock, inside
 ):
     """A connect that turns the cancellation into an error of its own when the runner
-    ends it (no item is left for its worker): the run keeps its result, since no item
-    needed that worker, and the error is logged naming the stage and the resource. An
-    open that fails before it is ended still stops the run."""
+    ends it (no item is left for its worker), in the open itself or in a task of a
+    nursery inside it (a happy-eyeballs connect): the run keeps its result, since no
+    item needed that worker, and the error is logged naming the stage and the resource."""
     opens = itertools.count()
 
     @contextlib.asynccontextmanager
     async def connect():
         if next(opens) == 1:
-            try:
-                await trio.sleep_forever()
-            except trio.Cancelled:
-                raise OSError("connect aborted") from None
+            if inside == "the open":
+                await aborted_connect()
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(aborted_connect)
+                    await trio.sleep_forever()
         yield "conn"
 
     @stage(workers=2, resource=connect)
@@ -616,6 +627,14 @@ async def test_an_open_that_raises_when_it_is_ended_is_logged_not_the_runs_failu
     assert "resource=connect()" == event["resource"]
     assert "OSError: connect aborted" == event["error"]
 
+
+@pytest.mark.parametrize("source", [[], range(5)])
+async def test_an_open_that_fails_on_its_own_stops_the_run_even_once_ended(autojump_clock, source):
+    """An open that fails with no cancellation behind it stops the run, noted with the
+    stage and the resource: also when its input had already ended and the runner had
+    asked it to stop before it ran (it failed before its first checkpoint). Trio starts
+    the source's task and the workers in either order: 20 runs see both."""
+
     @contextlib.asynccontextmanager
     async def refused():
         raise ConnectionRefusedError("no server")
@@ -625,11 +644,14 @@ async def test_an_open_that_raises_when_it_is_ended_is_logged_not_the_runs_failu
     async def other(x, conn):
         return x
 
-    with pytest.raises(ConnectionRefusedError) as caught, trio.fail_after(60):
-        await Pipeline(other).arun(range(5))
-    assert "stage 'other': its resource resource=refused() failed to open" in (
-        caught.value.__notes__
-    )
+    for _ in range(20):
+        with capture_logs() as logs, pytest.raises(ConnectionRefusedError) as caught:
+            with trio.fail_after(60):
+                await Pipeline(other).arun(source)
+        assert "stage 'other': its resource resource=refused() failed to open" in (
+            caught.value.__notes__
+        )
+        assert not [e for e in logs if e["event"] == "resource_open_end_failed"]
 
 
 async def test_a_keyed_worker_still_opening_keeps_its_items_when_another_is_done(

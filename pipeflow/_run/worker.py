@@ -56,6 +56,38 @@ class OpenEnded(Exception):
     item was left for the worker): logged, and the worker ends as if it had ended."""
 
 
+def error_answering_the_end(exc: BaseException) -> BaseException | None:
+    """The error a resource's open raised in answer to the runner cancelling it, or None.
+
+    An answer came from the cancellation: raised while handling it (``except Cancelled:
+    raise OSError(...)``, its ``__context__`` kept even ``from None``), or beside it in
+    a group, from a nursery inside the open (a happy-eyeballs connect). An error with no
+    cancellation behind it is the open's own failure, even if it came after the runner
+    asked it to stop (it raised before its first checkpoint): that still stops the run.
+    A plain cancellation, or anything but ``Exception`` beside it, is no answer."""
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, rest = exc.split(trio.Cancelled)
+        if cancelled is None or rest is None:
+            return None
+        errors, others = rest.split(Exception)
+        if errors is None or others is not None:
+            return None
+        only = errors.exceptions[0] if len(errors.exceptions) == 1 else errors
+        return only
+    if not isinstance(exc, Exception):
+        return None
+    seen = 0
+    cause: BaseException | None = exc.__cause__ or exc.__context__
+    while cause is not None and seen < 16:  # a chain, bounded in case of a cycle
+        if isinstance(cause, trio.Cancelled) or (
+            isinstance(cause, BaseExceptionGroup) and cause.split(trio.Cancelled)[0] is not None
+        ):
+            return exc
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return None
+
+
 class Outbox(Protocol):
     """Where a stage's outputs go: the next stage's :class:`Edge`, or an outlet sink."""
 
@@ -238,7 +270,7 @@ class StageRun:
     # -- the worker ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _resource(self, ended: Callable[[], bool] = lambda: False) -> AsyncIterator[Any]:
+    async def _resource(self, ended: Callable[[], bool]) -> AsyncIterator[Any]:
         """A worker's resource, closed on every exit path. The close runs shielded from
         the run's cancellation (a connection is closed properly even when the run is
         cancelled), but for at most ``TEARDOWN_LIMIT`` seconds.
@@ -247,7 +279,8 @@ class StageRun:
         error closing it is logged (``resource_close_failed``, naming both) and does not
         undo the run: its items are done, and its result is kept. ``ended``: whether the
         runner has ended the open itself (no item is left for the worker, see
-        :meth:`end_openings`); an open that then raises instead of ending is logged
+        :meth:`end_openings`); an open that then answers the cancellation with an error
+        of its own (see :func:`error_answering_the_end`) is logged
         (``resource_open_end_failed``) and raises :class:`OpenEnded`, not a failure of
         the run: no item needed it."""
         hooks = self.stage._has_worker_hooks
@@ -261,22 +294,25 @@ class StageRun:
             else:
                 manager = self.opts.resource()  # type: ignore[misc]
                 res = await manager.__aenter__()
-        except Exception as exc:
-            if ended():
+        except BaseException as exc:
+            answer = error_answering_the_end(exc) if ended() else None
+            if answer is not None:
                 # A connect that turns the cancellation into its own error (OSError,
                 # say): the run asked it to stop, and no item was waiting for it.
                 self.run.log.error(
                     "resource_open_end_failed",
                     stage=self.name,
                     resource=what,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=f"{type(answer).__name__}: {answer}",
                 )
                 raise OpenEnded from exc
-            exc.add_note(f"stage {self.name!r}: its resource {what} failed to open")
-            # The run stops on it as on an item's failure: no more input, and an acking
-            # source is told that the run failed (it would wait for acks that cannot
-            # come, or the source's task would stop the run first, on a closed stage).
-            self.run.fail(exc)
+            if isinstance(exc, Exception):
+                exc.add_note(f"stage {self.name!r}: its resource {what} failed to open")
+                # The run stops on it as on an item's failure: no more input, and an
+                # acking source is told that the run failed (it would wait for acks that
+                # cannot come, or the source's task would stop the run first, on a
+                # closed stage).
+                self.run.fail(exc)
             raise
         error: BaseException | None = None
         try:

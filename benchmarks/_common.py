@@ -133,6 +133,29 @@ def interleaved_clocks(
     return times
 
 
+def median_interval(
+    values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """An interval for the median of the distribution ``values`` came from, assuming
+    nothing about its shape: the order statistics ``x(k)`` and ``x(n + 1 - k)`` with the
+    largest ``k`` whose coverage (the chance that the median lies between them, a
+    binomial sum) is still at least ``confidence``. Returns ``(low, high, coverage)``;
+    with too few values for ``confidence`` (5 or fewer for 95%), the whole range and
+    the coverage it has."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        raise ValueError("no values")
+
+    def coverage(k: int) -> float:  # P(k <= B <= n - k), B ~ Binomial(n, 1/2)
+        return sum(math.comb(n, i) for i in range(k, n - k + 1)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) of ``values``, nearest rank."""
     ordered = sorted(values)

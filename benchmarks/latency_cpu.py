@@ -16,10 +16,11 @@ alternating (pipeflow, Trio; Trio, pipeflow; ...), and each pair gives a ratio.
 
     python benchmarks/latency_cpu.py [--items N] [--pairs P]
 
-How to read it: the median of the pairs' ratios is the figure; their interquartile range
-says how far to trust it. A change worth landing moves the median by more than the
-range's half-width; a smaller move is noise. It ranks changes: the latency itself is
-``bench_stream.py --only latency``'s to judge.
+How to read it: the median of the pairs' ratios is the figure, and beside it a 95%
+interval for that median (order statistics, no assumption about the noise's shape).
+Two runs, of two versions of the runner, differ when their intervals do not overlap; a
+move inside them is noise. The interquartile range says how much single pairs scatter.
+It ranks changes: the latency itself is ``bench_stream.py --only latency``'s to judge.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import median, percentile, progress, source_always_waited
+from benchmarks._common import (
+    median,
+    median_interval,
+    percentile,
+    progress,
+    source_always_waited,
+)
 from benchmarks.bench_stream import STAGES, identity, make_pipeline
 from benchmarks.latency_instructions import RATE, SIDES, WORKERS, run_once
 from pipeflow import Pipeline
@@ -85,6 +92,7 @@ def measure(items: int, pairs: int) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     ratios = result["ratios"]
     low, high = percentile(ratios, 25), percentile(ratios, 75)
+    m_low, m_high, coverage = median_interval(ratios)
     items = result["items"]
     lines = [
         f"latency shape: {STAGES} x {WORKERS} identity async stages, paced {RATE:,.0f} "
@@ -94,8 +102,9 @@ def report(result: dict[str, Any]) -> str:
     for side, values in result["us_per_item"].items():
         lines.append(f"  {side:9} {median(values):6.2f} us per item (median)")
     lines.append(
-        f"  pipeflow / trio, pair by pair: median {median(ratios):.3f}, interquartile "
-        f"range {low:.3f}-{high:.3f} (half-width {(high - low) / 2:.3f})"
+        f"  pipeflow / trio, pair by pair: median {median(ratios):.3f} "
+        f"({coverage:.0%} interval for the median: {m_low:.3f}-{m_high:.3f}), "
+        f"interquartile range {low:.3f}-{high:.3f}"
     )
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ from benchmarks import (  # noqa: E402
     latency_instructions,
     run,
 )
-from benchmarks._common import Row, SkipIdleClock, format_table  # noqa: E402
+from benchmarks._common import Row, SkipIdleClock, format_table, median_interval  # noqa: E402
 
 
 def check_rows(rows: list[Row], benchmarks: list[str]) -> None:
@@ -138,9 +138,26 @@ def test_latency_cpu_pairs_give_cpu_per_item_and_ratios(capsys):
     assert "3 x 4 identity async stages" in text
     assert "outputs 200 to 800 of 1,000 per run), 2 pairs" in text
     assert "interquartile range" in text
+    # Two pairs are too few for 95%: the interval is both ratios, at 50% coverage.
+    low, high = sorted(result["ratios"])
+    assert f"(50% interval for the median: {low:.3f}-{high:.3f})" in text
     assert "latency_cpu.py: 2 pairs of 1,000 items" in capsys.readouterr().err
     with pytest.raises(ValueError, match="need more than 400 items"):
         latency_cpu.measure(400, 1)
+
+
+def test_the_median_interval_is_the_order_statistics_of_the_binomial_table():
+    """The 95% interval for a median from 40 values lies between the 14th and the 27th
+    (the textbook ranks: coverage 0.962, the next pair in 0.919); from 5 values 95% is
+    out of reach, so it is the whole range (coverage 1 - 2 / 2**5)."""
+    values = [float(v) for v in range(40, 0, -1)]  # 1.0 .. 40.0, in any order
+    low, high, coverage = median_interval(values)
+    assert (14.0, 27.0) == (low, high)
+    assert 0.9615 == pytest.approx(coverage, abs=1e-4)
+    assert (1.0, 5.0, 0.9375) == median_interval([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (1.0, 1.0, 0.0) == median_interval([1.0])  # one value: no interval at all
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
 
 
 def test_latency_cpu_alternates_sides_and_puts_source_waited_back(monkeypatch):

@@ -94,14 +94,20 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(cases: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+def interleaved(
+    cases: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    measure: Callable[[Callable[[], Any]], float] = timed,
+) -> dict[str, list[float]]:
     """Time each case ``rounds`` times, alternating between cases (and flipping the
-    order every round) so that a noisy neighbour hurts every case alike."""
+    order every round) so that a noisy neighbour hurts every case alike. ``measure``:
+    what one call gives (by default its wall-clock seconds; a case that measures itself,
+    as ``latency_cpu.py``'s do, is called and its result kept)."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     order = list(cases)
     for r in range(rounds):
         for name in order if r % 2 == 0 else reversed(order):
-            times[name].append(timed(cases[name]))
+            times[name].append(measure(cases[name]))
     return times
 
 

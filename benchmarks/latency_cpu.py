@@ -26,6 +26,7 @@ It ranks changes: the latency itself is ``bench_stream.py --only latency``'s to 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
+    interleaved,
     median,
     median_interval,
     percentile,
@@ -71,16 +73,14 @@ def measure(items: int, pairs: int) -> dict[str, Any]:
     if items <= 2 * EDGE or pairs < 1:
         raise ValueError(f"need more than {2 * EDGE} items and at least one pair")
     pipeline = make_pipeline(identity, workers=WORKERS, name="latency_cpu")
-    us: dict[str, list[float]] = {side: [] for side in SIDES}
+    runs = {side: functools.partial(cpu_per_item, side, pipeline, items) for side in SIDES}
     progress(f"latency_cpu.py: {pairs} pairs of {items:,} items")
     # On the clock that skips idle time, do what the real clock does at this rate (see
     # source_always_waited()), or pipeflow's source task would take another path.
     with source_always_waited():
-        for side in SIDES:
-            cpu_per_item(side, pipeline, items)
-        for p in range(pairs):
-            for side in SIDES if p % 2 == 0 else SIDES[::-1]:
-                us[side].append(cpu_per_item(side, pipeline, items))
+        for warm_up in runs.values():
+            warm_up()
+        us = interleaved(runs, pairs, measure=lambda run: run())  # each run times itself
     return {
         "items": items,
         "pairs": pairs,

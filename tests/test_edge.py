@@ -70,3 +70,32 @@ async def test_items_a_leaving_receiver_was_counted_on_for_wake_one_that_waits(a
             assert [] == taken  # left for "a"
             edge.receiver_done()  # "a" leaves without coming back
     assert [1] == taken
+
+
+async def test_hand_gives_items_to_the_receiver_waiting_longest_past_the_queue(autojump_clock):
+    """``hand`` (running on: runon.py) gives envelopes to one parked receiver as its
+    take's result: not queued, so the other receivers and the room do not see them."""
+    edge = Edge(1)
+    edge.add_sender()
+    got: dict[str, list[int]] = {}
+    tasks: dict[str, trio.lowlevel.Task] = {}
+
+    async def receiver(name: str) -> None:
+        tasks[name] = trio.lowlevel.current_task()
+        got[name] = [env.item for env in await edge.take(4)]
+
+    assert not edge.waits_idle()  # no receiver waits
+    async with trio.open_nursery() as nursery:
+        edge.add_receiver()
+        nursery.start_soon(receiver, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        edge.add_receiver()
+        nursery.start_soon(receiver, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert edge.waits_idle()
+        assert edge.hand([Env("lent")]) is tasks["first"]
+        assert len(edge) == 0
+        assert edge.room() == 2  # the edge's one slot, and the receiver still waiting
+        assert edge.put_now([Env("queued")])
+        assert not edge.waits_idle()  # an item is queued
+    assert got == {"first": ["lent"], "second": ["queued"]}

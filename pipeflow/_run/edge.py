@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
+import outcome
 import trio
 from trio.lowlevel import Abort, Task, current_task, enable_ki_protection, reschedule
 from trio.lowlevel import wait_task_rescheduled as _wait_rescheduled
@@ -52,9 +54,10 @@ class Lot(OrderedDict[Task, int]):
     __slots__ = ()
 
     @enable_ki_protection
-    async def park(self, wants: int = 1) -> None:
+    async def park(self, wants: int = 1) -> Any:
         """Wait until :meth:`unpark` wakes this task (or it is cancelled). ``wants``: how
-        many slots the task waits for (a sender's items), for :meth:`unpark_for`."""
+        many slots the task waits for (a sender's items), for :meth:`unpark_for`.
+        Returns None, or what :meth:`Edge.hand` gave this task."""
         task = current_task()
         self[task] = wants
 
@@ -62,7 +65,7 @@ class Lot(OrderedDict[Task, int]):
             del self[task]
             return Abort.SUCCEEDED
 
-        await _wait_rescheduled(abort)
+        return await _wait_rescheduled(abort)
 
     @enable_ki_protection
     def unpark(self, count: int = 1) -> int:
@@ -367,8 +370,26 @@ class Edge:
             if self._send_lot:
                 # A waiting receiver is room too (a rendezvous edge has no other).
                 self._send_lot.unpark()
-            await self._recv_lot.park()
+            handed: list[Env] | None = await self._recv_lot.park()
+            if handed is not None:
+                return handed  # given to this receiver alone (hand)
             self._waking -= 1
+
+    def waits_idle(self) -> bool:
+        """A receiver waits for items and none is queued (nor a sender waiting): an
+        item handed over now would be taken at once by a receiver with nothing to do."""
+        return bool(self._recv_lot) and not self._buf and not self._send_lot
+
+    @enable_ki_protection
+    def hand(self, envs: list[Env]) -> Task:
+        """Give ``envs`` to the receiver that has waited longest, as what its
+        :meth:`take` returns, past the queue; that receiver (there must be one, see
+        :meth:`waits_idle`). For work begun elsewhere that one of the receivers must
+        finish as its own (a stage's call run on from the stage before: see
+        ``runon.py``); ``envs`` count in no capacity, as an item in a worker does not."""
+        task = self._recv_lot.popitem(last=False)[0]
+        reschedule(task, outcome.Value(envs))
+        return task
 
     # -- reading the state ---------------------------------------------------------------------
 

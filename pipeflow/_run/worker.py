@@ -45,6 +45,7 @@ from .forensics import (
     stall_limit,
     worker_statuses,
 )
+from .runon import Lent, Running, drive_on, run_on
 from .shapers import Reorder, take_or_retire
 
 if TYPE_CHECKING:
@@ -229,6 +230,12 @@ class StageRun:
         # Items in a chunk run one after another: only while they are quick (see
         # CHUNK_BELOW). Until a first measurement, one at a time.
         self.chunked = False
+        #: The next stage, where this stage's workers may take an item on themselves
+        #: (runon.py; set by the run where that stage allows it), and the calls of
+        #: this stage's function that a worker of the stage before began and handed to
+        #: one of this stage's workers to finish (by the worker, until it takes it).
+        self.runs_on_to: StageRun | None = None
+        self.lent: dict[trio.lowlevel.Task, Lent] = {}
         # Below this many seconds per call a chunk's items count as quick (-1: never, for
         # a stage that cannot take chunks or has per-item policies that wait).
         self.quick_below = CHUNK_BELOW if self.can_chunk and self.simple else -1.0
@@ -258,14 +265,37 @@ class StageRun:
             if edge.drained():
                 scope.cancel()
 
-    def start_worker(self, nursery: trio.Nursery, inbox: Edge) -> None:
-        """Start one worker on ``inbox`` (registered now, so no edge closes between)."""
+    def start_worker(
+        self, nursery: trio.Nursery, inbox: Edge, seat: WorkerState | None = None
+    ) -> None:
+        """Start one worker on ``inbox`` (registered now, so no edge closes between);
+        ``seat``: the record of a worker it replaces (one that left to see a call of
+        the next stage to its end: runon.py), whose place in the counts it takes."""
         self.nursery = nursery
         if self.takes_resource:
             inbox.on_end = self.end_openings
         inbox.add_receiver()
         self.add_sender()
-        nursery.start_soon(self.worker, inbox, name=f"pipeflow:{self.run.pipeline}:{self.name}")
+        nursery.start_soon(
+            self.worker, inbox, seat, name=f"pipeflow:{self.run.pipeline}:{self.name}"
+        )
+
+    def takes_lone_items(self) -> bool:
+        """Whether the stage's workers take an item that comes alone through the lone
+        item's lane (see _work): a plain ``async def`` with one argument, no resource,
+        no per-item policy, one output per item, not batched, keyed, ordered or a
+        dead-letter stage. (After the run has set up order: ``order_once``.)"""
+        return (
+            self.stepper is not None
+            and not self.takes_resource
+            and self.chunk_call is None
+            and not self.multi
+            and not self.batched
+            and not self.keyed
+            and self.reorder is None
+            and self.window is None
+            and not self.is_dead_letter
+        )
 
     # -- the worker ------------------------------------------------------------------------
 
@@ -337,16 +367,20 @@ class StageRun:
                         error=f"{type(exc).__name__}: {exc}",
                     )
 
-    async def worker(self, inbox: Edge) -> None:
+    async def worker(self, inbox: Edge, seat: WorkerState | None = None) -> None:
         c = self.c
         now = self.run.now
-        c.workers += 1
-        c.workers_peak = max(c.workers_peak, c.workers)
-        c.worker_time -= now()
         task = trio.lowlevel.current_task()
-        self.workers[task] = WorkerState(self.workers_started, now())
-        self.workers_started += 1
+        if seat is None:
+            c.workers += 1
+            c.workers_peak = max(c.workers_peak, c.workers)
+            c.worker_time -= now()
+            self.workers[task] = WorkerState(self.workers_started, now())
+            self.workers_started += 1
+        else:
+            self.workers[task] = seat  # counted already, as the worker it replaces
         leaving = False
+        running: Running | None = None  # a call of the next stage this worker left for
         try:
             if self.takes_resource:
                 with trio.CancelScope() as opening:
@@ -374,7 +408,7 @@ class StageRun:
                             del self.opening[opening]
                             inbox.away -= 1
             else:
-                await self._work(inbox, None)
+                running = await self._work(inbox, None)
             if self.opening:
                 # No item is left for a worker still opening its resource on an edge
                 # that has ended (this one's, or a keyed stage's other edges).
@@ -385,15 +419,19 @@ class StageRun:
             inbox.receiver_done()
             self.sender_done()
             del self.workers[task]
-            c.workers -= 1
-            c.worker_time += now()
-            if c.workers == 0:
-                self.workers_gone.set()
-                if self is self.run.stages[-1]:
-                    # Every item has left the main stages: no more dead letters.
-                    self.run.close_dead_letters()
+            if running is None:
+                c.workers -= 1
+                c.worker_time += now()
+                if c.workers == 0:
+                    self.workers_gone.set()
+                    if self is self.run.stages[-1]:
+                        # Every item has left the main stages: no more dead letters.
+                        self.run.close_dead_letters()
+        if running is not None:
+            # Its seat passed to a new worker: this task is now only the call's.
+            await drive_on(running, now)
 
-    async def _work(self, inbox: Edge, res: Any) -> None:
+    async def _work(self, inbox: Edge, res: Any) -> Running | None:
         c = self.c
         now = self.run.now
         call = self.call
@@ -421,24 +459,19 @@ class StageRun:
         # straight on. What it skips is the general path's set-up for chunks, thread
         # calls, several outputs, order and batches: about a third of a hop's own work
         # at low load, where items travel alone and latency is made of that work.
-        lone_lane = (
-            direct is not None
-            and chunk_call is None
-            and not multi
-            and not batched
-            and not keyed
-            and reorder is None
-            and window is None
-            and not self.is_dead_letter
-        )
+        lone_lane = self.takes_lone_items()
         lone_call = cast("Callable[[Any], Awaitable[Any]]", direct)  # when lone_lane
+        # A call of this stage's function begun by a worker of the stage before and
+        # handed to this worker with its item (runon.py): always a lone item, and only
+        # to a stage with the lane.
+        lent: Lent | None = None
         # A lone item that failed: its outcome and its start, for the general path.
         lone_failure: list[tuple[Exception | None, Any]] | None = None
         lone_t0 = 0.0
         while True:
             if autoscale and self.retire and c.workers > min_workers:
                 self.retire -= 1
-                return
+                return None
             limit = CHUNK if self.chunked else 1
             if window is not None:
                 # Slots for the items waiting now: a worker that waits for items holds
@@ -449,7 +482,7 @@ class StageRun:
             except trio.EndOfChannel:
                 if window is not None:
                     window.release(limit)
-                return
+                return None
             if chunk:
                 spins += len(chunk)
             else:
@@ -470,9 +503,11 @@ class StageRun:
                 if got is None:
                     if window is not None:
                         window.release(limit)
-                    return
+                    return None
                 chunk = got
                 spins = 0
+                if self.lent:
+                    lent = self.lent.pop(task, None)
             idle_since = -1.0
             if window is not None and limit > len(chunk):
                 window.release(limit - len(chunk))
@@ -480,6 +515,7 @@ class StageRun:
             n = len(chunk)
             if lone_lane and n == 1 and type(chunk[0].item) is not Failed:
                 env = chunk[0]
+                borrowed, lent = lent, None
                 if spins >= CHUNK:
                     spins = 0
                     try:
@@ -490,7 +526,7 @@ class StageRun:
                         raise
                 c.items_in += 1
                 c.inflight += 1
-                t0 = now()
+                t0 = now() if borrowed is None else borrowed.t0
                 ws.since = t0
                 ws.state = CALLING
                 ws.chunk = chunk
@@ -498,7 +534,7 @@ class StageRun:
                 c.busy_workers += 1
                 inbox.away += 1  # as in the general path (Edge.away)
                 try:
-                    result = await lone_call(env.item)
+                    result = await (lone_call(env.item) if borrowed is None else borrowed.outcome())
                 except Exception as exc:
                     # The general path deals with the failure, its call already made.
                     inbox.away -= 1
@@ -519,7 +555,29 @@ class StageRun:
                     c.inflight -= 1
                     env.item = result
                     queued_at = env.t  # before the hand-on restamps it
-                    end = now()
+                    end = now() if borrowed is None else borrowed.end
+                    nxt = self.runs_on_to
+                    if (
+                        nxt is not None
+                        and nxt.chunked
+                        and type(result) is not Failed
+                        and nxt.inbox.waits_idle()
+                    ):
+                        # The next stage has a worker with nothing to do: take the item
+                        # on through it here, without a scheduler round (runon.py).
+                        self._record_one(ws, t0, queued_at, end)
+                        inbox.wake_all = not self.chunked
+                        idle_since = end
+                        running = run_on(nxt, env, end)
+                        if running is None:
+                            continue
+                        # Its call waits (I/O): this task sees it to its end (its cancel
+                        # scopes are this task's) while a worker of that stage holds it
+                        # as its own; a new worker takes this one's seat here meanwhile,
+                        # so that this stage keeps all its workers.
+                        assert self.nursery is not None
+                        self.start_worker(self.nursery, inbox, seat=ws)
+                        return running
                     if self.out.put_now(chunk, end):
                         self._record_one(ws, t0, queued_at, end)
                         inbox.wake_all = not self.chunked

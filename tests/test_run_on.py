@@ -1,0 +1,265 @@
+"""Running on (pipeflow/_run/runon.py): at low load a worker takes its item on through
+the next stages' functions itself when they have a worker with nothing to do, instead of
+waking that worker for a scheduler round per hop. What a user sees must not change:
+outputs, counts, each stage's statistics, its error policy, ``workers=`` as the bound on
+a stage's calls at once, and the accounting after a stop."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from pipeflow import Failed, Pipeline, StageError, stage
+from pipeflow.testing import assert_nothing_left_running
+from tests.test_runner_hostile import assert_balanced
+
+
+async def trickle(n, gap=0.01):
+    """``n`` items, each when the pipeline is idle again."""
+    for i in range(n):
+        await trio.sleep(gap)
+        yield i
+
+
+def task_name():
+    return trio.lowlevel.current_task().name
+
+
+async def test_idle_quick_stages_run_in_the_first_stages_worker(autojump_clock):
+    ran_in = {"a": [], "b": [], "c": []}
+
+    def recorder(name):
+        async def f(x):
+            ran_in[name].append(task_name())
+            return x + 1
+
+        return stage(workers=2, name=name)(f)
+
+    pipeline = Pipeline(recorder("a") | recorder("b") | recorder("c"))
+    async with pipeline.stream(trickle(20)) as outputs:
+        got = [x async for x in outputs]
+    result = outputs.result
+    assert got == [i + 3 for i in range(20)]
+    # Each stage's first item goes to its own worker (its items are not yet known to be
+    # quick); from then on, stage a's worker takes each item through b and c itself.
+    assert [n.rsplit(":", 1)[1] for n in ran_in["a"]] == ["a"] * 20
+    assert [n.rsplit(":", 1)[1] for n in ran_in["b"]] == ["b"] + ["a"] * 19
+    assert [n.rsplit(":", 1)[1] for n in ran_in["c"]] == ["c"] + ["a"] * 19
+    for name in "abc":
+        s = result.stats[name]
+        assert (s.items_in, s.ok, s.items_out, s.failed) == (20, 20, 20, 0), s
+        sample = pipeline.samples()[name]
+        assert sum(sample.duration_counts) == 20, sample  # every call timed, wherever
+        assert sum(sample.wait_counts) == 20, sample
+    assert_balanced(result, pipeline)
+
+
+async def test_a_busy_stage_is_not_run_on(autojump_clock):
+    """An item that would queue (the next stage's workers all busy) is handed over."""
+    ran_in = []
+
+    @stage(workers=4)
+    async def fast(x):
+        return x
+
+    @stage(workers=1)
+    async def slow(x):
+        ran_in.append(task_name())
+        await trio.sleep(1)
+        return x
+
+    result = await Pipeline(fast | slow).arun(range(10))
+    assert sorted(result.outputs) == list(range(10))
+    assert all(n.endswith(":slow") for n in ran_in)
+    assert_balanced(result)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+async def test_a_stage_that_waits_after_all_keeps_its_bound(workers, autojump_clock):
+    """A cache-like stage: quick for most items, waiting (I/O) for some. A call run on
+    that turns out to wait is held by one of the stage's own workers, so the stage never
+    has more calls at once than ``workers=``; the stage's statistics count it."""
+    calls = 0
+    most = 0
+    ran_in = []
+
+    @stage(workers=4)
+    async def first(x):
+        return x
+
+    @stage(workers=workers)
+    async def cache(x):
+        nonlocal calls, most
+        calls += 1
+        most = max(most, calls)
+        ran_in.append(task_name())
+        try:
+            if x % 5 == 4:
+                await trio.sleep(0.05)  # a miss: longer than the gaps between items
+            return x * 10
+        finally:
+            calls -= 1
+
+    pipeline = Pipeline(first | cache)
+    async with pipeline.stream(trickle(40, gap=0.001)) as outputs:
+        got = [x async for x in outputs]
+    result = outputs.result
+    assert sorted(got) == [x * 10 for x in range(40)]
+    assert most <= workers
+    assert any(n.endswith(":first") for n in ran_in)  # it did run on
+    s = result.stats["cache"]
+    assert (s.items_in, s.ok, s.items_out) == (40, 40, 40), s
+    assert sum(pipeline.samples()["cache"].duration_counts) == 40
+    assert s.duration_max >= 0.05  # the misses' waits, counted in the stage's latency
+    assert_balanced(result, pipeline)
+
+
+async def test_a_waiting_call_run_on_is_shown_in_its_own_stage(autojump_clock):
+    """While a call begun by the stage before waits, the live views show one of its own
+    stage's workers calling that item, and the stage busy with it."""
+    seen = {}
+
+    @stage(workers=1)
+    async def first(x):
+        return x
+
+    @stage(workers=2)
+    async def second(x):
+        if x == 3:
+            await trio.sleep(1)
+        return x
+
+    pipeline = Pipeline(first | second)
+
+    async def watch():
+        await trio.sleep(0.045)  # item 3 came at 0.04 and waits in second until 1.04
+        seen["workers"] = [(w.stage, w.state, w.item) for w in pipeline.current_workers()]
+        seen["samples"] = pipeline.samples()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        async with pipeline.stream(trickle(5)) as outputs:
+            got = [x async for x in outputs]
+    # Item 4 went on while 3 waited: the first stage's worker that began 3's call in
+    # second sees it to its end, and a new worker took its seat in the first stage.
+    assert got == [0, 1, 2, 4, 3]
+    assert sorted(seen["workers"]) == [
+        ("first", "waiting", None),
+        ("second", "calling", "3"),
+        ("second", "waiting", None),
+    ], seen
+    first, second = seen["samples"]["first"], seen["samples"]["second"]
+    assert (first.workers, first.busy_workers, first.inflight) == (1, 0, 0), first
+    assert (second.workers, second.busy_workers, second.inflight) == (2, 1, 1), second
+    assert outputs.result.stats["first"].workers == 1
+    assert_balanced(outputs.result, pipeline)
+
+
+async def test_a_failure_run_on_is_its_own_stages_under_fail_fast(autojump_clock):
+    @stage(workers=2)
+    async def first(x):
+        return x
+
+    @stage(workers=2)
+    async def second(x):
+        if x == 6:
+            raise ValueError("bad six")
+        return x
+
+    pipeline = Pipeline(first | second)
+    with pytest.raises(StageError) as info:
+        await pipeline.arun(trickle(10))
+    assert_nothing_left_running()
+    err = info.value
+    assert (err.stage, err.item, type(err.__cause__)) == ("second", 6, ValueError)
+    assert err.result.stats["second"].failed == 1
+    assert err.result.stats["first"].failed == 0
+    assert_balanced(err.result, pipeline)
+
+
+@pytest.mark.parametrize("errors", ["skip", "collect", "embed"])
+async def test_a_failure_run_on_goes_by_its_stages_policy(errors, autojump_clock):
+    dead = []
+
+    @stage(workers=2)
+    async def first(x):
+        return x
+
+    @stage(workers=2, errors=errors, dead_letter=dead.append)
+    async def second(x):
+        if x % 4 == 3:
+            raise ValueError(f"bad {x}")
+        return x
+
+    @stage(workers=2)
+    async def third(x):
+        return x
+
+    pipeline = Pipeline(first | second | third)
+    result = await pipeline.arun(trickle(12))
+    s = result.stats["second"]
+    assert (s.items_in, s.ok, s.failed) == (12, 9, 3), s
+    assert sorted(f.item for f in dead) == [3, 7, 11]
+    assert {f.stage for f in dead} == {"second"}
+    outputs = sorted(result.outputs, key=lambda x: x.item if isinstance(x, Failed) else x)
+    if errors == "embed":
+        assert [x.item if isinstance(x, Failed) else x for x in outputs] == list(range(12))
+    else:
+        assert outputs == [x for x in range(12) if x % 4 != 3]
+    if errors == "collect":
+        assert sorted(e.item for e in result.errors) == [3, 7, 11]
+        assert {e.stage for e in result.errors} == {"second"}
+    assert_balanced(result, pipeline)
+
+
+async def test_an_outer_cancel_during_a_waiting_call_run_on(autojump_clock):
+    """The stop takes the item from the stage whose call it was: cancelled there, and
+    listed once as (stage, item)."""
+
+    @stage(workers=1)
+    async def first(x):
+        return x
+
+    @stage(workers=2)
+    async def second(x):
+        if x == 4:
+            await trio.sleep_forever()
+        return x
+
+    pipeline = Pipeline(first | second)
+    with trio.move_on_after(1):
+        async with pipeline.stream(trickle(10)) as outputs:
+            async for _ in outputs:
+                pass
+    assert_nothing_left_running()
+    result = outputs.result
+    assert ("second", 4) in result.unfinished
+    assert result.unfinished.count(("second", 4)) == 1
+    assert result.stats["second"].cancelled >= 1
+    assert result.stats["first"].cancelled == 0
+    assert_balanced(result)
+
+
+async def test_no_room_after_a_stage_run_on_waits_in_that_stage(autojump_clock):
+    """A result with no room after its stage (a reader that does not read) goes to the
+    stage's own worker, which waits for room as for its own result: blocked time in that
+    stage, every item delivered in the end."""
+
+    @stage(workers=1)
+    async def first(x):
+        return x
+
+    @stage(workers=1)
+    async def second(x):
+        return x
+
+    pipeline = Pipeline(first | second)
+    got = []
+    async with pipeline.stream(trickle(10), buffer=1) as outputs:
+        async for x in outputs:
+            got.append(x)
+            await trio.sleep(0.1)  # slower than the source
+    assert got == list(range(10))
+    result = outputs.result
+    assert result.stats["second"].blocked_seconds > 0
+    assert_balanced(result, pipeline)

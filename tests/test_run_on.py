@@ -263,3 +263,69 @@ async def test_no_room_after_a_stage_run_on_waits_in_that_stage(autojump_clock):
     result = outputs.result
     assert result.stats["second"].blocked_seconds > 0
     assert_balanced(result, pipeline)
+
+
+async def test_a_call_run_on_that_ends_shielded_is_counted_done(autojump_clock):
+    """A commit shielded from cancellation, begun by the stage before's worker: an
+    outer cancel comes while it waits. The commit ends, so its item is ok and handed
+    on, as when the stage's own worker made the call; not listed unfinished."""
+    committed = []
+
+    @stage(workers=1)
+    async def first(x):
+        return x
+
+    @stage(workers=2)
+    async def commit(x):
+        if x == 5:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1)  # the commit must finish
+        committed.append(x)
+        return x
+
+    pipeline = Pipeline(first | commit)
+    with trio.move_on_after(0.5):  # while item 5's commit waits
+        async with pipeline.stream(trickle(10)) as outputs:
+            async for _ in outputs:
+                pass
+    assert_nothing_left_running()
+    result = outputs.result
+    assert sorted(committed) == list(range(10))
+    assert result.unfinished == []
+    s = result.stats["commit"]
+    assert (s.items_in, s.ok, s.cancelled) == (10, 10, 0), s
+    assert_balanced(result, pipeline)
+
+
+@pytest.mark.parametrize("then", ["wait", "raise"])
+async def test_a_call_run_on_that_cancels_the_run(then, autojump_clock):
+    """The function, run on, cancels a scope around the run, which takes the stage's
+    waiting workers away before the call is handed to one: a new worker of the stage
+    deals with it. Waiting, it ends in the cancellation alone; raising, its stage's
+    policy (fail-fast) says so."""
+
+    @stage(workers=2)
+    async def first(x):
+        return x
+
+    @stage(workers=2)
+    async def second(x):
+        if x == 5:
+            scope.cancel()
+            if then == "wait":
+                await trio.lowlevel.checkpoint()
+            else:
+                raise ValueError("after the cancel")
+        return x
+
+    pipeline = Pipeline(first | second)
+    with trio.CancelScope() as scope:
+        if then == "wait":
+            await pipeline.arun(trickle(10))
+        else:
+            with pytest.raises(StageError) as info:
+                await pipeline.arun(trickle(10))
+            assert (info.value.stage, info.value.item) == ("second", 5)
+            assert_balanced(info.value.result, pipeline)
+    assert scope.cancelled_caught == (then == "wait")
+    assert_nothing_left_running()

@@ -381,12 +381,14 @@ class Edge:
         return bool(self._recv_lot) and not self._buf and not self._send_lot
 
     @enable_ki_protection
-    def hand(self, envs: list[Env]) -> Task:
+    def hand(self, envs: list[Env]) -> Task | None:
         """Give ``envs`` to the receiver that has waited longest, as what its
-        :meth:`take` returns, past the queue; that receiver (there must be one, see
-        :meth:`waits_idle`). For work begun elsewhere that one of the receivers must
-        finish as its own (a stage's call run on from the stage before: see
-        ``runon.py``); ``envs`` count in no capacity, as an item in a worker does not."""
+        :meth:`take` returns, past the queue; that receiver, or None if none waits.
+        For work begun elsewhere that one of the receivers must finish as its own (a
+        stage's call run on from the stage before: see ``runon.py``); ``envs`` count in
+        no capacity, as an item in a worker does not."""
+        if not self._recv_lot:
+            return None
         task = self._recv_lot.popitem(last=False)[0]
         reschedule(task, outcome.Value(envs))
         return task

@@ -56,7 +56,11 @@ class Lent:
         """The call's result, or its error raised; waits while the call runs on in the
         other worker."""
         if self.done is not None:
-            await self.done.wait()
+            # Shielded: the call is the other task's to end, and a stop ends it there
+            # (its error comes here, below). A call that ends anyway (it finished in
+            # the same round, or ran shielded) is this worker's to count and hand on.
+            with trio.CancelScope(shield=True):
+                await self.done.wait()
         error = self.error
         if error is None:
             return self.value
@@ -71,9 +75,20 @@ class Lent:
 Running = tuple[Any, Any, Lent]
 
 
+@trio.lowlevel.enable_ki_protection
 def _hand(sr: StageRun, env: Env, lent: Lent) -> None:
+    """Give ``env`` and its call to the stage's worker that has waited longest (a
+    KeyboardInterrupt between the two would leave that worker an item to call anew)."""
     env.t = lent.t0  # it did not queue
-    sr.lent[sr.inbox.hand([env])] = lent
+    task = sr.inbox.hand([env])
+    if task is not None:
+        sr.lent[task] = lent
+        return
+    # The worker that waited is gone: the call itself cancelled a scope around the run
+    # (it is stopping). A new worker of the stage begins with the item instead, to deal
+    # with it as the one that waited would have.
+    assert sr.nursery is not None
+    sr.start_worker(sr.nursery, sr.inbox, first=(env, lent))
 
 
 def run_on(sr: StageRun, env: Env, t0: float) -> Running | None:

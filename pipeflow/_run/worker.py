@@ -266,18 +266,23 @@ class StageRun:
                 scope.cancel()
 
     def start_worker(
-        self, nursery: trio.Nursery, inbox: Edge, seat: WorkerState | None = None
+        self,
+        nursery: trio.Nursery,
+        inbox: Edge,
+        seat: WorkerState | None = None,
+        first: tuple[Env, Lent] | None = None,
     ) -> None:
-        """Start one worker on ``inbox`` (registered now, so no edge closes between);
-        ``seat``: the record of a worker it replaces (one that left to see a call of
-        the next stage to its end: runon.py), whose place in the counts it takes."""
+        """Start one worker on ``inbox`` (registered now, so no edge closes between).
+        For running on (runon.py): ``seat``, the record of a worker it replaces (one
+        that left to see a call of the next stage to its end), whose place in the counts
+        it takes; ``first``, a call begun for this stage that it begins with."""
         self.nursery = nursery
         if self.takes_resource:
             inbox.on_end = self.end_openings
         inbox.add_receiver()
         self.add_sender()
         nursery.start_soon(
-            self.worker, inbox, seat, name=f"pipeflow:{self.run.pipeline}:{self.name}"
+            self.worker, inbox, seat, first, name=f"pipeflow:{self.run.pipeline}:{self.name}"
         )
 
     def takes_lone_items(self) -> bool:
@@ -367,7 +372,9 @@ class StageRun:
                         error=f"{type(exc).__name__}: {exc}",
                     )
 
-    async def worker(self, inbox: Edge, seat: WorkerState | None = None) -> None:
+    async def worker(
+        self, inbox: Edge, seat: WorkerState | None = None, first: tuple[Env, Lent] | None = None
+    ) -> None:
         c = self.c
         now = self.run.now
         task = trio.lowlevel.current_task()
@@ -408,7 +415,7 @@ class StageRun:
                             del self.opening[opening]
                             inbox.away -= 1
             else:
-                running = await self._work(inbox, None)
+                running = await self._work(inbox, None, first)
             if self.opening:
                 # No item is left for a worker still opening its resource on an edge
                 # that has ended (this one's, or a keyed stage's other edges).
@@ -431,7 +438,9 @@ class StageRun:
             # Its seat passed to a new worker: this task is now only the call's.
             await drive_on(running, now)
 
-    async def _work(self, inbox: Edge, res: Any) -> Running | None:
+    async def _work(
+        self, inbox: Edge, res: Any, first: tuple[Env, Lent] | None = None
+    ) -> Running | None:
         c = self.c
         now = self.run.now
         call = self.call
@@ -465,6 +474,11 @@ class StageRun:
         # handed to this worker with its item (runon.py): always a lone item, and only
         # to a stage with the lane.
         lent: Lent | None = None
+        # A worker started for such a call (runon._hand) begins with it.
+        pending: list[Env] | None = None
+        if first is not None:
+            pending = [first[0]]
+            lent = first[1]
         # A lone item that failed: its outcome and its start, for the general path.
         lone_failure: list[tuple[Exception | None, Any]] | None = None
         lone_t0 = 0.0
@@ -478,7 +492,10 @@ class StageRun:
                 # one slot, not a chunk's worth that the others could use.
                 limit = await window.reserve(min(limit, max(1, len(inbox))))
             try:
-                chunk = inbox.take_ready(limit)
+                if pending is None:
+                    chunk = inbox.take_ready(limit)
+                else:
+                    chunk, pending = pending, None
             except trio.EndOfChannel:
                 if window is not None:
                     window.release(limit)

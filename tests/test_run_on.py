@@ -25,6 +25,15 @@ def task_name():
     return trio.lowlevel.current_task().name
 
 
+def passing(name, *, workers):
+    """A stage that passes its items on: one that runs on into the next."""
+
+    async def same(x):
+        return x
+
+    return stage(workers=workers, name=name)(same)
+
+
 async def test_idle_quick_stages_run_in_the_first_stages_worker(autojump_clock):
     ran_in = {"a": [], "b": [], "c": []}
 
@@ -83,9 +92,7 @@ async def test_a_stage_that_waits_after_all_keeps_its_bound(workers, autojump_cl
     most = 0
     ran_in = []
 
-    @stage(workers=4)
-    async def first(x):
-        return x
+    first = passing("first", workers=4)
 
     @stage(workers=workers)
     async def cache(x):
@@ -119,9 +126,7 @@ async def test_a_waiting_call_run_on_is_shown_in_its_own_stage(autojump_clock):
     stage's workers calling that item, and the stage busy with it."""
     seen = {}
 
-    @stage(workers=1)
-    async def first(x):
-        return x
+    first = passing("first", workers=1)
 
     @stage(workers=2)
     async def second(x):
@@ -156,9 +161,7 @@ async def test_a_waiting_call_run_on_is_shown_in_its_own_stage(autojump_clock):
 
 
 async def test_a_failure_run_on_is_its_own_stages_under_fail_fast(autojump_clock):
-    @stage(workers=2)
-    async def first(x):
-        return x
+    first = passing("first", workers=2)
 
     @stage(workers=2)
     async def second(x):
@@ -181,9 +184,7 @@ async def test_a_failure_run_on_is_its_own_stages_under_fail_fast(autojump_clock
 async def test_a_failure_run_on_goes_by_its_stages_policy(errors, autojump_clock):
     dead = []
 
-    @stage(workers=2)
-    async def first(x):
-        return x
+    first = passing("first", workers=2)
 
     @stage(workers=2, errors=errors, dead_letter=dead.append)
     async def second(x):
@@ -216,9 +217,7 @@ async def test_an_outer_cancel_during_a_waiting_call_run_on(autojump_clock):
     """The stop takes the item from the stage whose call it was: cancelled there, and
     listed once as (stage, item)."""
 
-    @stage(workers=1)
-    async def first(x):
-        return x
+    first = passing("first", workers=1)
 
     @stage(workers=2)
     async def second(x):
@@ -245,9 +244,7 @@ async def test_no_room_after_a_stage_run_on_waits_in_that_stage(autojump_clock):
     stage's own worker, which waits for room as for its own result: blocked time in that
     stage, every item delivered in the end."""
 
-    @stage(workers=1)
-    async def first(x):
-        return x
+    first = passing("first", workers=1)
 
     @stage(workers=1)
     async def second(x):
@@ -271,9 +268,7 @@ async def test_a_call_run_on_that_ends_shielded_is_counted_done(autojump_clock):
     on, as when the stage's own worker made the call; not listed unfinished."""
     committed = []
 
-    @stage(workers=1)
-    async def first(x):
-        return x
+    first = passing("first", workers=1)
 
     @stage(workers=2)
     async def commit(x):
@@ -304,9 +299,7 @@ async def test_a_call_run_on_that_cancels_the_run(then, autojump_clock):
     deals with it. Waiting, it ends in the cancellation alone; raising, its stage's
     policy (fail-fast) says so."""
 
-    @stage(workers=2)
-    async def first(x):
-        return x
+    first = passing("first", workers=2)
 
     @stage(workers=2)
     async def second(x):

@@ -26,7 +26,7 @@ are that task's), which leaves its own stage for it: a new worker takes its seat
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import trio
 
@@ -91,6 +91,12 @@ def _hand(sr: StageRun, env: Env, lent: Lent) -> None:
     sr.start_worker(sr.nursery, sr.inbox, first=(env, lent))
 
 
+def goes_on(nxt: StageRun | None, result: Any) -> TypeGuard[StageRun]:
+    """Whether a result goes on through ``nxt`` (a stage's ``runs_on_to``) in this
+    task: its items have been quick, and it has a worker waiting with nothing queued."""
+    return nxt is not None and nxt.chunked and type(result) is not Failed and nxt.inbox.waits_idle()
+
+
 def run_on(sr: StageRun, env: Env, t0: float) -> Running | None:
     """Call ``sr``'s function on ``env`` (the stage before made it at ``t0``; ``sr``
     is quick, and its inbox :meth:`~pipeflow._run.edge.Edge.waits_idle`), then go on to
@@ -122,12 +128,7 @@ def run_on(sr: StageRun, env: Env, t0: float) -> Running | None:
             return coro, trap, lent
         end = sr.run.now()
         nxt = sr.runs_on_to
-        if (
-            nxt is not None
-            and nxt.chunked
-            and type(result) is not Failed
-            and nxt.inbox.waits_idle()
-        ):
+        if goes_on(nxt, result):
             env.item = result
             _record(sr, t0, end)
             sr, t0 = nxt, end

@@ -45,7 +45,7 @@ from .forensics import (
     stall_limit,
     worker_statuses,
 )
-from .runon import Lent, Running, drive_on, run_on
+from .runon import Lent, Running, drive_on, goes_on, run_on
 from .shapers import Reorder, take_or_retire
 
 if TYPE_CHECKING:
@@ -574,12 +574,7 @@ class StageRun:
                     queued_at = env.t  # before the hand-on restamps it
                     end = now() if borrowed is None else borrowed.end
                     nxt = self.runs_on_to
-                    if (
-                        nxt is not None
-                        and nxt.chunked
-                        and type(result) is not Failed
-                        and nxt.inbox.waits_idle()
-                    ):
+                    if goes_on(nxt, result):
                         # The next stage has a worker with nothing to do: take the item
                         # on through it here, without a scheduler round (runon.py).
                         self._record_one(ws, t0, queued_at, end)

@@ -133,11 +133,14 @@ def run_on(sr: StageRun, env: Env, t0: float) -> Running | None:
             _record(sr, t0, end)
             sr, t0 = nxt, end
             continue
+        item = env.item
         env.item = result
         if sr.out.put_now([env], end):
             _record(sr, t0, end)
             return None
         # No room after this stage: its worker waits for room, as for its own result.
+        # (The item goes with its input, as a call's does, whatever the result is.)
+        env.item = item
         lent = Lent(t0, end)
         lent.value = result
         _hand(sr, env, lent)

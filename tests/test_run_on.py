@@ -322,3 +322,26 @@ async def test_a_call_run_on_that_cancels_the_run(then, autojump_clock):
             assert_balanced(info.value.result, pipeline)
     assert scope.cancelled_caught == (then == "wait")
     assert_nothing_left_running()
+
+
+async def test_leaving_stream_early_while_a_call_run_on_waits(autojump_clock):
+    """The reader leaves while a call begun by the stage before waits: the call is
+    ended in the task that began it, its item is the stage's, unfinished, and no task
+    is left running."""
+    first = passing("first", workers=1)
+
+    @stage(workers=2)
+    async def second(x):
+        if x == 4:
+            await trio.sleep_forever()
+        return x
+
+    pipeline = Pipeline(first | second)
+    async with pipeline.stream(trickle(10)) as outputs:
+        async for x in outputs:
+            if x == 6:  # item 4 waits in second by now
+                break
+    assert_nothing_left_running()
+    result = outputs.result
+    assert result.unfinished.count(("second", 4)) == 1
+    assert_balanced(result)

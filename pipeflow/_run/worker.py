@@ -269,13 +269,14 @@ class StageRun:
         self,
         nursery: trio.Nursery,
         inbox: Edge,
-        seat: WorkerState | None = None,
+        seat: tuple[trio.lowlevel.Task, WorkerState] | None = None,
         first: tuple[Env, Lent] | None = None,
     ) -> None:
         """Start one worker on ``inbox`` (registered now, so no edge closes between).
-        For running on (runon.py): ``seat``, the record of a worker it replaces (one
-        that left to see a call of the next stage to its end), whose place in the counts
-        it takes; ``first``, a call begun for this stage that it begins with."""
+        For running on (runon.py): ``seat``, the task and record of a worker it replaces
+        (one that left to see a call of the next stage to its end), whose place in the
+        counts and the live views it takes; ``first``, a call begun for this stage that
+        it begins with."""
         self.nursery = nursery
         if self.takes_resource:
             inbox.on_end = self.end_openings
@@ -373,7 +374,10 @@ class StageRun:
                     )
 
     async def worker(
-        self, inbox: Edge, seat: WorkerState | None = None, first: tuple[Env, Lent] | None = None
+        self,
+        inbox: Edge,
+        seat: tuple[trio.lowlevel.Task, WorkerState] | None = None,
+        first: tuple[Env, Lent] | None = None,
     ) -> None:
         c = self.c
         now = self.run.now
@@ -385,7 +389,11 @@ class StageRun:
             self.workers[task] = WorkerState(self.workers_started, now())
             self.workers_started += 1
         else:
-            self.workers[task] = seat  # counted already, as the worker it replaces
+            # Counted already, as the worker it replaces, whose record stayed in the
+            # live views until now (so no round shows the stage a worker short).
+            left, ws = seat
+            del self.workers[left]
+            self.workers[task] = ws
         leaving = False
         running: Running | None = None  # a call of the next stage this worker left for
         try:
@@ -425,8 +433,8 @@ class StageRun:
                 self.leaving -= 1
             inbox.receiver_done()
             self.sender_done()
-            del self.workers[task]
             if running is None:
+                del self.workers[task]
                 c.workers -= 1
                 c.worker_time += now()
                 if c.workers == 0:
@@ -525,6 +533,18 @@ class StageRun:
                 spins = 0
                 if self.lent:
                     lent = self.lent.pop(task, None)
+                if (
+                    limit < CHUNK
+                    and self.chunked
+                    and window is None
+                    and lent is None
+                    and len(inbox)
+                ):
+                    # It waited from before its stage's items were known to be quick
+                    # and was woken for a burst: the edge woke one worker for a chunk
+                    # of it (wake_all off), so this one takes the chunk, not one item
+                    # the rest would wait behind if its call waits.
+                    chunk.extend(inbox.take_ready(CHUNK - len(chunk)))
             idle_since = -1.0
             if window is not None and limit > len(chunk):
                 window.release(limit - len(chunk))
@@ -588,7 +608,7 @@ class StageRun:
                         # as its own; a new worker takes this one's seat here meanwhile,
                         # so that this stage keeps all its workers.
                         assert self.nursery is not None
-                        self.start_worker(self.nursery, inbox, seat=ws)
+                        self.start_worker(self.nursery, inbox, seat=(task, ws))
                         return running
                     if self.out.put_now(chunk, end):
                         self._record_one(ws, t0, queued_at, end)

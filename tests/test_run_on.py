@@ -6,6 +6,8 @@ a stage's calls at once, and the accounting after a stop."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
@@ -35,6 +37,8 @@ def passing(name, *, workers, buffer=None):
 
 
 async def test_idle_quick_stages_run_in_the_first_stages_worker(autojump_clock):
+    """Items that come when every stage is idle go through the three stages in the
+    first stage's worker, counted in each stage's own figures."""
     ran_in = {"a": [], "b": [], "c": []}
 
     def recorder(name):
@@ -63,13 +67,10 @@ async def test_idle_quick_stages_run_in_the_first_stages_worker(autojump_clock):
     assert_balanced(result, pipeline)
 
 
-async def test_a_busy_stage_is_not_run_on(autojump_clock):
-    """An item that would queue (the next stage's workers all busy) is handed over."""
+async def test_a_slow_stage_is_not_run_on(autojump_clock):
+    """A stage whose items take long (I/O) is never run on: its own workers spread them."""
     ran_in = []
-
-    @stage(workers=4)
-    async def fast(x):
-        return x
+    fast = passing("fast", workers=4)
 
     @stage(workers=1)
     async def slow(x):
@@ -81,6 +82,30 @@ async def test_a_busy_stage_is_not_run_on(autojump_clock):
     assert sorted(result.outputs) == list(range(10))
     assert all(n.endswith(":slow") for n in ran_in)
     assert_balanced(result)
+
+
+async def test_a_quick_stage_whose_worker_is_busy_is_not_run_on(autojump_clock):
+    """A quick stage whose one worker is away (waiting for room before a slow reader)
+    has no worker waiting: its items queue for that worker, as on any edge."""
+    ran_in = []
+    first = passing("first", workers=1)
+
+    @stage(workers=1)
+    async def second(x):
+        ran_in.append(task_name().rsplit(":", 1)[1])
+        return x
+
+    pipeline = Pipeline(first | second)
+    async with pipeline.stream(trickle(8), buffer=1) as outputs:
+        got = []
+        async for x in outputs:
+            got.append(x)
+            await trio.sleep(1)  # a slow reader: second's worker waits for room
+    assert got == list(range(8))
+    # Item 0 finds second not yet quick; 1 and 2 find its worker waiting (2 then finds
+    # no room after it and goes to that worker); from then on the worker is away.
+    assert ran_in == ["second", "first", "first", "second", "second", "second", "second", "second"]
+    assert_balanced(outputs.result, pipeline)
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -108,8 +133,9 @@ async def test_a_stage_that_waits_after_all_keeps_its_bound(workers, autojump_cl
             calls -= 1
 
     pipeline = Pipeline(first | cache)
-    async with pipeline.stream(trickle(40, gap=0.001)) as outputs:
-        got = [x async for x in outputs]
+    with trio.fail_after(60):  # a held call never ended: seconds, not pytest's timeout
+        async with pipeline.stream(trickle(40, gap=0.001)) as outputs:
+            got = [x async for x in outputs]
     result = outputs.result
     assert sorted(got) == [x * 10 for x in range(40)]
     assert most <= workers
@@ -161,6 +187,8 @@ async def test_a_waiting_call_run_on_is_shown_in_its_own_stage(autojump_clock):
 
 
 async def test_a_failure_run_on_is_its_own_stages_under_fail_fast(autojump_clock):
+    """A call run on that raises is its own stage's failure: fail-fast names that stage
+    and the item, and counts it there."""
     first = passing("first", workers=2)
 
     @stage(workers=2)
@@ -180,15 +208,21 @@ async def test_a_failure_run_on_is_its_own_stages_under_fail_fast(autojump_clock
     assert_balanced(err.result, pipeline)
 
 
+@pytest.mark.parametrize("waits", [False, True], ids=["at-once", "after-waiting"])
 @pytest.mark.parametrize("errors", ["skip", "collect", "embed"])
-async def test_a_failure_run_on_goes_by_its_stages_policy(errors, autojump_clock):
+async def test_a_failure_run_on_goes_by_its_stages_policy(errors, waits, autojump_clock):
+    """A call run on that raises, at once or after it waited (held by the stage's own
+    worker meanwhile), goes by its own stage's policy and dead letters."""
     dead = []
-
+    failed_in = {}
     first = passing("first", workers=2)
 
     @stage(workers=2, errors=errors, dead_letter=dead.append)
     async def second(x):
         if x % 4 == 3:
+            failed_in[x] = task_name().rsplit(":", 1)[1]
+            if waits:
+                await trio.sleep(0.001)
             raise ValueError(f"bad {x}")
         return x
 
@@ -200,6 +234,7 @@ async def test_a_failure_run_on_goes_by_its_stages_policy(errors, autojump_clock
     result = await pipeline.arun(trickle(12))
     s = result.stats["second"]
     assert (s.items_in, s.ok, s.failed) == (12, 9, 3), s
+    assert failed_in == {3: "first", 7: "first", 11: "first"}  # each call was run on
     assert sorted(f.item for f in dead) == [3, 7, 11]
     assert {f.stage for f in dead} == {"second"}
     outputs = sorted(result.outputs, key=lambda x: x.item if isinstance(x, Failed) else x)
@@ -226,7 +261,7 @@ async def test_an_outer_cancel_during_a_waiting_call_run_on(autojump_clock):
         return x
 
     pipeline = Pipeline(first | second)
-    with trio.move_on_after(1):
+    with trio.fail_after(60), trio.move_on_after(1):
         async with pipeline.stream(trickle(10)) as outputs:
             async for _ in outputs:
                 pass
@@ -319,6 +354,7 @@ async def test_a_call_run_on_that_cancels_the_run(then, autojump_clock):
             with pytest.raises(StageError) as info:
                 await pipeline.arun(trickle(10))
             assert (info.value.stage, info.value.item) == ("second", 5)
+            assert info.value.result.stats["second"].workers == 2  # no worker more
             assert_balanced(info.value.result, pipeline)
     assert scope.cancelled_caught == (then == "wait")
     assert_nothing_left_running()
@@ -421,3 +457,70 @@ async def test_a_seat_passed_is_never_empty_in_the_live_views(autojump_clock):
     assert result.stats["second"].duration_max > 0.004  # some calls waited: seats passed
     assert steps > 20
     assert disagree == []
+
+
+async def test_ordered_stages_are_not_run_on(autojump_clock):
+    """Ordered stages keep their own workers (the order is restored once, after the
+    last of them): none is run on, whatever its place in the group."""
+    ran_in = {}
+
+    def ordered(name):
+        async def f(x):
+            ran_in.setdefault(name, []).append(task_name().rsplit(":", 1)[1])
+            return x
+
+        return stage(workers=2, ordered=True, name=name)(f)
+
+    pipeline = Pipeline(ordered("o1") | ordered("o2") | ordered("o3") | ordered("o4"))
+    result = await pipeline.arun(trickle(10))
+    assert result.outputs == list(range(10))
+    assert ran_in == {name: [name] * 10 for name in ("o1", "o2", "o3", "o4")}
+    assert_balanced(result, pipeline)
+
+
+async def test_a_call_handed_over_after_it_began_did_not_queue(autojump_clock):
+    """A call run on that waits is held by its stage's worker from when it began: it
+    queued for no time in that stage, however long the item spent before."""
+
+    @stage(workers=1)
+    async def first(x):
+        await trio.sleep(0.002)  # each item spends 2 ms in the first stage
+        return x
+
+    @stage(workers=2)
+    async def second(x):
+        if x % 3 == 2:
+            await trio.sleep(0.01)  # waits: held by a worker of second
+        return x
+
+    with trio.fail_after(10):
+        result = await Pipeline(first | second).arun(trickle(9))
+    assert sorted(result.outputs) == list(range(9))
+    assert result.stats["second"].queue_wait_p99 < 0.001, result.stats["second"]
+
+
+def test_a_call_run_on_that_turns_slow_makes_its_stage_take_items_itself():
+    """A call run on that takes long without waiting (CPU work: real time, so the
+    real clock) marks its stage not quick: the next item goes to the stage's own
+    worker, not run on, until an item of its own is quick again."""
+    ran_in = []
+
+    async def source():
+        for i in range(10):
+            await trio.sleep(0.005)
+            yield i
+
+    first = passing("first", workers=1)
+
+    @stage(workers=1)
+    async def second(x):
+        ran_in.append(task_name().rsplit(":", 1)[1])
+        if x == 5:
+            time.sleep(0.002)  # noqa: ASYNC251  # blocking on purpose: work, not a wait
+        return x
+
+    result = trio.run(Pipeline(first | second).arun, source())
+    assert sorted(result.outputs) == list(range(10))
+    assert "first" in ran_in  # quick items were run on (5 too, unless the machine
+    # made one of those before it slow: the real clock)
+    assert ran_in[6] == "second"  # after a slow one, the stage's own worker

@@ -385,7 +385,7 @@ class Edge:
         """Give ``envs`` to the receiver that has waited longest, as what its
         :meth:`take` returns, past the queue; that receiver, or None if none waits.
         For work begun elsewhere that one of the receivers must finish as its own (a
-        stage's call run on from the stage before: see ``runon.py``); ``envs`` count in
+        stage's call run on from an earlier stage: see ``runon.py``); ``envs`` count in
         no capacity, as an item in a worker does not."""
         if not self._recv_lot:
             return None

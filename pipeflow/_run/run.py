@@ -211,7 +211,7 @@ class Run:
             out = DropSink()
         for a, b in zip(self.stages, self.stages[1:], strict=False):
             a.connect(b.inbox)
-            if b.takes_lone_items() and not b.opts.autoscale:
+            if b.takes_lone_items() and not b.opts.autoscale and not b.opts.ordered:
                 a.runs_on_to = b  # see runon.py
         self.stages[-1].connect(out)
         # The edges behind shapers (a batcher's, a key router's), for the accounting.

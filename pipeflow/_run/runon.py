@@ -25,6 +25,7 @@ are that task's), which leaves its own stage for it: a new worker takes its seat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 
 class Lent:
-    """A call of a stage's function that a worker of the stage before began (running
+    """A call of a stage's function that a worker of an earlier stage began (running
     on), handed to one of the stage's waiting workers to finish as its own: its start,
     and its outcome once known (``done`` is set then, if it had to wait)."""
 
@@ -98,7 +99,7 @@ def goes_on(nxt: StageRun | None, result: Any) -> TypeGuard[StageRun]:
 
 
 def run_on(sr: StageRun, env: Env, t0: float) -> Running | None:
-    """Call ``sr``'s function on ``env`` (the stage before made it at ``t0``; ``sr``
+    """Call ``sr``'s function on ``env`` (an earlier stage made it at ``t0``; ``sr``
     is quick, and its inbox :meth:`~pipeflow._run.edge.Edge.waits_idle`), then go on to
     the next stage the same way, or hand the result over after it. Returns None when the
     item is done with here, or the call that waits, for the caller to drive to its end
@@ -180,3 +181,15 @@ async def drive_on(running: Running, now: Callable[[], float]) -> None:
         lent.end = now()
         assert lent.done is not None
         lent.done.set()
+
+
+def abandon(running: Running, error: BaseException) -> None:
+    """A call that waits will not be driven (``error`` came first): its holder is told,
+    and the coroutine is closed (its ``finally`` blocks run)."""
+    coro, _, lent = running
+    lent.error = error
+    lent.end = 0.0
+    assert lent.done is not None
+    lent.done.set()
+    with contextlib.suppress(BaseException):
+        coro.close()

@@ -45,7 +45,7 @@ from .forensics import (
     stall_limit,
     worker_statuses,
 )
-from .runon import Lent, Running, drive_on, goes_on, run_on
+from .runon import Lent, Running, abandon, drive_on, goes_on, run_on
 from .shapers import Reorder, take_or_retire
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ class StageRun:
         self.chunked = False
         #: The next stage, where this stage's workers may take an item on themselves
         #: (runon.py; set by the run where that stage allows it), and the calls of
-        #: this stage's function that a worker of the stage before began and handed to
+        #: this stage's function that a worker of an earlier stage began and handed to
         #: one of this stage's workers to finish (by the worker, until it takes it).
         self.runs_on_to: StageRun | None = None
         self.lent: dict[trio.lowlevel.Task, Lent] = {}
@@ -274,7 +274,7 @@ class StageRun:
     ) -> None:
         """Start one worker on ``inbox`` (registered now, so no edge closes between).
         For running on (runon.py): ``seat``, the task and record of a worker it replaces
-        (one that left to see a call of the next stage to its end), whose place in the
+        (one that left to see a call of a later stage to its end), whose place in the
         counts and the live views it takes; ``first``, a call begun for this stage that
         it begins with."""
         self.nursery = nursery
@@ -384,7 +384,10 @@ class StageRun:
         task = trio.lowlevel.current_task()
         if seat is None:
             c.workers += 1
-            c.workers_peak = max(c.workers_peak, c.workers)
+            if first is None:
+                # (A worker started for a call whose waiting worker a stop took away
+                # stands in for that one, which is leaving: not a worker more.)
+                c.workers_peak = max(c.workers_peak, c.workers)
             c.worker_time -= now()
             self.workers[task] = WorkerState(self.workers_started, now())
             self.workers_started += 1
@@ -395,7 +398,7 @@ class StageRun:
             del self.workers[left]
             self.workers[task] = ws
         leaving = False
-        running: Running | None = None  # a call of the next stage this worker left for
+        running: Running | None = None  # a call of a later stage this worker left for
         try:
             if self.takes_resource:
                 with trio.CancelScope() as opening:
@@ -428,6 +431,12 @@ class StageRun:
                 # No item is left for a worker still opening its resource on an edge
                 # that has ended (this one's, or a keyed stage's other edges).
                 self.end_openings()
+        except BaseException as exc:
+            if running is not None:
+                # A KeyboardInterrupt before the call it left for is driven: the worker
+                # holding that call must not wait for it (its wait is shielded).
+                abandon(running, exc)
+            raise
         finally:
             if leaving:
                 self.leaving -= 1
@@ -478,7 +487,7 @@ class StageRun:
         # at low load, where items travel alone and latency is made of that work.
         lone_lane = self.takes_lone_items()
         lone_call = cast("Callable[[Any], Awaitable[Any]]", direct)  # when lone_lane
-        # A call of this stage's function begun by a worker of the stage before and
+        # A call of this stage's function begun by a worker of an earlier stage and
         # handed to this worker with its item (runon.py): always a lone item, and only
         # to a stage with the lane.
         lent: Lent | None = None

@@ -27,6 +27,18 @@ def task_name():
     return trio.lowlevel.current_task().name
 
 
+def hangs_on(bad):
+    """A second stage of 2 workers whose call on item ``bad`` never ends by itself."""
+
+    @stage(workers=2)
+    async def second(x):
+        if x == bad:
+            await trio.sleep_forever()
+        return x
+
+    return second
+
+
 def passing(name, *, workers, buffer=None):
     """A stage that passes its items on: one that runs on into the next."""
 
@@ -252,15 +264,7 @@ async def test_an_outer_cancel_during_a_waiting_call_run_on(autojump_clock):
     """The stop takes the item from the stage whose call it was: cancelled there, and
     listed once as (stage, item)."""
 
-    first = passing("first", workers=1)
-
-    @stage(workers=2)
-    async def second(x):
-        if x == 4:
-            await trio.sleep_forever()
-        return x
-
-    pipeline = Pipeline(first | second)
+    pipeline = Pipeline(passing("first", workers=1) | hangs_on(4))
     with trio.fail_after(60), trio.move_on_after(1):
         async with pipeline.stream(trickle(10)) as outputs:
             async for _ in outputs:
@@ -361,18 +365,10 @@ async def test_a_call_run_on_that_cancels_the_run(then, autojump_clock):
 
 
 async def test_leaving_stream_early_while_a_call_run_on_waits(autojump_clock):
-    """The reader leaves while a call begun by the stage before waits: the call is
+    """The reader leaves while a call begun by an earlier stage waits: the call is
     ended in the task that began it, its item is the stage's, unfinished, and no task
     is left running."""
-    first = passing("first", workers=1)
-
-    @stage(workers=2)
-    async def second(x):
-        if x == 4:
-            await trio.sleep_forever()
-        return x
-
-    pipeline = Pipeline(first | second)
+    pipeline = Pipeline(passing("first", workers=1) | hangs_on(4))
     async with pipeline.stream(trickle(10)) as outputs:
         async for x in outputs:
             if x == 6:  # item 4 waits in second by now

@@ -188,7 +188,6 @@ def abandon(running: Running, error: BaseException) -> None:
     and the coroutine is closed (its ``finally`` blocks run)."""
     coro, _, lent = running
     lent.error = error
-    lent.end = 0.0
     assert lent.done is not None
     lent.done.set()
     with contextlib.suppress(BaseException):

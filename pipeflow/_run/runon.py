@@ -121,8 +121,7 @@ def run_on(sr: StageRun, env: Env, t0: float) -> Running | None:
         else:
             # It waits (I/O): one of the stage's workers holds it from now on, and the
             # stage takes its items one at a time again (no more running on to it).
-            sr.chunked = False
-            sr.inbox.wake_all = True
+            _not_quick(sr)
             lent = Lent(t0)
             lent.done = trio.Event()
             _hand(sr, env, lent)
@@ -159,10 +158,15 @@ def _record(sr: StageRun, t0: float, end: float) -> None:
     c.busy_time += d
     c.waits.observe(0.0)
     c.durations.observe(d)
-    quick = d <= sr.quick_below
-    if not quick:
-        sr.chunked = False
-        sr.inbox.wake_all = True
+    if d > sr.quick_below:
+        _not_quick(sr)
+
+
+def _not_quick(sr: StageRun) -> None:
+    """A call run on was not quick: the stage's items go one at a time again, a worker
+    woken for each (what its own worker's record sets after such a call)."""
+    sr.chunked = False
+    sr.inbox.wake_all = True
 
 
 async def drive_on(running: Running, now: Callable[[], float]) -> None:
